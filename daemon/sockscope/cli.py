@@ -1,0 +1,179 @@
+"""Command line: `sockscope [run|snapshot|check-config|version]`, flags named like Go exporters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from . import __version__, config
+from .aggregate import Rules
+from .netlink import Reader
+from .poller import Poller
+
+log = logging.getLogger("sockscope")
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config.file", dest="config_file", metavar="FILE",
+                        help="YAML configuration (default: built-in defaults)")
+    common.add_argument("--web.listen-address", dest="listen_address", metavar="ADDR",
+                        help="address of /metrics, e.g. :9393 or 127.0.0.1:9393 "
+                             "(overrides prometheus.listen_address)")
+    common.add_argument("--log.level", dest="log_level", metavar="LEVEL",
+                        help="debug, info, warning or error (overrides log.level)")
+    common.add_argument("--netns", dest="netns", metavar="NAME|PATH",
+                        help="read the sockets of this network namespace "
+                             "(overrides poll.netns; needs CAP_SYS_ADMIN)")
+
+    p = argparse.ArgumentParser(
+        prog="sockscope",
+        description="TCP socket states, queues and listen backlogs per port, from sock_diag.",
+        parents=[common],
+    )
+    p.add_argument("--version", action="version", version=f"sockscope {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="run the daemon (default)")
+    snap = sub.add_parser("snapshot", parents=[common],
+                          help="poll once and print a per-port summary")
+    snap.add_argument("--json", action="store_true", help="print JSON for scripts")
+    chk = sub.add_parser("check-config", help="validate a configuration file and exit")
+    chk.add_argument("file")
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        # journald adds the time and the unit; keep lines plain.
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _load(args) -> config.Config:
+    cfg = config.load(args.config_file)
+    return config.override(
+        cfg, listen_address=args.listen_address, log_level=args.log_level, netns=args.netns
+    )
+
+
+def make_reader(cfg: config.Config) -> Reader:
+    return Reader(
+        cfg.poll.families,
+        netns=cfg.poll.netns,
+        timeout=cfg.poll.timeout,
+        dump_retries=cfg.poll.dump_retries,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    if command == "version":
+        print(f"sockscope {__version__}")
+        return 0
+    try:
+        if command == "check-config":
+            cfg = config.load(args.file)
+            print(f"{args.file}: OK")
+            return 0
+        cfg = _load(args)
+    except config.ConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(cfg.log.level, cfg.log.format)
+    if command == "snapshot":
+        return snapshot(cfg, as_json=args.json)
+    return run(cfg)
+
+
+def snapshot(cfg: config.Config, *, as_json: bool) -> int:
+    from .netlink import NetlinkError
+    from .owners import owners_for
+    from .poller import poll_once
+    from .report import build_report, render_text
+
+    rules = Rules.from_config(cfg)
+    with make_reader(cfg) as reader:
+        try:
+            snap, _ = poll_once(reader, rules)
+            # A second, small dump for the sockets whose owners we name.
+            records = list(reader.records(states=(1 << 10) | (1 << 8)))
+        except NetlinkError as e:
+            print(f"sockscope: {e}", file=sys.stderr)
+            return EXIT_RUNTIME
+    tracked = {p for p in snap.local.ports if isinstance(p, int)}
+    owners = owners_for(records, tracked)
+    report = build_report(snap, owners)
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render_text(report))
+    return 0
+
+
+def run(cfg: config.Config) -> int:
+    from .prometheus import MetricsServer, SnapshotCollector, make_registry
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    poller = Poller(make_reader(cfg), Rules.from_config(cfg), cfg.poll.interval)
+    server = None
+    if cfg.prometheus.enabled:
+        registry = make_registry(SnapshotCollector(poller.status, cfg.poll.stale_after))
+        server = MetricsServer(registry, cfg.prometheus.host, cfg.prometheus.port)
+        try:
+            server.start()
+        except OSError as e:
+            log.error("%s", e)
+            return EXIT_RUNTIME
+        log.info("serving /metrics on %s (port %d)", cfg.prometheus.listen_address, server.port)
+    where = f" in network namespace {cfg.poll.netns}" if cfg.poll.netns else ""
+    log.info(
+        "sockscope %s polling %s sockets%s every %gs (pid %d)",
+        __version__, "+".join(cfg.poll.families), where, cfg.poll.interval, os.getpid(),
+    )
+    poller.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        poller.stop(timeout=cfg.poll.timeout)
+        if server is not None:
+            server.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,474 @@
+"""Prometheus exposition: the snapshot collector and the /metrics HTTP server.
+
+This is the only module that imports prometheus_client.
+
+Scrapes never trigger a poll: `SnapshotCollector.collect()` reads the latest published
+`PollStatus` once (one reference read, no lock) and turns it into fresh metric families,
+so any number of concurrent scrapes see a consistent poll each and cost no netlink work.
+"""
+
+from __future__ import annotations
+
+import errno
+import html
+import logging
+import platform
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import _bake_output
+
+from sockscope import __version__
+from sockscope.snapshot import FAMILIES, OTHER, STATES, PollStatus, PortTable, Snapshot
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SnapshotCollector", "MetricsServer", "MetricsRequestHandler", "make_registry"]
+
+_LATEST = " Figures are from the latest poll (see sockscope_snapshot_age_seconds); a scrape never triggers a dump."
+_QUEUE_NOTE = " LISTEN sockets are excluded (their Recv-Q/Send-Q are the accept queue length and limit)."
+_QUEUES = ("receive", "send")
+
+
+def _port_label(port: int | str) -> str:
+    return OTHER if port == OTHER else str(port)
+
+
+def _port_order(table: PortTable) -> list[int]:
+    """Row indices of `table`: numeric ports ascending, then OTHER."""
+    return sorted(
+        range(len(table.ports)),
+        key=lambda i: (1, 0) if table.ports[i] == OTHER else (0, int(table.ports[i])),
+    )
+
+
+def _family_order(families: tuple[str, ...]) -> list[str]:
+    rank = {f: i for i, f in enumerate(FAMILIES)}
+    return sorted(families, key=lambda f: (rank.get(f, len(rank)), f))
+
+
+class SnapshotCollector:
+    """Custom collector exporting the poller's latest `PollStatus`.
+
+    `status` returns the current PollStatus (an immutable object swapped by the poller);
+    it is called exactly once per collect() and never from describe(). `stale_after` is
+    the age in seconds beyond which sockscope_up drops to 0. `monotonic` is injectable
+    for tests, as are the build_info label values.
+    """
+
+    def __init__(
+        self,
+        status: Callable[[], PollStatus],
+        stale_after: float,
+        monotonic: Callable[[], float] = time.monotonic,
+        *,
+        version: str = __version__,
+        python_version: str = platform.python_version(),
+    ) -> None:
+        self._status = status
+        self._stale_after = float(stale_after)
+        self._monotonic = monotonic
+        self._version = version
+        self._python_version = python_version
+
+    # -- registry protocol ------------------------------------------------------------------
+
+    def describe(self) -> list[Metric]:
+        """Every family this collector can emit, without samples (no status() call)."""
+        return list(self._families(None, 0.0))
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._status()  # the one read; everything below uses this object
+        now = self._monotonic()
+        return iter(list(self._families(status, now)))
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _families(self, status: PollStatus | None, now: float) -> Iterator[Metric]:
+        """Families in exposition order. status=None means describe(): all families, empty."""
+        describing = status is None
+        snap: Snapshot | None = None if describing else status.snapshot
+        if describing or snap is not None:
+            yield from self._socket_families(snap)
+
+        up = GaugeMetricFamily(
+            "sockscope_up",
+            "1 if the latest successful poll is at most poll.stale_after seconds old, else 0 "
+            "(also 0 before the first successful poll).",
+        )
+        age = None
+        if not describing:
+            last = status.last_success_monotonic
+            if snap is not None and last is not None:
+                age = max(0.0, now - last)
+            up.add_metric([], 1.0 if age is not None and age <= self._stale_after else 0.0)
+        yield up
+
+        if describing or age is not None:
+            fam = GaugeMetricFamily(
+                "sockscope_snapshot_age_seconds",
+                "Seconds since the latest successful poll (monotonic clock); compare with the poll interval.",
+            )
+            if age is not None:
+                fam.add_metric([], age)
+            yield fam
+
+        if describing or snap is not None:
+            poll_meta = (
+                ("sockscope_poll_duration_seconds", "Seconds the latest successful poll took (netlink dump and aggregation).",
+                 lambda s: s.duration),
+                ("sockscope_poll_sockets", "TCP sockets seen by the latest successful poll (all families and states).",
+                 lambda s: s.sockets),
+                ("sockscope_last_poll_success_timestamp_seconds",
+                 "UNIX time at which the latest successful poll finished.",
+                 lambda s: s.timestamp + s.duration),
+            )
+            for name, doc, value in poll_meta:
+                fam = GaugeMetricFamily(name, doc)
+                if snap is not None:
+                    fam.add_metric([], float(value(snap)))
+                yield fam
+
+        counters = (
+            ("sockscope_polls", "Polls attempted since start, successful or not.", "polls"),
+            ("sockscope_poll_errors", "Polls that failed since start (the previous snapshot is kept).", "errors"),
+            ("sockscope_netlink_dump_retries", "sock_diag dumps restarted because the kernel flagged them "
+             "inconsistent (NLM_F_DUMP_INTR).", "dump_retries"),
+            ("sockscope_netlink_dump_interrupted", "sock_diag dumps accepted while still flagged inconsistent "
+             "(NLM_F_DUMP_INTR) after all retries; counts may be slightly off for those polls.", "dump_interrupted"),
+        )
+        for name, doc, attr in counters:
+            fam = CounterMetricFamily(name, doc)
+            if not describing:
+                fam.add_metric([], float(getattr(status, attr)))
+            yield fam
+
+        info = GaugeMetricFamily(
+            "sockscope_build_info", "Always 1; labels carry the sockscope and Python versions.",
+            labels=("version", "python_version"),
+        )
+        if not describing:
+            info.add_metric([self._version, self._python_version], 1.0)
+        yield info
+
+    def _socket_families(self, snap: Snapshot | None) -> Iterator[Metric]:
+        fam = GaugeMetricFamily(
+            "sockscope_tcp_sockets",
+            "TCP sockets per address family and state (SYN_RECV includes request sockets, as ss "
+            "shows them)." + _LATEST,
+            labels=("family", "state"),
+        )
+        if snap is not None:
+            for family in _family_order(snap.families):
+                for state in STATES:
+                    fam.add_metric([family, state], float(snap.states.get((family, state), 0)))
+        yield fam
+
+        for side in ("local", "remote"):
+            yield from self._port_families(side, None if snap is None else getattr(snap, side))
+
+        listen = (
+            ("sockscope_tcp_listen_queue_length",
+             "Connections waiting in the accept queue of a listening address (ss -lnt Recv-Q; the "
+             "fullest member when several sockets share it with SO_REUSEPORT).",
+             lambda lst: lst.queue_length),
+            ("sockscope_tcp_listen_queue_limit",
+             "Accept queue limit (effective backlog) of a listening address (ss -lnt Send-Q; that of "
+             "the fullest member).",
+             lambda lst: lst.queue_limit),
+            ("sockscope_tcp_listen_sockets",
+             "Listening sockets bound to the address (more than 1 with SO_REUSEPORT).",
+             lambda lst: lst.members),
+        )
+        listeners = () if snap is None else sorted(snap.listeners, key=lambda lst: (lst.port, lst.address))
+        for name, doc, value in listen:
+            fam = GaugeMetricFamily(name, doc + _LATEST, labels=("address", "port"))
+            for lst in listeners:
+                fam.add_metric([lst.address, str(lst.port)], float(value(lst)))
+            yield fam
+
+        fam = GaugeMetricFamily(
+            "sockscope_folded_ports",
+            "Ports that would have been tracked but exceeded the tracked-port cap and were counted "
+            'under port="other".' + _LATEST,
+            labels=("side",),
+        )
+        if snap is not None:
+            fam.add_metric(["local"], float(snap.local.folded))
+            fam.add_metric(["remote"], float(snap.remote.folded))
+        yield fam
+        fam = GaugeMetricFamily(
+            "sockscope_folded_listeners",
+            "Listening addresses beyond the tracked-listener cap, not exported in the "
+            "sockscope_tcp_listen_* series." + _LATEST,
+        )
+        if snap is not None:
+            fam.add_metric([], float(snap.folded_listeners))
+        yield fam
+
+    def _port_families(self, side: str, table: PortTable | None) -> Iterator[Metric]:
+        prefix = f"sockscope_tcp_{side}_port"
+        what = f"{side} port"
+        order = [] if table is None else _port_order(table)
+        labels = [] if table is None else [_port_label(p) for p in table.ports]
+
+        fam = GaugeMetricFamily(
+            f"{prefix}_sockets",
+            f"TCP sockets per {what} and state, all families; port=\"other\" counts every untracked "
+            f"port. Summing over ports gives sockscope_tcp_sockets summed over families." + _LATEST,
+            labels=("port", "state"),
+        )
+        for i in order:
+            for state, count in zip(STATES, table.counts[i]):
+                fam.add_metric([labels[i], state], float(count))
+        yield fam
+
+        scalar = (
+            ("receive_queue_bytes", f"Sum of Recv-Q (bytes received, not yet read by the application) "
+             f"over the sockets of the {what}.", "receive_bytes"),
+            ("send_queue_bytes", f"Sum of Send-Q (bytes sent, not yet acknowledged by the peer) over the "
+             f"sockets of the {what}.", "send_bytes"),
+            ("receive_queue_max_bytes", f"Largest Recv-Q of a single socket of the {what}.", "receive_max_bytes"),
+            ("send_queue_max_bytes", f"Largest Send-Q of a single socket of the {what}.", "send_max_bytes"),
+        )
+        for suffix, doc, attr in scalar:
+            fam = GaugeMetricFamily(f"{prefix}_{suffix}", doc + _QUEUE_NOTE + _LATEST, labels=("port",))
+            for i in order:
+                fam.add_metric([labels[i]], float(getattr(table.queues[i], attr)))
+            yield fam
+
+        fam = GaugeMetricFamily(
+            f"{prefix}_backlogged_sockets",
+            f"Sockets of the {what} with a non-empty receive (Recv-Q > 0) or send (Send-Q > 0) queue."
+            + _QUEUE_NOTE + _LATEST,
+            labels=("port", "queue"),
+        )
+        for i in order:
+            q = table.queues[i]
+            fam.add_metric([labels[i], "receive"], float(q.receive_backlogged))
+            fam.add_metric([labels[i], "send"], float(q.send_backlogged))
+        yield fam
+
+
+def make_registry(collector) -> CollectorRegistry:
+    """A private registry (not prometheus_client.REGISTRY) with process, platform and `collector`."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    registry.register(collector)
+    return registry
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+_LANDING = """<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>sockscope</title></head>
+<body>
+<h1>sockscope {version}</h1>
+<p>TCP socket states, queues and listen backlogs per port, from sock_diag.</p>
+<p><a href="/metrics">Metrics</a></p>
+</body>
+</html>
+"""
+
+
+class MetricsRequestHandler(BaseHTTPRequestHandler):
+    """All request handling: /metrics, the landing page, 404s.
+
+    The registry comes from the server (`self.server.registry`). Subclass and set
+    MetricsServer.handler_class to add behaviour (e.g. authentication) in one place.
+    """
+
+    server_version = f"sockscope/{__version__}"
+    timeout = 60  # seconds a client may idle on a connection before its thread gives up
+
+    def version_string(self) -> str:  # Server header, without the Python version
+        return self.server_version
+
+    def do_GET(self) -> None:
+        self._dispatch(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._dispatch(send_body=False)
+
+    def _dispatch(self, send_body: bool) -> None:
+        url = urlsplit(self.path)
+        if url.path == "/metrics":
+            self._metrics(url.query, send_body)
+        elif url.path == "/":
+            body = _LANDING.format(version=html.escape(__version__)).encode()
+            self._reply(200, [("Content-Type", "text/html; charset=utf-8")], body, send_body)
+        else:
+            self._reply(404, [("Content-Type", "text/plain; charset=utf-8")], b"404 page not found\n", send_body)
+
+    def _metrics(self, query: str, send_body: bool) -> None:
+        try:
+            # prometheus_client's own negotiation: text 0.0.4 / 1.0.0 / OpenMetrics by Accept,
+            # gzip by Accept-Encoding, ?name[]= filtering; the same call MetricsHandler makes.
+            status, headers, body = _bake_output(
+                self.server.registry,
+                self.headers.get("Accept"),
+                self.headers.get("Accept-Encoding"),
+                parse_qs(query),
+                False,
+            )
+        except Exception as exc:  # a collector bug must not kill the server or hang the client
+            log.exception("error collecting metrics")
+            body = f"error collecting metrics: {exc}\n".encode()
+            self._reply(500, [("Content-Type", "text/plain; charset=utf-8")], body, send_body)
+            return
+        self._reply(int(status.split(" ", 1)[0]), headers, body, send_body)
+
+    def _reply(self, code: int, headers: list[tuple[str, str]], body: bytes, send_body: bool) -> None:
+        self.send_response(code)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+def _dual_stack_available() -> bool:
+    """True if an AF_INET6 socket can accept IPv4 too (IPV6_V6ONLY=0)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(("::", 0))
+        return True
+    except OSError:
+        return False
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128  # concurrent scrapers (HA Prometheus pairs, curl) must not hit SYN drops
+
+    def __init__(self, address: tuple[str, int], handler, registry, family: int, dual_stack: bool) -> None:
+        self.address_family = family
+        self.dual_stack = dual_stack
+        self.registry = registry
+        super().__init__(address, handler, bind_and_activate=False)
+
+    def handle_error(self, request, client_address) -> None:
+        # socketserver would print the traceback to stderr; clients hanging up mid-response
+        # are routine, anything else is a bug worth a log line.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("connection from %s ended: %s", client_address, exc)
+        else:
+            log.error("error handling a request from %s", client_address, exc_info=exc)
+
+    def server_bind(self) -> None:
+        if self.dual_stack:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # HTTPServer.server_bind would call socket.getfqdn() (a reverse DNS lookup) for
+        # server_name, which nothing here uses; skip it.
+        if self.allow_reuse_address:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(self.server_address)
+        self.server_address = self.socket.getsockname()
+        self.server_name = str(self.server_address[0])
+        self.server_port = self.server_address[1]
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class MetricsServer:
+    """Serves `registry` on http://host:port/metrics from a daemon thread.
+
+    host "" listens on all addresses: dual-stack "::" when IPv6 is available, else
+    0.0.0.0. Use port 0 for an ephemeral port and read `.port` after start().
+    """
+
+    handler_class: type[BaseHTTPRequestHandler] = MetricsRequestHandler
+
+    def __init__(self, registry, host: str, port: int) -> None:
+        self.registry = registry
+        self.host = host
+        self._port = port
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (the requested one before)."""
+        return self._httpd.server_port if self._httpd is not None else self._port
+
+    @property
+    def address(self) -> str:
+        """host:port as bound ([v6]:port for IPv6), or as requested before start()."""
+        if self._httpd is not None:
+            return _format_address(self._httpd.server_name, self._httpd.server_port)
+        return _format_address(self.host or "*", self._port)
+
+    def _resolve(self) -> tuple[int, str, bool]:
+        host = self.host.strip("[]")
+        if host == "":
+            if _dual_stack_available():
+                return socket.AF_INET6, "::", True
+            return socket.AF_INET, "0.0.0.0", False
+        try:
+            infos = socket.getaddrinfo(host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise OSError(errno.EADDRNOTAVAIL,
+                          f"cannot listen on {_format_address(host, self._port)}: {exc.strerror}") from exc
+        family, _, _, _, sockaddr = infos[0]
+        return family, sockaddr[0], False
+
+    def start(self) -> None:
+        if self._httpd is not None:
+            raise RuntimeError("MetricsServer already started")
+        family, host, dual_stack = self._resolve()
+        where = _format_address(host, self._port)
+        try:
+            httpd = _HTTPServer((host, self._port), self.handler_class, self.registry, family, dual_stack)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot create a socket for {where}: {exc.strerror or exc}") from exc
+        try:
+            httpd.server_bind()
+            httpd.server_activate()
+        except OSError as exc:
+            httpd.server_close()
+            raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
+            name=f"metrics-http-{httpd.server_port}", daemon=True,
+        )
+        self._thread.start()
+        log.debug("serving metrics on http://%s/metrics", self.address)
+
+    def stop(self) -> None:
+        """Stop accepting, close the listening socket; in-flight requests finish in their threads."""
+        httpd, thread = self._httpd, self._thread
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        self._httpd = self._thread = None
+
+    def __enter__(self) -> MetricsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
