@@ -26,7 +26,7 @@ from sockscope.netlink import Reader, Record, format_address
 from sockscope.poller import poll_once
 from sockscope.snapshot import OTHER, STATE_NAMES, STATES
 
-BULK_PAIRS = 400
+BULK_PAIRS = 1500
 SS_STATE = dict(enumerate(STATE_NAMES)) | {12: "syn_recv"}
 
 
@@ -268,6 +268,31 @@ def test_metrics_endpoint_equals_ss(netns, daemon, rules):
         labels = (("port", str(port)),)
         assert m[("sockscope_tcp_local_port_receive_queue_bytes", labels)] == q.recvq_sum
         assert m[("sockscope_tcp_local_port_send_queue_bytes", labels)] == q.sendq_sum
+
+
+def test_concurrent_scrapes_while_polling(daemon):
+    """20 scrapers x 15 scrapes against the real daemon polling every 500 ms: every scrape
+    succeeds, each body is one consistent snapshot, and polls keep happening."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, proc = daemon
+    polls_before = samples(scrape(url))[("sockscope_polls_total", ())]
+
+    def scraper(_):
+        out = []
+        for _ in range(15):
+            s = samples(scrape(url))
+            total = sum(v for (name, _), v in s.items() if name == "sockscope_tcp_sockets")
+            out.append((s[("sockscope_up", ())], total == s[("sockscope_poll_sockets", ())]))
+            time.sleep(0.05)
+        return out
+
+    with ThreadPoolExecutor(20) as pool:
+        results = [r for rs in pool.map(scraper, range(20)) for r in rs]
+    assert len(results) == 300
+    assert all(up == 1.0 and consistent for up, consistent in results)
+    assert samples(scrape(url))[("sockscope_polls_total", ())] > polls_before
+    assert proc.poll() is None
 
 
 def test_daemon_stops_cleanly_on_sigterm(daemon):
