@@ -5,20 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
 
 from . import __version__, config
 from .aggregate import Rules
-from .netlink import Reader
-from .poller import Poller
+from .netlink import NetlinkError
+from .owners import owners_for
+from .poller import poll_once
+from .report import build_report, render_text
+from .service import Service, make_reader
 
 log = logging.getLogger("sockscope")
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
+LISTEN_AND_CLOSE_WAIT = (1 << 10) | (1 << 8)  # kernel state bits, tcp_states.h
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,15 +86,6 @@ def _load(args) -> config.Config:
     )
 
 
-def make_reader(cfg: config.Config) -> Reader:
-    return Reader(
-        cfg.poll.families,
-        netns=cfg.poll.netns,
-        timeout=cfg.poll.timeout,
-        dump_retries=cfg.poll.dump_retries,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "run"
@@ -114,17 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def snapshot(cfg: config.Config, *, as_json: bool) -> int:
-    from .netlink import NetlinkError
-    from .owners import owners_for
-    from .poller import poll_once
-    from .report import build_report, render_text
-
     rules = Rules.from_config(cfg)
     with make_reader(cfg) as reader:
         try:
             snap, _ = poll_once(reader, rules)
             # A second, small dump for the sockets whose owners we name.
-            records = list(reader.records(states=(1 << 10) | (1 << 8)))
+            records = list(reader.records(states=LISTEN_AND_CLOSE_WAIT))
         except NetlinkError as e:
             print(f"sockscope: {e}", file=sys.stderr)
             return EXIT_RUNTIME
@@ -140,8 +129,6 @@ def snapshot(cfg: config.Config, *, as_json: bool) -> int:
 
 
 def run(cfg: config.Config) -> int:
-    from .prometheus import MetricsServer, SnapshotCollector, make_registry
-
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -151,29 +138,16 @@ def run(cfg: config.Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    poller = Poller(make_reader(cfg), Rules.from_config(cfg), cfg.poll.interval)
-    server = None
-    if cfg.prometheus.enabled:
-        registry = make_registry(SnapshotCollector(poller.status, cfg.poll.stale_after))
-        server = MetricsServer(registry, cfg.prometheus.host, cfg.prometheus.port)
-        try:
-            server.start()
-        except OSError as e:
-            log.error("%s", e)
-            return EXIT_RUNTIME
-        log.info("serving /metrics on %s (port %d)", cfg.prometheus.listen_address, server.port)
-    where = f" in network namespace {cfg.poll.netns}" if cfg.poll.netns else ""
-    log.info(
-        "sockscope %s polling %s sockets%s every %gs (pid %d)",
-        __version__, "+".join(cfg.poll.families), where, cfg.poll.interval, os.getpid(),
-    )
-    poller.start()
+    service = Service(cfg)
+    try:
+        service.start()
+    except OSError as e:
+        log.error("%s", e)
+        return EXIT_RUNTIME
     try:
         while not stop.wait(1.0):
             pass
     finally:
-        poller.stop(timeout=cfg.poll.timeout)
-        if server is not None:
-            server.stop()
+        service.stop()
     log.info("stopped")
     return 0
