@@ -1,9 +1,19 @@
-"""Aggregation rules on hand-built records (pure)."""
+"""Aggregation rules on hand-built records (pure).
+
+Every rule test runs three times: records fed as tuples (the exact decoder's lists), as
+column batches (netlink.MessageBatch over encoded messages, the reader's fast path), and
+mixed (the reader hands a poll's last datagram over as tuples).
+"""
 
 import random
 import socket
+import struct
+
+import numpy as np
+import pytest
 
 from sockscope.aggregate import Accumulator, Rules
+from sockscope.netlink import MessageBatch
 from sockscope.snapshot import OTHER, STATES, QueueStats
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
@@ -18,11 +28,39 @@ def rec(state, sport, dport, rq=0, wq=0, fam=V4, src=LO4):
     return (fam, state, sport, dport, src, LO4, rq, wq, 0, 1)
 
 
+FEED = "tuples"
+
+
+@pytest.fixture(autouse=True, params=["tuples", "columns", "mixed"])
+def feed(request):
+    global FEED
+    FEED = request.param
+    yield
+    FEED = "tuples"
+
+
+def as_batch(records):
+    """Encode record tuples as sock_diag messages and wrap them as the reader does."""
+    data = b""
+    for fam, state, sport, dport, src, dst, rq, wq, uid, ino in records:
+        body = struct.pack("=BBBB", fam, state, 0, 0) + struct.pack(">HH", sport, dport)
+        body += src + dst + bytes(16) + struct.pack("=IIII", rq, wq, uid, ino)
+        data += struct.pack("=IHHII", 16 + len(body), 20, 2, 1, 0) + body
+    return MessageBatch(data, np.arange(len(records), dtype=np.int64) * 22)
+
+
+def feed_batch(acc, part, i):
+    if FEED == "columns" or (FEED == "mixed" and i % 2 == 0):
+        acc.add(as_batch(part))
+    else:
+        acc.add(part)
+
+
 def snap(records, rules=Rules(), families=("ipv4", "ipv6"), batches=3):
     acc = Accumulator()
     # Several batches, as datagrams arrive.
     for i in range(batches):
-        acc.add(records[i::batches])
+        feed_batch(acc, records[i::batches], i)
     return acc.finish(rules, families=families, timestamp=1.0, duration=0.1)
 
 
@@ -153,6 +191,34 @@ def test_only_read_families_are_reported():
 
 def test_unknown_state_numbers_are_skipped():
     acc = Accumulator()
-    acc.add([rec(EST, 1, 2), rec(13, 1, 2)])
+    feed_batch(acc, [rec(EST, 1, 2), rec(13, 1, 2)], 0)
+    feed_batch(acc, [rec(13, 1, 2)], 0)  # a batch of unknown states only
     s = acc.finish(Rules(), families=("ipv4",), timestamp=0, duration=0)
-    assert s.sockets == 1 and acc.unknown == 1
+    assert s.sockets == 1 and acc.unknown == 2
+
+
+def test_column_and_tuple_paths_agree_on_a_random_table():
+    rnd = random.Random(11)
+    listen = [rec(LISTEN, p, 0, rq=rnd.randrange(5), wq=128, src=ANY4) for p in (80, 443, 8080)]
+    listen += [rec(LISTEN, 80, 0, rq=3, wq=4, fam=V6, src=bytes(16))]
+    records = listen + [
+        rec(rnd.choice([EST, EST, EST, TIME_WAIT, CLOSE_WAIT, NEW_SYN_RECV, 13]),
+            rnd.choice([80, 443, 8080, rnd.randrange(1, 65536)]),
+            rnd.choice([5432, rnd.randrange(1, 65536)]),
+            rq=rnd.choice([0, 0, 0, rnd.randrange(1 << 32)]),
+            wq=rnd.choice([0, 0, 0, rnd.randrange(1 << 20)]),
+            fam=rnd.choice([V4, V4, V6]))
+        for _ in range(5000)
+    ]
+    rules = Rules(local=(22, 65535), remote=(5432, 80), max_local=3)
+    results = []
+    for mode in ("tuples", "columns", "mixed"):
+        global FEED
+        FEED = mode
+        acc = Accumulator()
+        for i in range(7):
+            feed_batch(acc, records[i::7], i)
+        results.append((acc.finish(rules, families=("ipv4", "ipv6"), timestamp=1, duration=0),
+                         acc.unknown))
+    assert results[0] == results[1] == results[2]
+    assert results[0][1] > 0 and results[0][0].local.folded > 0

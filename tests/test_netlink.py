@@ -2,6 +2,7 @@
 
 import errno
 import os
+import random
 import socket
 import struct
 
@@ -87,13 +88,13 @@ HDR = struct.Struct("=IHHII")
 
 
 def sock_msg(seq, *, state=1, family=socket.AF_INET, sport=80, dport=40000, rq=0, wq=0,
-             inode=7, flags=NLM_F_MULTI, attrs=b""):
+             inode=7, flags=NLM_F_MULTI, attrs=b"", mtype=20):
     src = socket.inet_pton(family, "127.0.0.1" if family == socket.AF_INET else "::1")
     src = src.ljust(16, b"\0")
     body = struct.pack("=BBBB", family, state, 0, 0)
     body += struct.pack(">HH", sport, dport) + src + src + struct.pack("=III", 0, 0, 0)
     body += struct.pack("=IIIII", 0, rq, wq, 1000, inode) + attrs
-    return HDR.pack(16 + len(body), 20, flags, seq, 0) + body
+    return HDR.pack(16 + len(body), mtype, flags, seq, 0) + body
 
 
 def done_msg(seq, err=0, flags=NLM_F_MULTI):
@@ -275,7 +276,7 @@ def test_reader_skips_ipv6_when_the_kernel_cannot_dump_it(caplog):
     reader, _ = scripted_reader(
         [[lambda s: sock_msg(s) + done_msg(s)], [lambda s: done_msg(s, -errno.ENOENT)],
          [lambda s: sock_msg(s) + done_msg(s)]],
-        families=("ipv4", "ipv6"),
+        families=("ipv4", "ipv6"), legacy=False,
     )
     stats = reader.poll(collecting()[1])
     assert stats.families == ("ipv4",)
@@ -304,3 +305,134 @@ def test_missing_namespace_is_an_error_not_a_creation(tmp_path):
     with pytest.raises(NetlinkError, match="no-such-netns"):
         reader.poll(collecting()[1])
     assert not os.path.exists(path)
+
+
+# --- legacy TCPDIAG_GETSOCK dump and the batched column decoder -------------------------
+
+
+def test_legacy_request_layout():
+    req = netlink.build_legacy_request(42)
+    length, mtype, flags, seq, pid = HDR.unpack_from(req)
+    assert (length, mtype, flags, seq, pid) == (76, 18, 0x301, 42, 0)
+    fam, src_len, dst_len, ext = struct.unpack_from("=BBBB", req, 16)
+    assert (fam, src_len, dst_len, ext) == (socket.AF_UNSPEC, 0, 0, 0)
+    assert req[20:68] == bytes(48)  # zero sockid: no filter
+    assert struct.unpack_from("=II", req, 68) == (0xFFF, 0)
+
+
+def legacy_msg(seq, **kw):
+    return sock_msg(seq, mtype=18, **kw)
+
+
+def test_both_families_use_one_legacy_dump():
+    reader, socks = scripted_reader([[
+        lambda s: legacy_msg(s, sport=1) + legacy_msg(s, sport=2, family=socket.AF_INET6),
+        lambda s: legacy_msg(s, sport=3) + done_msg(s),
+    ]], families=("ipv4", "ipv6"))
+    batches, start = collecting()
+    stats = reader.poll(start)
+    assert [(r[0], r[2]) for b in batches for r in b] == [
+        (socket.AF_INET, 1), (socket.AF_INET6, 2), (socket.AF_INET, 3)]
+    assert stats.families == ("ipv4", "ipv6") and stats.messages == 3
+    assert [family for family, _ in socks[0].sent] == [socket.AF_UNSPEC]
+
+
+def test_legacy_refused_falls_back_to_per_family_dumps(caplog):
+    reader, socks = scripted_reader([
+        [lambda s: error_msg(s, -errno.EINVAL)],
+        [lambda s: sock_msg(s, sport=1) + done_msg(s)],
+        [lambda s: sock_msg(s, sport=2, family=socket.AF_INET6) + done_msg(s)],
+        [lambda s: sock_msg(s, sport=3) + done_msg(s)],
+        [lambda s: done_msg(s)],
+    ], families=("ipv4", "ipv6"))
+    batches, start = collecting()
+    stats = reader.poll(start)
+    assert [r[2] for b in batches for r in b] == [1, 2]
+    assert stats.families == ("ipv4", "ipv6") and stats.retries == 0
+    assert "refused a TCPDIAG_GETSOCK dump" in caplog.text
+    reader.poll(start)  # later polls do not ask again
+    sent = [family for s in socks for family, _ in s.sent]
+    assert sent == [socket.AF_UNSPEC, socket.AF_INET, socket.AF_INET6, socket.AF_INET,
+                    socket.AF_INET6]
+
+
+def test_legacy_other_errors_are_not_a_fallback():
+    reader, _ = scripted_reader([[lambda s: error_msg(s, -errno.EPERM)]],
+                                families=("ipv4", "ipv6"))
+    with pytest.raises(NetlinkError, match=r"ipv4\+ipv6.*EPERM"):
+        reader.poll(collecting()[1])
+    assert not reader._legacy_refused
+
+
+def many_messages(seq, n, rnd, **kw):
+    """n socket messages of mixed sizes (attributes), families and states."""
+    out = b""
+    for i in range(n):
+        attrs = rnd.choice([b"", struct.pack("=HH", 5, 1) + b"\x01\0\0\0",
+                            struct.pack("=HHQ", 12, 21, i)])
+        out += sock_msg(seq, state=rnd.choice([1, 6, 8, 10]), sport=rnd.randrange(65536),
+                        dport=rnd.randrange(65536), rq=rnd.randrange(1 << 32),
+                        wq=rnd.randrange(3), inode=i,
+                        family=rnd.choice([socket.AF_INET, socket.AF_INET6]),
+                        attrs=attrs, **kw)
+    return out
+
+
+def exact(datagrams, seq):
+    out = []
+    for d in datagrams:
+        decode_datagram(d, len(d), seq, out)
+    return out
+
+
+def test_batched_columns_equal_the_exact_decoder():
+    script = [lambda s, k=k: many_messages(s, 40 + k, random.Random(k)) for k in range(60)]
+    script.append(lambda s: many_messages(s, 5, random.Random(99)) + done_msg(s))
+    reader, socks = scripted_reader([script])
+    batches, start = collecting()
+    stats = reader.poll(start)
+    seq = socks[0].sent[0][1]
+    want = exact([step(seq) for step in script], seq)
+    assert [tuple(r) for b in batches for r in b] == want
+    assert stats.messages == len(want) == sum(40 + k for k in range(60)) + 5
+    # Many datagrams arrive per batch: the column path carried the bulk.
+    columns = [b for b in batches if isinstance(b, netlink.MessageBatch)]
+    assert columns and sum(len(b) for b in columns) >= len(want) - 5
+    assert len(batches) < 10
+
+
+@pytest.mark.parametrize("spoil", ["other_seq", "dump_intr", "lookalike", "short"])
+def test_batches_with_anything_unusual_take_the_exact_path(spoil):
+    seq = 5
+    good = many_messages(seq, 30, random.Random(1))
+    if spoil == "other_seq":
+        odd = sock_msg(seq + 1, sport=4242)
+    elif spoil == "dump_intr":
+        odd = sock_msg(seq, sport=4242, flags=NLM_F_MULTI | NLM_F_DUMP_INTR)
+    elif spoil == "lookalike":
+        # An attribute whose payload looks like a header of this dump: the chain check
+        # must reject the false candidate.
+        fake = HDR.pack(88, 20, NLM_F_MULTI, seq, 0)
+        odd = sock_msg(seq, sport=4242, attrs=struct.pack("=HH", 20, 99) + fake)
+    else:
+        odd = HDR.pack(40, 20, NLM_F_MULTI, seq, 0) + bytes(24)  # shorter than a message
+    data = good + odd + good
+    bounds = [len(good), len(good) + len(odd), len(data)]
+    assert netlink.scan_batch(data, bounds, seq, 20) is None
+    assert netlink.scan_batch(good + good, [len(good), 2 * len(good)], seq, 20) is not None
+    # A datagram that does not start on a message boundary of the chain is not plain.
+    assert netlink.scan_batch(good + good, [len(good) - 4, 2 * len(good)], seq, 20) is None
+
+    reader, _ = scripted_reader([[lambda s: good, lambda s: odd, lambda s: good,
+                                  lambda s: done_msg(s)]], dump_retries=0)
+    reader._seq = iter([seq])
+    batches, start = collecting()
+    if spoil == "short":
+        with pytest.raises(NetlinkError, match="truncated inet_diag_msg"):
+            reader.poll(start)
+        return
+    stats = reader.poll(start)
+    got = [tuple(r) for b in batches for r in b]
+    assert got == exact([good, odd, good], seq)
+    assert (4242 in [r[2] for r in got]) == (spoil != "other_seq")
+    assert stats.interrupted == (spoil == "dump_intr")
