@@ -1,0 +1,375 @@
+"""Kernel TCP counters and limits of the watched network namespace, from /proc.
+
+Sources (each read once per poll, each with its own success flag):
+
+    /proc/net/snmp      "Tcp:" header line + value line   (nstat: Tcp*)
+    /proc/net/netstat   "TcpExt:" header line + value line (nstat: TcpExt*)
+    /proc/net/sockstat  "TCP: inuse N orphan N tw N alloc N mem N"
+    /proc/sys/net/ipv4/tcp_max_tw_buckets, tcp_max_orphans, ip_local_port_range
+
+/proc/net/* and /proc/sys/net/* answer for the network namespace of the task that OPENED
+the file, for as long as the file stays open (checked on Linux 6.x: an fd opened in a
+namespace kept reporting that namespace's counters to a reader in another one). So for
+another namespace the files are opened once by a short-lived thread that enters it with
+setns(2) (ctypes; os.setns needs Python 3.12) and exits; every poll then re-reads them with
+os.pread(fd, ..., 0) from the poller thread. Like netlink.Reader, the namespace path is
+stat'ed every poll and the files are reopened when it was replaced (an open file pins its
+namespace).
+
+Parsers are pure functions of the file text (tests/fixtures/proc_net_*).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+CLONE_NEWNET = 0x40000000  # include/uapi/linux/sched.h
+
+# (section, field) of a counter -> metric stem. The sections are the row names of
+# /proc/net/snmp ("Tcp") and /proc/net/netstat ("TcpExt"); `nstat` prints them joined
+# (TcpOutRsts, TcpExtListenOverflows).
+COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("TcpExt", "ListenOverflows", "listen_overflows"),
+    ("TcpExt", "ListenDrops", "listen_drops"),
+    ("Tcp", "OutRsts", "out_resets"),
+    ("Tcp", "EstabResets", "estab_resets"),
+    ("Tcp", "AttemptFails", "attempt_fails"),
+    ("Tcp", "RetransSegs", "retransmitted_segments"),
+    ("Tcp", "ActiveOpens", "active_opens"),
+    ("Tcp", "PassiveOpens", "passive_opens"),
+    ("TcpExt", "TCPAbortOnData", "abort_on_data"),
+    ("TcpExt", "TCPAbortOnTimeout", "abort_on_timeout"),
+    ("TcpExt", "SyncookiesSent", "syncookies_sent"),
+)
+
+# Source names, in exposition order: the label values of sockscope_kernel_stats_up.
+SNMP, NETSTAT, SOCKSTAT = "snmp", "netstat", "sockstat"
+MAX_TW, MAX_ORPHANS, PORT_RANGE = "tcp_max_tw_buckets", "tcp_max_orphans", "ip_local_port_range"
+SOURCES = (SNMP, NETSTAT, SOCKSTAT, MAX_TW, MAX_ORPHANS, PORT_RANGE)
+
+_PATHS = {
+    SNMP: "net/snmp",
+    NETSTAT: "net/netstat",
+    SOCKSTAT: "net/sockstat",
+    MAX_TW: "sys/net/ipv4/tcp_max_tw_buckets",
+    MAX_ORPHANS: "sys/net/ipv4/tcp_max_orphans",
+    PORT_RANGE: "sys/net/ipv4/ip_local_port_range",
+}
+# tcp_max_orphans is a host-wide sysctl that only the initial namespace shows (a child
+# namespace has no such file): read it where the daemon runs, which is where it exists.
+_HOST_WIDE = frozenset({MAX_ORPHANS})
+
+
+class ParseError(ValueError):
+    pass
+
+
+# --- pure parsers --------------------------------------------------------------------------
+
+
+def parse_snmp(text: str) -> dict[tuple[str, str], int]:
+    """(section, field) -> value from /proc/net/snmp or /proc/net/netstat.
+
+    Both files are pairs of lines `Section: F1 F2 ...` / `Section: v1 v2 ...`. Values may be
+    negative (Tcp MaxConn is -1).
+    """
+    out: dict[tuple[str, str], int] = {}
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) % 2:
+        raise ParseError(f"odd number of lines ({len(lines)}): header/value pairs expected")
+    for head, values in zip(lines[::2], lines[1::2]):
+        hname, _, hfields = head.partition(":")
+        vname, _, vfields = values.partition(":")
+        if not hname or hname != vname:
+            raise ParseError(f"header {hname!r} followed by values of {vname!r}")
+        names, numbers = hfields.split(), vfields.split()
+        if len(names) != len(numbers):
+            raise ParseError(f"{hname}: {len(names)} fields but {len(numbers)} values")
+        try:
+            out.update(((hname, n), int(v)) for n, v in zip(names, numbers))
+        except ValueError as e:
+            raise ParseError(f"{hname}: {e}") from None
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SockStat:
+    """The TCP line of /proc/net/sockstat (`ss -s` prints the same numbers)."""
+
+    inuse: int
+    orphan: int
+    tw: int
+    alloc: int
+    mem: int  # pages
+
+
+def parse_sockstat(text: str) -> SockStat:
+    for line in text.splitlines():
+        if line.startswith("TCP:"):
+            words = line.split()[1:]
+            if len(words) % 2:
+                raise ParseError(f"TCP line is not key/value pairs: {line!r}")
+            try:
+                values = {k: int(v) for k, v in zip(words[::2], words[1::2])}
+            except ValueError as e:
+                raise ParseError(f"TCP line: {e}") from None
+            missing = [k for k in SockStat.__slots__ if k not in values]
+            if missing:
+                raise ParseError(f"TCP line lacks {', '.join(missing)}: {line!r}")
+            return SockStat(**{k: values[k] for k in SockStat.__slots__})
+    raise ParseError("no TCP: line")
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ParseError(f"not an integer: {text.strip()[:40]!r}") from None
+
+
+def parse_port_range(text: str) -> int:
+    """Size of ip_local_port_range ("32768\\t60999" -> 28232 ports)."""
+    parts = text.split()
+    if len(parts) != 2:
+        raise ParseError(f"expected two ports, got {text.strip()[:40]!r}")
+    low, high = (parse_int(p) for p in parts)
+    return max(0, high - low + 1)
+
+
+# --- the immutable result --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KernelStats:
+    """One read of every source. A failed or absent source leaves its figures out.
+
+    `ok` maps each source that exists to whether it was read and parsed; a source that does
+    not exist on this kernel (e.g. tcp_max_orphans where it is not visible) is not in it.
+    """
+
+    counters: Mapping[str, int] = field(default_factory=dict)  # COUNTERS stem -> value
+    sockstat: SockStat | None = None
+    max_tw_buckets: int | None = None
+    max_orphans: int | None = None
+    local_port_range_size: int | None = None
+    ok: Mapping[str, bool] = field(default_factory=dict)
+    page_size: int = 4096  # bytes per page of sockstat `mem`
+
+
+def build(
+    texts: Mapping[str, str | Exception | None], page_size: int = 4096
+) -> tuple[KernelStats, dict[str, str]]:
+    """KernelStats from each source's text (an Exception = read failed, None = absent).
+
+    Returns the stats and {source: problem} for every source that failed; a counter
+    missing from its file (older kernel) is a problem of that source but the others stay.
+    """
+    problems: dict[str, str] = {}
+    ok: dict[str, bool] = {}
+    counters: dict[str, int] = {}
+    values: dict[str, object] = {}
+    parsed_snmp: dict[str, dict[tuple[str, str], int]] = {}
+    for source in SOURCES:
+        text = texts.get(source)
+        if text is None:
+            continue
+        try:
+            if isinstance(text, Exception):
+                raise text
+            if source in (SNMP, NETSTAT):
+                parsed_snmp[source] = parse_snmp(text)
+            elif source == SOCKSTAT:
+                values[source] = parse_sockstat(text)
+            elif source == PORT_RANGE:
+                values[source] = parse_port_range(text)
+            else:
+                values[source] = parse_int(text)
+        except (OSError, ParseError) as e:
+            problems[source] = f"{_PATHS[source]}: {e}"
+            ok[source] = False
+        else:
+            ok[source] = True
+    for section, name, stem in COUNTERS:
+        source = SNMP if section == "Tcp" else NETSTAT
+        if source not in parsed_snmp:
+            continue
+        value = parsed_snmp[source].get((section, name))
+        if value is None:
+            problems[source] = f"{_PATHS[source]}: no {section} {name}"
+            ok[source] = False
+        else:
+            counters[stem] = value
+    stats = KernelStats(
+        counters=counters,
+        sockstat=values.get(SOCKSTAT),
+        max_tw_buckets=values.get(MAX_TW),
+        max_orphans=values.get(MAX_ORPHANS),
+        local_port_range_size=values.get(PORT_RANGE),
+        ok=ok,
+        page_size=page_size,
+    )
+    return stats, problems
+
+
+# --- I/O -----------------------------------------------------------------------------------
+
+_libc = None
+
+
+def _setns(fd: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _open_all(proc: str, netns_path: str | None) -> dict[str, int | Exception | None]:
+    """fd per source (None = absent, Exception = could not open), opened in the namespace."""
+    fds: dict[str, int | Exception | None] = {}
+
+    def open_in(base: str, sources) -> None:
+        for source in sources:
+            try:
+                fds[source] = os.open(os.path.join(base, _PATHS[source]), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fds[source] = None
+            except OSError as e:
+                fds[source] = e
+
+    if netns_path is None:
+        open_in(proc, SOURCES)
+        return fds
+
+    failure: list[BaseException] = []
+
+    def in_namespace() -> None:
+        # This thread alone enters the namespace and ends right after: the process and
+        # every other thread stay where they are.
+        try:
+            nsfd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _setns(nsfd)
+            finally:
+                os.close(nsfd)
+            own = [s for s in SOURCES if s not in _HOST_WIDE]
+            # /proc/thread-self/net is this thread's namespace; /proc/net is the process's.
+            open_in(os.path.join(proc, "thread-self"), [s for s in own if s in (SNMP, NETSTAT, SOCKSTAT)])
+            open_in(proc, [s for s in own if s not in (SNMP, NETSTAT, SOCKSTAT)])
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            failure.append(e)
+
+    t = threading.Thread(target=in_namespace, name="sockscope-kernelstats-setns", daemon=True)
+    t.start()
+    t.join()
+    if failure:
+        _close_all(fds)
+        raise failure[0]
+    open_in(proc, _HOST_WIDE)
+    return fds
+
+
+def _close_all(fds: Mapping[str, int | Exception | None]) -> None:
+    for fd in fds.values():
+        if isinstance(fd, int):
+            os.close(fd)
+
+
+def _pread_all(fd: int) -> str:
+    chunks, offset = [], 0
+    for _ in range(64):  # the largest of these files is ~5 KiB; bounded anyway
+        chunk = os.pread(fd, 65536, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks).decode("ascii", "replace")
+
+
+class KernelStatsReader:
+    """Reads KernelStats of one network namespace (None = the daemon's own) every poll.
+
+    Not thread-safe: one per poller. `read()` never raises: a problem with a source makes
+    it `ok=False` for that poll and is logged once per distinct message (recovery at INFO).
+    """
+
+    def __init__(self, netns: str | None = None, *, proc: str = "/proc",
+                 page_size: int = os.sysconf("SC_PAGE_SIZE")):
+        self.netns = netns
+        self.proc = proc
+        self.page_size = page_size
+        self._fds: dict[str, int | Exception | None] | None = None
+        self._ns_id: tuple[int, int] | None = None
+        self._logged: dict[str, str] = {}
+
+    def _path(self) -> str | None:
+        if self.netns is None:
+            return None
+        return self.netns if "/" in self.netns else os.path.join("/run/netns", self.netns)
+
+    def _open(self) -> dict[str, int | Exception | None]:
+        path = self._path()
+        ns_id = None
+        if path is not None:
+            st = os.stat(path)  # OSError: the namespace is gone
+            ns_id = (st.st_dev, st.st_ino)
+            if self._fds is not None and ns_id != self._ns_id:
+                log.info("network namespace %s was replaced; reopening kernel statistics", self.netns)
+                self.close()
+        if self._fds is None:
+            self._fds = _open_all(self.proc, path)
+            self._ns_id = ns_id
+        return self._fds
+
+    def read(self) -> KernelStats:
+        texts: dict[str, str | Exception | None] = {}
+        try:
+            fds = self._open()
+        except OSError as e:
+            where = f"network namespace {self.netns!r}: " if self.netns else ""
+            err = OSError(e.errno, f"{where}{e.strerror or e}")
+            texts = {s: err for s in SOURCES}
+        else:
+            for source, fd in fds.items():
+                if isinstance(fd, int):
+                    try:
+                        texts[source] = _pread_all(fd)
+                    except OSError as e:
+                        texts[source] = e
+                else:
+                    texts[source] = fd
+        stats, problems = build(texts, self.page_size)
+        self._log(stats, problems)
+        if problems and self._fds is not None and any(isinstance(t, OSError) for t in texts.values()):
+            self.close()  # reopen next poll
+        return stats
+
+    def _log(self, stats: KernelStats, problems: dict[str, str]) -> None:
+        for source, message in problems.items():
+            if self._logged.get(source) != message:
+                log.warning("kernel statistics from %s unavailable: %s", source, message)
+                self._logged[source] = message
+        for source in list(self._logged):
+            if stats.ok.get(source):
+                log.info("kernel statistics from %s readable again", source)
+                del self._logged[source]
+
+    def close(self) -> None:
+        if self._fds is not None:
+            _close_all(self._fds)
+            self._fds = None
+            self._ns_id = None
+
+    def __enter__(self) -> KernelStatsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
