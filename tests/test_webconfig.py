@@ -1,0 +1,133 @@
+"""webconfig: the exporter-toolkit web config format, validated whole; basic auth with a
+cache of successful bcrypt checks. Certificates come from the openssl CLI (tmp dir)."""
+
+from __future__ import annotations
+
+import base64
+
+import bcrypt
+import pytest
+
+from conftest import require
+from service_helpers import have_openssl, make_certs
+from sockscope import webconfig
+from sockscope.config import ConfigError
+
+HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    require(have_openssl(), "needs the openssl CLI (Debian openssl)")
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def problems(data, **kw) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        webconfig.from_mapping(data, "web.yml", **kw)
+    return e.value.problems
+
+
+def test_empty_file_is_plain_http_without_auth():
+    web = webconfig.from_mapping(None)
+    assert web.tls is None and web.users == {} and web.scheme == "http"
+    assert web.authorized(None)
+
+
+def test_every_problem_is_reported_at_once():
+    got = problems({
+        "tls_server_config": {"cert_file": "", "cipher_suites": ["x"], "client_auth": "x",
+                              "min_version": "TLS14", "client_auth_type": "RequireAnyClientCert"},
+        "basic_auth_users": {"bob": "plain", "a:b": HASH},
+        "http_server_config": {"http2": True},
+        "basic_auth_user": {},
+    })
+    assert got == [
+        "http_server_config: not supported by sockscope (an exporter-toolkit key)",
+        "basic_auth_user: unknown key (did you mean 'basic_auth_users'?)",
+        "tls_server_config.cipher_suites: not supported by sockscope (an exporter-toolkit key)",
+        "tls_server_config.client_auth: unknown key (did you mean 'client_auth_type'?)",
+        "tls_server_config.cert_file: expected a non-empty string",
+        "tls_server_config.key_file: required when tls_server_config is given",
+        "tls_server_config.client_auth_type: RequireAnyClientCert is not supported (Python's ssl "
+        "cannot request a client certificate without verifying it); use VerifyClientCertIfGiven "
+        "or RequireAndVerifyClientCert",
+        "tls_server_config.min_version: 'TLS14' is not one of TLS10, TLS11, TLS12, TLS13",
+        "basic_auth_users.bob: not a bcrypt hash ($2a$, $2b$ or $2y$, 60 characters)",
+        "basic_auth_users.a:b: a user name must be a non-empty string without ':'",
+    ]
+
+
+def test_tls_consistency_rules(certs):
+    base = {"cert_file": str(certs.cert), "key_file": str(certs.key)}
+    assert problems({"tls_server_config": base | {"client_auth_type": "RequireAndVerifyClientCert"}}) == [
+        "tls_server_config.client_auth_type: RequireAndVerifyClientCert needs client_ca_file"]
+    assert problems({"tls_server_config": base | {"client_ca_file": str(certs.ca)}}) == [
+        "tls_server_config.client_ca_file: given, but client_auth_type is NoClientCert "
+        "(set RequireAndVerifyClientCert or VerifyClientCertIfGiven)"]
+    assert problems({"tls_server_config": base | {"min_version": "TLS13", "max_version": "TLS12"}}) == [
+        "tls_server_config.min_version: TLS13 is above max_version"]
+    (msg,) = problems({"tls_server_config": base | {"key_file": str(certs.client_key)}})
+    assert msg.startswith("tls_server_config.cert_file/key_file: cannot load")
+    (msg,) = problems({"tls_server_config": base | {"cert_file": "/nonexistent.crt"}})
+    assert "No such file" in msg
+
+
+def test_file_paths_are_relative_to_the_web_config(certs, tmp_path):
+    path = certs.cert.parent / "web.yml"
+    path.write_text(f"tls_server_config:\n  cert_file: {certs.cert.name}\n  key_file: {certs.key.name}\n"
+                    f"  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: {certs.ca.name}\n"
+                    f"basic_auth_users:\n  prometheus: '{HASH}'\n")
+    web = webconfig.load(str(path))
+    assert web.scheme == "https" and set(web.users) == {"prometheus"}
+    import ssl
+    assert web.tls.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert web.tls.verify_mode == ssl.CERT_OPTIONAL
+
+
+def test_yaml_errors_are_config_errors(tmp_path):
+    path = tmp_path / "web.yml"
+    path.write_text("basic_auth_users:\n  a: x\n  a: y\n")
+    with pytest.raises(ConfigError, match="appears twice"):
+        webconfig.load(str(path))
+
+
+def test_basic_auth_answers():
+    web = webconfig.from_mapping({"basic_auth_users": {"prometheus": HASH}})
+    assert web.authorized(basic("prometheus", "s3cret"))
+    assert not web.authorized(None)
+    assert not web.authorized(basic("prometheus", "wrong"))
+    assert not web.authorized(basic("nobody", "s3cret"))
+    assert not web.authorized("Bearer abc")
+    assert not web.authorized("Basic !!!notbase64")
+    assert not web.authorized("Basic " + base64.b64encode(b"no-colon").decode())
+
+
+def test_2y_hashes_from_htpasswd_work():
+    hashed = "$2y$" + bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()[4:]
+    web = webconfig.from_mapping({"basic_auth_users": {"u": hashed}})
+    assert web.authorized(basic("u", "pw")) and not web.authorized(basic("u", "px"))
+
+
+def test_successful_checks_are_cached_failures_are_not():
+    calls = []
+
+    def counting(password, hashed):
+        calls.append(password)
+        return bcrypt.checkpw(password, hashed)
+
+    web = webconfig.from_mapping({"basic_auth_users": {"prometheus": HASH}})
+    web = webconfig.WebConfig(web.source, None, web.users, checkpw=counting)
+    for _ in range(5):
+        assert web.authorized(basic("prometheus", "s3cret"))
+    assert calls == [b"s3cret"]
+    for _ in range(3):
+        assert not web.authorized(basic("prometheus", "wrong"))
+    assert calls == [b"s3cret"] + [b"wrong"] * 3
+    # Unknown users still pay one bcrypt check (no timing oracle for user names).
+    assert not web.authorized(basic("eve", "s3cret"))
+    assert len(calls) == 5
