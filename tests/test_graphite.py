@@ -1,0 +1,658 @@
+"""Graphite push without carbon: line builder, golden lines, buffer, pusher over loopback.
+
+The real carbon-cache tests are in test_graphite_e2e.py. Golden files:
+tests/golden/graphite-{sockscope,collectd,tags}.txt, the lines for fixed_snapshot();
+regenerate with `SOCKSCOPE_UPDATE_GOLDEN=1 pytest tests/test_graphite.py` and review the diff.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sockscope import config
+from sockscope.graphite import (
+    COLLECTD_STATES,
+    MAX_LINE_BYTES,
+    TCP_CHUNK_BYTES,
+    UDP_DATAGRAM_BYTES,
+    Chunk,
+    GraphiteStats,
+    InvalidLine,
+    LineBuffer,
+    LineBuilder,
+    Pusher,
+    Transport,
+    check_value,
+    default_buffer_lines,
+    pack,
+    sanitize,
+    series_per_push,
+    tag_value,
+)
+from sockscope.prometheus import GraphiteCollector
+from sockscope.snapshot import OTHER, STATES, Listener, PollStatus, PortTable, QueueStats, Snapshot
+
+GOLDEN = Path(__file__).parent / "golden"
+STAMP = 1700000000
+
+
+def counts(**kw) -> tuple[int, ...]:
+    return tuple(kw.get(s, 0) for s in STATES)
+
+
+def fixed_snapshot(timestamp: float = STAMP + 0.25) -> Snapshot:
+    """Local ports 22, 8080 + other; remote 5432 + other; v4 and v6 listeners."""
+    states = {(f, s): 0 for f in ("ipv4", "ipv6") for s in STATES}
+    states.update({("ipv4", "established"): 5, ("ipv4", "close_wait"): 2, ("ipv4", "listen"): 2,
+                   ("ipv4", "time_wait"): 3, ("ipv6", "established"): 2, ("ipv6", "listen"): 1})
+    local = PortTable(
+        ports=(22, 8080, OTHER),
+        counts=(counts(established=2, listen=1), counts(established=3, close_wait=2, listen=2),
+                counts(established=2, time_wait=3)),
+        queues=(QueueStats(send_bytes=36), QueueStats(receive_bytes=131072, send_bytes=2896), QueueStats()),
+    )
+    remote = PortTable(
+        ports=(5432, OTHER),
+        counts=(counts(established=4), counts(established=3, close_wait=2, time_wait=3, listen=3)),
+        queues=(QueueStats(), QueueStats()),
+    )
+    listeners = (
+        Listener("ipv6", "::", 8080, queue_length=5, queue_limit=4096, members=1),
+        Listener("ipv4", "0.0.0.0", 22, queue_length=0, queue_limit=128),
+        Listener("ipv4", "127.0.0.1", 8080, queue_length=1, queue_limit=511),
+    )
+    return Snapshot(timestamp=timestamp, duration=0.125, families=("ipv4", "ipv6"), states=states,
+                    local=local, remote=remote, listeners=listeners)
+
+
+def builder(**kw) -> LineBuilder:
+    kw.setdefault("hostname", lambda: "web1.example.com")
+    kw.setdefault("fqdn", lambda: "web1.example.com")
+    return LineBuilder(**kw)
+
+
+FIXED_STATS = GraphiteStats(sent_lines=1000, send_errors=2, dropped_lines=0, invalid_lines=0,
+                            queue_lines=10, capacity_lines=5000, pushes=4,
+                            last_success_timestamp=STAMP - 5.5, connected=True)
+FIXED_STATUS = PollStatus(polls=5, errors=1)
+
+
+def golden_text(b: LineBuilder) -> str:
+    rendered = b.render(fixed_snapshot(), STAMP, FIXED_STATUS, FIXED_STATS)
+    assert rendered.invalid == []
+    return b"".join(rendered.lines).decode()
+
+
+GOLDEN_CASES = {
+    "graphite-sockscope.txt": dict(),
+    "graphite-collectd.txt": dict(naming="collectd", prefix="collectd."),
+    "graphite-tags.txt": dict(tags=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden_lines(name):
+    text = golden_text(builder(**GOLDEN_CASES[name]))
+    path = GOLDEN / name
+    if os.environ.get("SOCKSCOPE_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert text == path.read_text(), f"lines differ from {path}; if intended, regenerate " \
+                                      "with SOCKSCOPE_UPDATE_GOLDEN=1 and review the diff"
+
+
+# -- paths, exactly as docs/graphite.md says ------------------------------------------------
+
+
+def lines_of(b: LineBuilder, snap: Snapshot | None = None) -> dict[str, str]:
+    rendered = b.render(snap or fixed_snapshot(), STAMP, FIXED_STATUS, FIXED_STATS)
+    out = {}
+    for line in rendered.lines:
+        path, value, stamp = line.decode().split(" ")
+        assert stamp == f"{STAMP}\n"
+        assert path not in out, f"duplicate series {path}"
+        out[path] = value
+    return out
+
+
+def test_sockscope_paths():
+    got = lines_of(builder())
+    p = "sockscope.web1_example_com"
+    assert got[f"{p}.tcp.states.ipv4.established"] == "5"
+    assert got[f"{p}.tcp.states.ipv6.closing"] == "0"  # zero-filled
+    assert got[f"{p}.tcp.local_port.8080.close_wait"] == "2"
+    assert got[f"{p}.tcp.local_port.8080.receive_queue_bytes"] == "131072"
+    assert got[f"{p}.tcp.local_port.22.send_queue_bytes"] == "36"
+    assert got[f"{p}.tcp.local_port.other.time_wait"] == "3"
+    assert got[f"{p}.tcp.remote_port.5432.established"] == "4"
+    assert got[f"{p}.tcp.remote_port.other.listen"] == "3"
+    assert got[f"{p}.tcp.listen.0_0_0_0_22.queue_limit"] == "128"
+    assert got[f"{p}.tcp.listen.___8080.queue_length"] == "5"  # [::]:8080
+    assert got[f"{p}.tcp.listen.127_0_0_1_8080.queue_limit"] == "511"
+    assert got[f"{p}.sockscope.graphite.sent_lines"] == "1000"
+    assert got[f"{p}.sockscope.poll.errors"] == "1"
+    # every state of every family, every tracked port side, nothing else
+    assert sum(k.startswith(f"{p}.tcp.states.") for k in got) == 2 * 11
+    assert sum(k.startswith(f"{p}.tcp.local_port.") for k in got) == 3 * 13
+    assert sum(k.startswith(f"{p}.tcp.remote_port.") for k in got) == 2 * 11
+    assert all(set(k) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.") for k in got)
+
+
+def test_collectd_paths_are_tcpconns_write_graphite():
+    got = lines_of(builder(naming="collectd", prefix="collectd.", host="{fqdn}"))
+    h = "collectd.web1_example_com"
+    assert got[f"{h}.tcpconns-8080-local.tcp_connections-CLOSE_WAIT"] == "2"
+    assert got[f"{h}.tcpconns-8080-local.tcp_connections-LISTEN"] == "2"
+    assert got[f"{h}.tcpconns-5432-remote.tcp_connections-ESTABLISHED"] == "4"
+    assert got[f"{h}.tcpconns-all.tcp_connections-ESTABLISHED"] == "7"  # both families
+    assert got[f"{h}.tcpconns-all.tcp_connections-TIME_WAIT"] == "3"
+    assert got[f"{h}.tcpconns-22-local.tcp_connections-CLOSED"] == "0"  # zero-filled, collectd name
+    # collectd has no "other" bucket, no listeners, no queue figures
+    assert not any("other" in k or "listen" in k.lower().split("tcp_connections-")[0] for k in got)
+    tcpconns = [k for k in got if ".tcpconns-" in k]
+    assert len(tcpconns) == 11 * (1 + 2 + 1)  # all + local 22, 8080 + remote 5432
+    assert {k.rsplit("-", 1)[1] for k in tcpconns} == set(COLLECTD_STATES.values())
+    assert set(COLLECTD_STATES.values()) == {"ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
+                                             "TIME_WAIT", "CLOSED", "CLOSE_WAIT", "LAST_ACK", "LISTEN",
+                                             "CLOSING"}
+
+
+def test_collectd_default_prefix_is_empty_like_write_graphite():
+    got = lines_of(builder(naming="collectd", host="db.internal"))
+    assert "db_internal.tcpconns-all.tcp_connections-LISTEN" in got
+
+
+def test_tagged_names():
+    got = lines_of(builder(tags=True))
+    host = ";host=web1.example.com"
+    assert got["sockscope.tcp.local_port_sockets;port=8080;state=close_wait" + host] == "2"
+    assert got["sockscope.tcp.sockets;family=ipv6;state=established" + host] == "2"
+    assert got["sockscope.tcp.local_port_receive_queue_bytes;port=8080" + host] == "131072"
+    assert got["sockscope.tcp.remote_port_sockets;port=other;state=listen" + host] == "3"
+    assert got["sockscope.tcp.listen_queue_length;address=::;port=8080" + host] == "5"
+    assert got["sockscope.sockscope.graphite.queue_lines" + host] == "10"
+
+
+def test_prefix_placeholders_and_sanitising():
+    got = lines_of(builder(prefix="dc-1.{hostname}.x", hostname=lambda: "a.b c", fqdn=lambda: "unused"))
+    assert "dc-1.a_b_c.x.tcp.states.ipv4.listen" in got
+    calls = []
+    builder(prefix="p.{fqdn}", fqdn=lambda: calls.append(1) or "f.q.dn")
+    assert calls == [1]  # resolved once, at construction
+
+
+def test_ipv4_only_snapshot_has_no_ipv6_series():
+    snap = fixed_snapshot()
+    v4 = Snapshot(timestamp=snap.timestamp, duration=0.1, families=("ipv4",),
+                  states={k: v for k, v in snap.states.items() if k[0] == "ipv4"},
+                  local=snap.local, remote=snap.remote, listeners=())
+    got = lines_of(builder(), v4)
+    assert not any(".ipv6." in k for k in got)
+
+
+def test_lines_use_the_given_timestamp_not_the_clock():
+    b = builder()
+    (line, *_) = b.render(fixed_snapshot(timestamp=1234.4), 1234).lines
+    assert line.endswith(b" 1234\n")
+
+
+# -- validation: bad values and long paths never reach the wire ------------------------------
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, True, False, "3", None, [1]])
+def test_bad_values_are_refused(value):
+    with pytest.raises(InvalidLine):
+        check_value(value)
+    with pytest.raises(InvalidLine):
+        builder().line("a.b", value, STAMP)
+
+
+@pytest.mark.parametrize("value, text", [(0, "0"), (3, "3"), (2.5, "2.5"), (-1, "-1"), (10**12, "1000000000000")])
+def test_good_values(value, text):
+    assert builder().line("a.b", value, STAMP) == f"a.b {text} {STAMP}\n".encode()
+
+
+def test_line_length_limit():
+    b = builder()
+    fits = "a." + "x" * (MAX_LINE_BYTES - len(f"a.  0 {STAMP}\n") + 1)
+    assert len(b.line(fits, 0, STAMP)) == MAX_LINE_BYTES
+    with pytest.raises(InvalidLine, match="exceeds carbon's 16384"):
+        b.line(fits + "y", 0, STAMP)
+
+
+def test_whitespace_in_path_refused():
+    with pytest.raises(InvalidLine):
+        builder().line("a b.c", 1, STAMP)
+
+
+def test_render_counts_refused_lines_and_keeps_the_rest():
+    snap = fixed_snapshot()
+    bad = Snapshot(timestamp=snap.timestamp, duration=math.nan, families=snap.families, states=snap.states,
+                   local=snap.local, remote=snap.remote, listeners=snap.listeners)
+    rendered = builder().render(bad, STAMP, FIXED_STATUS, FIXED_STATS)
+    assert len(rendered.invalid) == 1 and "nan" in rendered.invalid[0]
+    good = builder().render(snap, STAMP, FIXED_STATUS, FIXED_STATS)
+    assert len(rendered.lines) == len(good.lines) - 1
+    assert not any(b"nan" in line for line in rendered.lines)
+
+
+def test_long_listener_address_is_refused_not_sent():
+    snap = fixed_snapshot()
+    long = Snapshot(timestamp=snap.timestamp, duration=0.1, families=snap.families, states=snap.states,
+                    local=snap.local, remote=snap.remote,
+                    listeners=(Listener("ipv6", "f" * 20000, 1, 0, 1),))
+    rendered = builder().render(long, STAMP)
+    assert len(rendered.invalid) == 2  # queue_length, queue_limit
+    assert all(len(line) <= MAX_LINE_BYTES for line in rendered.lines)
+
+
+def test_sanitize_and_tag_values():
+    assert sanitize("10.0.0.1") == "10_0_0_1"
+    assert sanitize("fe80::1%eth0") == "fe80__1_eth0"
+    assert sanitize("") == "_"
+    assert sanitize("ok_-A9") == "ok_-A9"
+    assert tag_value("::1") == "::1"
+    assert tag_value("a;b c") == "a_b_c"
+    assert tag_value("~x") == "_x"
+    with pytest.raises(InvalidLine):
+        tag_value("")
+
+
+def test_builder_refuses_tags_with_collectd_and_empty_components():
+    with pytest.raises(ValueError):
+        builder(naming="collectd", tags=True)
+    with pytest.raises(ValueError):
+        builder(prefix="a.")
+
+
+# -- sizing ---------------------------------------------------------------------------------
+
+
+def test_series_bound_holds_for_a_full_snapshot():
+    b = builder()
+    n = len(b.render(fixed_snapshot(), STAMP, FIXED_STATUS, FIXED_STATS).lines)
+    # fixed_snapshot: 2 local ports + other, 1 remote + other, 3 listeners
+    assert n == series_per_push("sockscope", 2, 2, 1, 3)
+    c = builder(naming="collectd")
+    assert len(c.render(fixed_snapshot(), STAMP, FIXED_STATUS, FIXED_STATS).lines) == \
+        series_per_push("collectd", 2, 2, 1, 3)
+
+
+def test_default_buffer_is_30_minutes():
+    cfg = config.DEFAULTS
+    per_push = series_per_push("sockscope", 2, 64, 64, 256)
+    assert per_push == 22 + 65 * 13 + 65 * 11 + 512 + 9
+    assert default_buffer_lines(5.0, per_push) == 360 * per_push
+    pusher = Pusher.from_config(_enabled(cfg), hostname=lambda: "h", fqdn=lambda: "h")
+    assert pusher.stats().capacity_lines == 360 * per_push
+    assert default_buffer_lines(7.0, 10) == 258 * 10  # rounds up: >= 30 minutes
+
+
+def _enabled(cfg, **graphite):
+    data = {"graphite": {"enabled": True, **graphite}}
+    return config.from_mapping(data)
+
+
+# -- buffer ---------------------------------------------------------------------------------
+
+
+def numbered(n: int, start: int = 0) -> list[bytes]:
+    return [f"m {i} 1\n".encode() for i in range(start, start + n)]
+
+
+def values_in(chunks) -> list[int]:
+    return [int(line.split()[1]) for c in chunks for line in c.data.splitlines()]
+
+
+def test_pack_respects_limits_and_keeps_order():
+    lines = numbered(1000)
+    chunks = pack(lines, 100)
+    assert all(len(c.data) <= 100 for c in chunks)
+    assert values_in(chunks) == list(range(1000))
+    assert sum(c.lines for c in chunks) == 1000
+    big = b"x" * 5000 + b" 1 1\n"
+    assert [c.lines for c in pack([b"a 1 1\n", big, b"b 1 1\n"], UDP_DATAGRAM_BYTES)] == [1, 1, 1]
+
+
+def test_buffer_drops_oldest_lines_and_counts_them():
+    buf = LineBuffer(25)
+    assert buf.add(pack(numbered(10), 40)) == 0
+    assert buf.add(pack(numbered(10, 10), 40)) == 0
+    dropped = buf.add(pack(numbered(10, 20), 40))
+    assert dropped == 5 and len(buf) == 25
+    out = []
+    while (c := buf.take()) is not None:
+        out.append(c)
+        buf.done()
+    assert values_in(out) == list(range(5, 30))  # the 5 oldest went, order kept
+
+
+def test_buffer_failed_chunk_goes_back_first_and_is_trimmed_if_needed():
+    buf = LineBuffer(10)
+    buf.add(pack(numbered(6), 30))
+    chunk = buf.take()
+    assert len(buf) == 6  # in flight still counts as queued
+    buf.add(pack(numbered(8, 6), 1000))  # arrives while the chunk is in flight: nothing dropped
+    assert len(buf) == 14
+    dropped = buf.give_back()
+    assert dropped == 4 and len(buf) == 10
+    out = []
+    while (c := buf.take()) is not None:
+        out.append(c)
+        buf.done()
+    assert values_in(out) == list(range(4, 14))
+    assert chunk.lines <= 6
+
+
+def test_buffer_smaller_than_one_push_keeps_the_newest():
+    buf = LineBuffer(3)
+    assert buf.add([Chunk(b"".join(numbered(5)), 5)]) == 2
+    assert values_in([buf.take()]) == [2, 3, 4]
+
+
+# -- pusher over loopback -------------------------------------------------------------------
+
+
+class Sink:
+    """A loopback TCP server that records every complete line it receives; like carbon,
+    a partial line left when a connection ends is discarded. With read_after=S it
+    accepts but reads nothing for the first S seconds (a blackhole that recovers)."""
+
+    def __init__(self, port: int = 0, read_after: float = 0.0, rcvbuf: int = 0):
+        self.lines: list[str] = []
+        self.connections = 0
+        self.read_from = time.monotonic() + read_after
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rcvbuf:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        self.listener.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.connections += 1
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn):
+        buf = b""
+        conn.settimeout(0.2)
+        while time.monotonic() < self.read_from and not self._stop.is_set():
+            time.sleep(0.05)
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                *complete, buf = buf.split(b"\n")
+                self.lines.extend(x.decode() for x in complete)
+
+    def close(self):
+        self._stop.set()
+        self.listener.close()
+        self._thread.join(2)
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout=10.0, step=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
+def make_pusher(port: int, *, capacity=100_000, interval=1.0, poll_interval=1.0, **kw) -> Pusher:
+    kw.setdefault("backoff", (0.05, 0.2))
+    return Pusher(builder(), Transport("127.0.0.1", port), interval=interval, poll_interval=poll_interval,
+                  capacity_lines=capacity, **kw)
+
+
+def status_at(t: float) -> PollStatus:
+    return PollStatus(snapshot=fixed_snapshot(timestamp=t), polls=1)
+
+
+def test_pusher_sends_every_line_over_one_connection():
+    sink = Sink()
+    pusher = make_pusher(sink.port)
+    pusher.start()
+    try:
+        expected = sum(pusher.on_poll(status_at(STAMP + k)) for k in range(5))
+        assert expected >= 5 * 90
+        assert wait_for(lambda: len(sink.lines) == expected), (len(sink.lines), expected)
+        stats = pusher.stats()
+        assert stats.sent_lines == expected and stats.queue_lines == 0 and stats.send_errors == 0
+        assert stats.last_success_timestamp > 0 and stats.connected
+        assert sink.connections == 1
+        stamps = sorted({int(line.rsplit(" ", 1)[1]) for line in sink.lines})
+        assert stamps == [STAMP + k for k in range(5)]
+    finally:
+        assert pusher.close(2) == 0
+        sink.close()
+
+
+def test_pusher_interval_and_same_second_rules():
+    pusher = make_pusher(1, interval=3.0, poll_interval=1.0)  # never started: nothing sent
+    for t in (0, 1, 2, 3, 4, 5, 6.02, 7, 8):
+        pusher.on_poll(status_at(STAMP + t))
+    assert pusher.stats().pushes == 3  # t = 0, 3, 6.02 (8 < 6.02 + 3 - half a poll)
+    pusher.on_poll(status_at(STAMP + 9.01))
+    assert pusher.stats().pushes == 4
+    every = make_pusher(1)
+    snap = status_at(STAMP + 0.6)
+    every.on_poll(snap)
+    every.on_poll(snap)  # the same snapshot again (a failed poll keeps it): not pushed twice
+    every.on_poll(status_at(STAMP + 1.4))  # rounds to the same second as 0.6: skipped
+    every.on_poll(PollStatus())  # no snapshot yet
+    assert every.stats().pushes == 1
+
+
+def test_outage_loses_nothing_and_keeps_timestamps():
+    port = closed_port()
+    pusher = make_pusher(port)
+    pusher.start()
+    sink = None
+    try:
+        for k in range(4):
+            pusher.on_poll(status_at(STAMP + k))
+        assert wait_for(lambda: pusher.stats().send_errors >= 2)
+        assert pusher.stats().sent_lines == 0 and pusher.stats().dropped_lines == 0
+        queued = pusher.stats().queue_lines
+        sink = Sink(port)
+        assert wait_for(lambda: pusher.stats().queue_lines == 0)
+        assert wait_for(lambda: len(sink.lines) == queued)
+        assert sorted({int(x.rsplit(" ", 1)[1]) for x in sink.lines}) == [STAMP + k for k in range(4)]
+        assert len(set(sink.lines)) == len(sink.lines)
+    finally:
+        pusher.close(1)
+        if sink:
+            sink.close()
+
+
+class RecordingBuilder(LineBuilder):
+    """Keeps every line it rendered: what the pusher queued."""
+
+    def __init__(self, **kw):
+        super().__init__(hostname=lambda: "h", fqdn=lambda: "h", **kw)
+        self.rendered: list[str] = []
+
+    def render(self, *args, **kw):
+        out = super().render(*args, **kw)
+        self.rendered.extend(line.decode().rstrip("\n") for line in out.lines)
+        return out
+
+
+def test_a_chunk_whose_send_failed_is_sent_again_whole():
+    # carbon accepts but does not read for 1.5 s: sends time out half-way through a chunk.
+    sink = Sink(read_after=1.5, rcvbuf=4096)
+    b = RecordingBuilder()
+    pusher = Pusher(b, Transport("127.0.0.1", sink.port), interval=1, poll_interval=1, capacity_lines=100_000,
+                    send_timeout=0.3, backoff=(0.05, 0.2))
+    pusher.start()
+    try:
+        for k in range(40):  # ~280 KB: more than the socket buffers hold
+            pusher.on_poll(status_at(STAMP + k))
+        assert wait_for(lambda: pusher.stats().send_errors >= 1, timeout=5)
+        assert wait_for(lambda: pusher.stats().queue_lines == 0, timeout=20)
+        expected = set(b.rendered)
+        assert wait_for(lambda: expected <= set(sink.lines), timeout=5), len(expected - set(sink.lines))
+        assert set(sink.lines) <= expected  # no torn line got through
+        stats = pusher.stats()
+        assert stats.dropped_lines == 0 and stats.sent_lines == len(b.rendered)
+        # at-least-once: lines of the interrupted chunk that got through arrive twice
+        assert len(sink.lines) >= len(expected)
+    finally:
+        pusher.close(1)
+        sink.close()
+
+
+def test_blackholed_carbon_never_blocks_on_poll_and_flush_is_bounded():
+    # accepts (kernel backlog), never reads, tiny receive buffer
+    hole = socket.socket()
+    hole.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)
+    pusher = make_pusher(hole.getsockname()[1], send_timeout=0.5, connect_timeout=0.5)
+    pusher.start()
+    try:
+        worst = 0.0
+        for k in range(40):
+            t0 = time.monotonic()
+            pusher.on_poll(status_at(STAMP + k))
+            worst = max(worst, time.monotonic() - t0)
+        assert worst < 0.2, f"on_poll took {worst:.3f}s with a blackholed carbon"
+        assert wait_for(lambda: pusher.stats().send_errors >= 1, timeout=10)
+        queued = pusher.stats().queue_lines
+        assert queued > 0
+        t0 = time.monotonic()
+        unsent = pusher.close(1.0)
+        took = time.monotonic() - t0
+        assert took < 2.0, took
+        assert unsent > 0
+    finally:
+        hole.close()
+
+
+def test_flush_on_close_sends_the_queue():
+    port = closed_port()
+    pusher = make_pusher(port, backoff=(5.0, 5.0))  # long backoff: only close() retries at once
+    pusher.start()
+    sink = None
+    try:
+        pusher.on_poll(status_at(STAMP))
+        assert wait_for(lambda: pusher.stats().send_errors == 1)
+        sink = Sink(port)
+        queued = pusher.stats().queue_lines
+        assert pusher.close(3.0) == 0
+        assert wait_for(lambda: len(sink.lines) == queued)
+    finally:
+        if sink:
+            sink.close()
+
+
+def test_udp_datagrams_stay_small():
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(2)
+    pusher = Pusher(builder(), Transport("127.0.0.1", rx.getsockname()[1], "udp"), interval=1, poll_interval=1,
+                    capacity_lines=10_000)
+    pusher.start()
+    try:
+        expected = pusher.on_poll(status_at(STAMP))
+        sizes, lines = [], 0
+        while lines < expected:
+            data = rx.recv(65536)
+            sizes.append(len(data))
+            assert data.endswith(b"\n")
+            lines += data.count(b"\n")
+        assert lines == expected and max(sizes) <= UDP_DATAGRAM_BYTES and len(sizes) > 1
+    finally:
+        pusher.close(1)
+        rx.close()
+
+
+def test_tcp_chunks_are_bounded():
+    assert TCP_CHUNK_BYTES < 64 * 1024
+    chunks = pack([b"x" * 100 + b" 1 1\n"] * 1000, TCP_CHUNK_BYTES)
+    assert max(len(c.data) for c in chunks) <= TCP_CHUNK_BYTES
+
+
+# -- Prometheus self-metrics ----------------------------------------------------------------
+
+
+def test_graphite_collector_renders_stats():
+    registry = CollectorRegistry()
+    registry.register(GraphiteCollector(lambda: FIXED_STATS))
+    samples = {s.name: s.value for fam in text_string_to_metric_families(generate_latest(registry).decode())
+               for s in fam.samples}
+    assert samples["sockscope_graphite_sent_lines_total"] == 1000
+    assert samples["sockscope_graphite_send_errors_total"] == 2
+    assert samples["sockscope_graphite_dropped_lines_total"] == 0
+    assert samples["sockscope_graphite_invalid_lines_total"] == 0
+    assert samples["sockscope_graphite_pushes_total"] == 4
+    assert samples["sockscope_graphite_queue_lines"] == 10
+    assert samples["sockscope_graphite_queue_capacity_lines"] == 5000
+    assert samples["sockscope_graphite_last_success_timestamp_seconds"] == STAMP - 5.5
+    assert samples["sockscope_graphite_connected"] == 1
+
+
+def test_service_registers_the_collector_and_flushes_on_stop():
+    from sockscope.service import Service
+
+    class NoReader:
+        def poll(self, start):
+            raise RuntimeError("no reader in this test")
+
+        def close(self):
+            pass
+
+    sink = Sink()
+    cfg = config.from_mapping({
+        "poll": {"interval": "1s", "kernel_stats": False},
+        "prometheus": {"enabled": False},
+        "graphite": {"enabled": True, "address": f"127.0.0.1:{sink.port}", "flush_timeout": "2s"},
+    })
+    service = Service(cfg, reader_factory=lambda c: NoReader())
+    try:
+        assert service.graphite is not None
+        registry = service._registry(cfg)
+        names = {m.name for m in registry.collect()}
+        assert "sockscope_graphite_sent_lines" in names and "sockscope_up" in names
+        service.graphite.start()
+        queued = service.graphite.on_poll(status_at(time.time()))
+        service.stop()  # returns only after the flush
+        assert service.graphite is None
+        assert queued > 90
+        assert wait_for(lambda: len(sink.lines) == queued, timeout=2)
+    finally:
+        sink.close()

@@ -1,0 +1,349 @@
+"""The Graphite push against a real carbon-cache (tests/carbon.py), whisper files read back.
+
+- sockscope (as a daemon, reading a namespace with every TCP state) pushes to carbon under
+  both namings, with tags, and over UDP; the stored values equal `ss` at that time;
+- an outage (carbon stopped for several polls) loses nothing: every pushed line lands
+  with its original timestamp;
+- a small buffer and a long outage drop the oldest lines, exactly as many as the drop
+  counter says;
+- a blackholed carbon (accepts, never reads) stalls neither polls nor /metrics, and the
+  shutdown flush gives up within its bound.
+
+What was pushed is known from the daemon's debug log ("queued N lines stamped T", one per
+push) so the tests compare exactly that with what carbon stored.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import time
+from collections import Counter
+
+import pytest
+
+import ss_parse
+from carbon import Carbon, prerequisites_missing
+from conftest import require, require_root
+from daemon_helpers import Daemon, start_daemon
+from sockscope.graphite import COLLECTD_STATES, sanitize
+from sockscope.snapshot import OTHER, STATES
+
+POLL = "1s"
+QUEUED = re.compile(r"graphite: queued (\d+) lines stamped (\d+)")
+
+
+@pytest.fixture
+def carbon_factory(tmp_path_factory):
+    require(prerequisites_missing() is None, prerequisites_missing() or "")
+    started: list[Carbon] = []
+
+    def start() -> Carbon:
+        c = Carbon.start(tmp_path_factory.mktemp("carbon"))
+        started.append(c)
+        return c
+
+    try:
+        yield start
+    finally:
+        for c in started:
+            c.close()
+
+
+@pytest.fixture
+def daemons():
+    """Daemons started by a test; each stopped by PID at teardown."""
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.signal(signal.SIGCONT)
+        d.stop()
+
+
+def run(daemons: list, work, text: str, **kw) -> Daemon:
+    require_root()
+    d = start_daemon(work, text, extra_args=("--log.level", "debug"), **kw)
+    daemons.append(d)
+    return d
+
+
+def graphite_config(carbon: Carbon, **keys) -> str:
+    lines = [f"poll:\n  interval: {POLL}\n  kernel_stats: false\n", "graphite:\n  enabled: true\n",
+             f"  address: 127.0.0.1:{carbon.port}\n"]
+    lines += [f"  {k}: {v}\n" for k, v in keys.items()]
+    return "".join(lines)
+
+
+def queued(d: Daemon) -> dict[int, int]:
+    """Lines queued per timestamp, from the daemon's debug log."""
+    out: dict[int, int] = {}
+    for n, stamp in QUEUED.findall(d.log()):
+        assert int(stamp) not in out, f"two pushes stamped {stamp}"
+        out[int(stamp)] = int(n)
+    return out
+
+
+def stored(carbon: Carbon, prefix: str) -> Counter:
+    """Points per timestamp over every series under prefix."""
+    c: Counter = Counter()
+    for name, points in carbon.points().items():
+        if name.startswith(prefix):
+            c.update(points.keys())
+    return c
+
+
+def wait_until(cond, timeout: float, what: str, step: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def quiet_stop(carbon: Carbon, d: Daemon) -> None:
+    """Stop carbon with nothing of ours in flight or in carbon's cache.
+
+    carbon-cache does not drain its in-memory cache on SIGTERM (its writer drains, then
+    sleeps 1 s, and exits when the reactor stops), and TCP cannot tell a sender which
+    bytes the peer really read. Freezing sockscope (SIGSTOP) for 1.6 s lets carbon read and
+    write everything already sent; whatever sockscope produces after SIGCONT meets a dead
+    carbon and must be buffered - that is what the tests check.
+    """
+    d.signal(signal.SIGSTOP)
+    try:
+        time.sleep(1.6)
+        carbon.stop()
+    finally:
+        d.signal(signal.SIGCONT)
+
+
+# -- values equal ss ------------------------------------------------------------------------
+
+
+def fullest(members):
+    # The listener member with the largest length/limit ratio, then the largest length.
+    return max(members, key=lambda m: (m[0] / m[1] if m[1] else float(m[0] > 0) * 1e9, m[0]))
+
+
+def fold(port_states: dict, tracked: set) -> dict:
+    out: dict = {}
+    for (port, state), n in port_states.items():
+        key = (port if port in tracked else OTHER, state)
+        out[key] = out.get(key, 0) + n
+    return out
+
+
+def test_whisper_equals_ss_under_both_namings_tags_and_udp(carbon_factory, daemons, sockmix, tmp_path):
+    carbon = carbon_factory()
+    ns = sockmix.ns
+    remote = sorted(sockmix.ports)
+    ports = f"ports:\n  remote: [{', '.join(map(str, remote))}]\n"
+    host = socket.gethostname()
+    configs = {
+        "sockscope": graphite_config(carbon),
+        "collectd": graphite_config(carbon, naming="collectd", prefix="collectd.", host="test.host.example"),
+        "tags": graphite_config(carbon, tags="true", prefix="tagged", host="test.host.example"),
+        "udp": graphite_config(carbon, protocol="udp", prefix="udp.{hostname}"),
+    }
+    for name, text in configs.items():
+        work = tmp_path / name
+        work.mkdir()
+        run(daemons, work, text + ports, netns=ns.name)
+
+    base = f"sockscope.{sanitize(host)}"
+    udp = f"udp.{sanitize(host)}"
+    cd = "collectd.test_host_example"
+    probe = f"{base}.tcp.states.ipv4.listen"
+
+    for _attempt in range(4):
+        before = ss_parse.ss_figures(ns)
+        t1 = time.time()
+        time.sleep(2.2)  # at least two pushes of every daemon in between
+        after = ss_parse.ss_figures(ns)
+        t2 = time.time()
+        if before.lines != after.lines:
+            continue  # a TIME-WAIT expired in between; read again
+        window = range(int(t1) + 1, int(t2))  # pushes stamped strictly inside the window
+        points = wait_until(
+            lambda: (lambda p: p if all(any(t in p.get(n, {}) for t in window) for n in
+                                       (probe, f"{cd}.tcpconns-all.tcp_connections-LISTEN",
+                                        f"{udp}.tcp.states.ipv4.listen",
+                                        "tagged.tcp.sockets;family=ipv4;host=test.host.example;state=listen"))
+                     else None)(carbon.points()),
+            15, "a push of every daemon inside the ss window")
+        stamp = next(t for t in window if all(
+            t in points.get(n, {}) for n in (probe, f"{cd}.tcpconns-all.tcp_connections-LISTEN",
+                                             f"{udp}.tcp.states.ipv4.listen",
+                                             "tagged.tcp.sockets;family=ipv4;host=test.host.example;state=listen")))
+        break
+    else:
+        pytest.fail("the namespace's table kept changing")
+    ss = before
+
+    def at(name: str) -> float:
+        assert name in points, f"{name} not stored; have e.g. {sorted(points)[:5]}"
+        assert stamp in points[name], f"{name} has no point at {stamp}: {points[name]}"
+        return points[name][stamp]
+
+    tracked_local = {int(n.split(".")[-2]) for n in points
+                     if n.startswith(f"{base}.tcp.local_port.") and n.split(".")[-2].isdigit()}
+    assert tracked_local == {ln.local_port for ln in ss.lines if ln.state == "listen"}
+    local = fold(ss.local_port_states, tracked_local)
+    rem = fold(ss.remote_port_states, set(remote))
+    checked = 0
+    for family in ("ipv4", "ipv6"):
+        for state in STATES:
+            n = ss.states.get((family, state), 0)
+            assert at(f"{base}.tcp.states.{family}.{state}") == n, (family, state)
+            assert at(f"{udp}.tcp.states.{family}.{state}") == n, (family, state)
+            assert at(f"tagged.tcp.sockets;family={family};host=test.host.example;state={state}") == n
+            checked += 3
+    for state in STATES:
+        assert at(f"{cd}.tcpconns-all.tcp_connections-{COLLECTD_STATES[state]}") == ss.state(state)
+        for port in sorted(tracked_local) + [OTHER]:
+            n = local.get((port, state), 0)
+            assert at(f"{base}.tcp.local_port.{port}.{state}") == n, (port, state)
+            assert at(f"tagged.tcp.local_port_sockets;host=test.host.example;port={port};state={state}") == n
+            if port != OTHER:
+                assert at(f"{cd}.tcpconns-{port}-local.tcp_connections-{COLLECTD_STATES[state]}") == n
+            checked += 3
+        for port in remote + [OTHER]:
+            n = rem.get((port, state), 0)
+            assert at(f"{base}.tcp.remote_port.{port}.{state}") == n, (port, state)
+            if port != OTHER:
+                assert at(f"{cd}.tcpconns-{port}-remote.tcp_connections-{COLLECTD_STATES[state]}") == n
+            checked += 2
+    recvq = sockmix.group("recvq")
+    assert at(f"{base}.tcp.local_port.{recvq['port']}.receive_queue_bytes") == recvq["n"] * 1000
+    for (address, port), members in ss.listeners.items():
+        length, limit = fullest(members)
+        assert at(f"{base}.tcp.listen.{sanitize(address)}_{port}.queue_length") == length
+        assert at(f"{base}.tcp.listen.{sanitize(address)}_{port}.queue_limit") == limit
+        checked += 2
+    # The states the mix promises are really there, so the comparison is not all zeros.
+    assert at(f"{cd}.tcpconns-{sockmix.group('close_wait')['port']}-local.tcp_connections-CLOSE_WAIT") == \
+        sockmix.group("close_wait")["n"]
+    assert sum(at(f"{base}.tcp.states.ipv4.{s}") for s in STATES) > 20
+    # No collectd path for the "other" bucket; the self-metrics are there.
+    assert not any(".tcpconns-other" in n for n in points)
+    assert at(f"{base}.sockscope.graphite.dropped_lines") == 0
+    print(f"\n{checked} series compared with ss at {stamp}")
+
+
+# -- outage: nothing lost ---------------------------------------------------------------------
+
+
+def test_outage_loses_nothing_and_keeps_timestamps(carbon_factory, daemons, netns_factory, tmp_path):
+    carbon = carbon_factory()
+    d = run(daemons, tmp_path, graphite_config(carbon, prefix="outage", send_timeout="2s"),
+            netns=netns_factory().name)
+    wait_until(lambda: len(stored(carbon, "outage.")) >= 2, 15, "the first pushes in whisper")
+
+    quiet_stop(carbon, d)
+    down_at = time.time()
+    errors_before = d.value("sockscope_graphite_send_errors_total")
+    time.sleep(5.5)  # five or six polls while carbon is down
+    s = d.samples()
+    assert s[("sockscope_graphite_send_errors_total", ())] > errors_before
+    assert s[("sockscope_graphite_queue_lines", ())] > 0
+    up_at = time.time()
+    carbon.restart()
+
+    wait_until(lambda: d.value("sockscope_graphite_queue_lines") == 0, 30, "the queue to drain")
+    assert d.value("sockscope_graphite_dropped_lines_total") == 0
+    assert d.stop() == 0, d.log()
+    assert "every queued line sent" in d.log()
+
+    pushed = queued(d)
+    during = [t for t in pushed if down_at < t < up_at]
+    assert len(during) >= 4, (during, down_at, up_at)
+    got = wait_until(lambda: (lambda c: c if all(c[t] == n for t, n in pushed.items()) else None)(
+        stored(carbon, "outage.")), 15, "every pushed line in whisper")
+    assert {t: got[t] for t in pushed} == pushed
+    print(f"\n{len(pushed)} pushes, {sum(pushed.values())} lines; {len(during)} pushes made "
+          f"while carbon was down; all stored with their timestamps")
+
+
+# -- overflow: the oldest lines are dropped and counted --------------------------------------------
+
+
+def test_overflow_drops_oldest_and_counts_exactly(carbon_factory, daemons, netns_factory, tmp_path):
+    carbon = carbon_factory()
+    # An empty namespace: 55 lines per push (22 states, other x 24, 9 self-metrics).
+    d = run(daemons, tmp_path, graphite_config(carbon, prefix="overflow", buffer_lines=150),
+            netns=netns_factory().name)
+    wait_until(lambda: len(stored(carbon, "overflow.")) >= 2, 15, "the first pushes in whisper")
+
+    quiet_stop(carbon, d)
+    time.sleep(6.5)
+    dropped_live = d.value("sockscope_graphite_dropped_lines_total")
+    assert dropped_live > 0
+    assert d.value("sockscope_graphite_queue_lines") <= 150
+    carbon.restart()
+    wait_until(lambda: d.value("sockscope_graphite_queue_lines") == 0, 30, "the queue to drain")
+    dropped = d.value("sockscope_graphite_dropped_lines_total")
+    assert dropped >= dropped_live
+    assert d.stop() == 0, d.log()
+
+    pushed = queued(d)
+    stamps = sorted(pushed)
+    wait_until(lambda: stored(carbon, "overflow.")[stamps[-1]] == pushed[stamps[-1]], 15, "the last push")
+    got = stored(carbon, "overflow.")
+    missing = {t: pushed[t] - got[t] for t in stamps if got[t] != pushed[t]}
+    assert all(v > 0 for v in missing.values()), missing  # nothing extra, nothing duplicated
+    assert sum(missing.values()) == dropped
+    # The oldest went first: one contiguous run of pushes, all gone but the newest of them,
+    # which may have lost only its first lines.
+    run_ = sorted(missing)
+    assert stamps[stamps.index(run_[0]): stamps.index(run_[-1]) + 1] == run_, missing
+    assert all(missing[t] == pushed[t] for t in run_[:-1]), missing
+    assert "buffer full" in d.log()
+    print(f"\n{len(stamps)} pushes; {int(dropped)} lines dropped = {sum(missing.values())} missing in whisper")
+
+
+# -- blackhole: nothing stalls ---------------------------------------------------------------------
+
+
+def test_blackholed_carbon_stalls_neither_polls_nor_metrics(daemons, tmp_path):
+    # Accepts (the kernel completes the handshake) and never reads, with a tiny window.
+    hole = socket.socket()
+    hole.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    try:
+        ports = list(range(30000, 30060))
+        text = (f"poll:\n  interval: {POLL}\n  kernel_stats: false\n"
+                f"ports:\n  local: {ports}\n  remote: {ports}\n"
+                "graphite:\n  enabled: true\n"
+                f"  address: 127.0.0.1:{hole.getsockname()[1]}\n"
+                "  send_timeout: 1s\n  connect_timeout: 1s\n  flush_timeout: 2s\n")
+        d = run(daemons, tmp_path, text)  # ~1,500 lines (85 KB) per push
+        polls0 = d.value("sockscope_polls_total")
+        t0 = time.monotonic()
+        worst = 0.0
+        while time.monotonic() - t0 < 7:
+            s0 = time.monotonic()
+            d.scrape(timeout=5)
+            worst = max(worst, time.monotonic() - s0)
+            time.sleep(0.25)
+        s = d.samples()
+        elapsed = time.monotonic() - t0
+        polls = s[("sockscope_polls_total", ())] - polls0
+        assert worst < 0.5, f"a scrape took {worst:.2f}s"
+        assert polls >= elapsed - 2, f"{polls} polls in {elapsed:.1f}s"
+        assert s[("sockscope_up", ())] == 1
+        assert s[("sockscope_graphite_send_errors_total", ())] >= 1
+        assert s[("sockscope_graphite_queue_lines", ())] > 0
+
+        t_stop = time.monotonic()
+        assert d.stop(timeout=15) == 0, d.log()
+        took = time.monotonic() - t_stop
+        assert took < 2 + 1 + 2, f"shutdown took {took:.1f}s with flush_timeout 2s"
+        assert re.search(r"shutdown flush gave up after [\d.]+s: \d+ lines not sent", d.log()), d.log()[-2000:]
+        print(f"\n{polls:.0f} polls in {elapsed:.1f}s, worst scrape {worst * 1000:.0f} ms, "
+              f"stopped in {took:.1f}s")
+    finally:
+        hole.close()
