@@ -7,8 +7,28 @@ BIN := $(VENV)/bin
 
 # Debian packages the tests drive for real: ip/ss/nstat (iproute2), promtool (prometheus).
 DEB_PACKAGES := iproute2 prometheus
+# carbon-cache and whisper (python3-whisper: whisper-fetch + the module) for the Graphite tests.
+DEB_PACKAGES += graphite-carbon python3-whisper
+# systemd-analyze (verify/security of systemd/sockscope.service; systemd need not be PID 1),
+# curl (scrapes from inside a test namespace), openssl (test certificates).
+DEB_PACKAGES += systemd curl openssl
 
-.PHONY: run test venv venv-test system-deps clean
+.PHONY: run test venv venv-test system-deps clean install bench bench-1m
+
+# `make install` as root: a venv under $(PREFIX), the config in $(CONFDIR) (an existing one
+# is kept), the unit in $(UNITDIR). Then: systemctl daemon-reload; systemctl enable --now
+# sockscope. docs/service.md explains each step and the unit's settings.
+PREFIX ?= /opt/sockscope
+CONFDIR ?= /etc/sockscope
+UNITDIR ?= /etc/systemd/system
+
+install:
+	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
+	$(DESTDIR)$(PREFIX)/bin/pip install --quiet --disable-pip-version-check .
+	install -d -m 0755 $(DESTDIR)$(CONFDIR)
+	[ -e $(DESTDIR)$(CONFDIR)/sockscope.yaml ] || install -m 0644 config/sockscope.yaml $(DESTDIR)$(CONFDIR)/sockscope.yaml
+	install -D -m 0644 systemd/sockscope.service $(DESTDIR)$(UNITDIR)/sockscope.service
+	@echo "installed; now: systemctl daemon-reload && systemctl enable --now sockscope"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +66,18 @@ system-deps:
 
 test: venv-test system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Side-by-side benchmark (root: its own network namespace; docs/performance.md). Installs
+# collectd-core and prometheus-node-exporter with their services held back and disabled.
+# bench-1m adds a 1M-socket table: ~3.5 GB of kernel memory, several minutes.
+BENCH_ARGS ?=
+bench: venv
+	bench/deps.sh
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-1m: venv
+	bench/deps.sh
+	$(BIN)/python -m bench.run --1m $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build daemon/*.egg-info .pytest_cache

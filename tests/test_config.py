@@ -47,7 +47,8 @@ def write(tmp_path: Path, text: str) -> str:
 def test_defaults_values():
     assert DEFAULTS.source == "<defaults>"
     assert DEFAULTS.poll == config.PollConfig(
-        interval=5.0, stale_after=15.0, timeout=30.0, families=("ipv4", "ipv6"), netns=None, dump_retries=3
+        interval=5.0, stale_after=15.0, timeout=30.0, families=("ipv4", "ipv6"), netns=None, dump_retries=3,
+        peak_window=60.0, kernel_stats=True,
     )
     assert DEFAULTS.ports == config.PortsConfig(auto_listen=True, local=(), remote=(), max_local=64, max_remote=64)
     assert DEFAULTS.listeners == config.ListenersConfig(max_tracked=256)
@@ -120,6 +121,8 @@ def test_full_custom_config():
                 "families": ["ipv6"],
                 "netns": "/proc/1/ns/net",
                 "dump_retries": 0,
+                "peak_window": "2m",
+                "kernel_stats": False,
             },
             "ports": {"auto_listen": False, "local": [443, 80], "remote": [5432], "max_local": 2, "max_remote": 1},
             "listeners": {"max_tracked": 0},
@@ -128,7 +131,7 @@ def test_full_custom_config():
         },
         "custom.yaml",
     )
-    assert cfg.poll == config.PollConfig(90.0, 300.0, 2.0, ("ipv6",), "/proc/1/ns/net", 0)
+    assert cfg.poll == config.PollConfig(90.0, 300.0, 2.0, ("ipv6",), "/proc/1/ns/net", 0, 120.0, False)
     assert cfg.ports == config.PortsConfig(False, (443, 80), (5432,), 2, 1)
     assert cfg.listeners.max_tracked == 0
     assert cfg.prometheus == config.PrometheusConfig(False, "[::1]:9100", "::1", 9100)
@@ -201,7 +204,18 @@ BAD_CASES = [
     ({"prometheus": {"listen_address": 9393}}, "prometheus.listen_address", "expected a string"),
     ({"log": {"level": "loud"}}, "log.level", "'loud' is not one of debug, info, warning, error"),
     ({"log": {"format": "JSON"}}, "log.format", "is not one of text, json"),
-    ({"graphite": {}}, "graphite", "unknown key"),
+    ({"graphite": {"interval": "7s"}}, "graphite.interval", "7s is not a multiple of poll.interval (5s)"),
+    ({"graphite": {"enabled": True}, "poll": {"interval": "500ms"}}, "graphite.interval", "at least 1s"),
+    ({"graphite": {"address": ":2003"}}, "graphite.address", "give carbon's host"),
+    ({"graphite": {"protocol": "http"}}, "graphite.protocol", "is not one of tcp, udp"),
+    ({"graphite": {"prefix": "a..b"}}, "graphite.prefix", "empty path component"),
+    ({"graphite": {"prefix": "a.{host}"}}, "graphite.prefix", "only letters, digits"),
+    ({"graphite": {"prefix": "collectd."}}, "graphite.prefix", "only for naming: collectd"),
+    ({"graphite": {"host": ""}}, "graphite.host", "must not be empty"),
+    ({"graphite": {"naming": "collectd", "tags": True}}, "graphite.tags", "tags need naming: sockscope"),
+    ({"graphite": {"buffer_lines": -1}}, "graphite.buffer_lines", "out of range"),
+    ({"graphite": {"flush_timeout": "2h"}}, "graphite.flush_timeout", "too long"),
+    ({"graftie": {}}, "graftie", "unknown key (did you mean 'graphite'?)"),
 ]
 
 
@@ -241,7 +255,8 @@ prometheus:
   listen_address: "::1:9393"
 log:
   level: loud
-graphite: {}
+graphite:
+  naming: graphite
 """,
     )
     error = load_error(path)
@@ -249,7 +264,7 @@ graphite: {}
     keys = [p.split(": ", 1)[0] for p in error.problems]
     assert sorted(keys) == sorted(
         [
-            "graphite",
+            "graphite.naming",
             "poll.bogus",
             "poll.interval",
             "poll.families[1]",

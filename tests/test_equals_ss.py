@@ -8,19 +8,16 @@ its own scrapes never appear in the table it compares with `ss`.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import sockmix as sockmix_mod
 import ss_parse
+from daemon_helpers import DaemonError, samples, scrape, start_daemon
 from sockscope.aggregate import Rules
 from sockscope.netlink import Reader, Record, format_address
 from sockscope.poller import poll_once
@@ -176,54 +173,17 @@ def test_snapshot_equals_ss_figures(netns, mix, rules):
           f"{snap.duration * 1000:.1f} ms ({snap.messages} messages)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def daemon(netns, mix, rules, tmp_path_factory):
-    cfg = tmp_path_factory.mktemp("daemon") / "sockscope.yaml"
-    port = free_port()
-    cfg.write_text(
-        "poll:\n  interval: 500ms\n"
-        f"ports:\n  remote: [{', '.join(map(str, rules.remote))}]\n"
-        f"prometheus:\n  listen_address: 127.0.0.1:{port}\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sockscope", "run", "--config.file", str(cfg),
-         "--netns", netns.name],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}/metrics"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if "sockscope_up 1.0" in scrape(url):
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"sockscope did not come up: {proc.communicate(timeout=10)[0]}")
-    yield url, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
-
-
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return r.read().decode()
-
-
-def samples(text: str) -> dict:
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+    try:
+        d = start_daemon(tmp_path_factory.mktemp("daemon"),
+                         "poll:\n  interval: 500ms\n"
+                         f"ports:\n  remote: [{', '.join(map(str, rules.remote))}]\n",
+                         netns=netns.name)
+    except DaemonError as e:
+        pytest.fail(str(e))
+    yield d.url, d
+    d.stop()
 
 
 def test_metrics_endpoint_equals_ss(netns, daemon, rules):
@@ -292,15 +252,13 @@ def test_concurrent_scrapes_while_polling(daemon):
     assert len(results) == 300
     assert all(up == 1.0 and consistent for up, consistent in results)
     assert samples(scrape(url))[("sockscope_polls_total", ())] > polls_before
-    assert proc.poll() is None
+    assert proc.proc.poll() is None
 
 
 def test_daemon_stops_cleanly_on_sigterm(daemon):
-    _, proc = daemon
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0, out
-    assert "shutting down" in out
+    _, d = daemon
+    assert d.stop(timeout=10) == 0, d.log()
+    assert "shutting down" in d.log()
 
 
 def test_snapshot_cli_json_and_text(netns, mix):

@@ -19,6 +19,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import sockscope
+from sockscope.kernelstats import KernelStats
+from sockscope.kernelstats import build as build_kernel_stats
+from sockscope.peaks import Peaks
 from sockscope.prometheus import MetricsServer, SnapshotCollector, _dual_stack_available, make_registry
 from sockscope.snapshot import OTHER, STATES, Listener, PollStatus, PortTable, QueueStats, Snapshot
 
@@ -81,13 +84,47 @@ def fixed_snapshot() -> Snapshot:
     return Snapshot(
         timestamp=1700000000.0, duration=0.125, families=("ipv4", "ipv6"), states=states,
         local=local, remote=remote, listeners=listeners, folded_listeners=1, messages=7,
+        peaks=fixed_peaks(states, local, remote, listeners),
     )
+
+
+def fixed_peaks(states, local, remote, listeners) -> Peaks:
+    """Peaks = live values, except a CLOSE-WAIT spike of 9 on local port 8080 (ipv4) and an
+    accept queue that reached 4096 on [::]:8080 within the window."""
+    local_rows = [list(row) for row in local.counts]
+    local_rows[1][STATES.index("close_wait")] = 9
+    remote_rows = [list(row) for row in remote.counts]
+    remote_rows[1][STATES.index("close_wait")] = 9
+    return Peaks(
+        window=60.0,
+        states=states | {("ipv4", "close_wait"): 9},
+        local=tuple(map(tuple, local_rows)),
+        remote=tuple(map(tuple, remote_rows)),
+        listeners={(ln.family, ln.address, ln.port): ln.queue_length for ln in listeners}
+        | {("ipv6", "::", 8080): 4096},
+    )
+
+
+def fixed_kernel() -> KernelStats:
+    """Parsed from the recorded tests/fixtures/proc_net_* files, limits as on Debian 12."""
+    fixtures = Path(__file__).parent / "fixtures"
+    stats, problems = build_kernel_stats({
+        "snmp": (fixtures / "proc_net_snmp").read_text(),
+        "netstat": (fixtures / "proc_net_netstat").read_text(),
+        "sockstat": (fixtures / "proc_net_sockstat").read_text(),
+        "tcp_max_tw_buckets": "262144\n",
+        "tcp_max_orphans": "131072\n",
+        "ip_local_port_range": "32768\t60999\n",
+    }, page_size=4096)
+    assert not problems, problems
+    return stats
 
 
 def fixed_status(snapshot: Snapshot | None = None) -> PollStatus:
     return PollStatus(
         snapshot=snapshot or fixed_snapshot(), last_success_monotonic=LAST_SUCCESS,
         polls=42, errors=2, dump_retries=5, dump_interrupted=1, last_error="EPERM",
+        kernel=fixed_kernel(),
     )
 
 

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable, Mapping
 
 from . import __version__, config
 from .aggregate import Rules
@@ -15,6 +16,8 @@ from .netlink import NetlinkError
 from .owners import owners_for
 from .poller import poll_once
 from .report import build_report, render_text
+from .netlink import Reader
+from .sdnotify import ServiceNotifier
 from .service import Service, make_reader
 
 log = logging.getLogger("sockscope")
@@ -33,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
                              "(overrides prometheus.listen_address)")
     common.add_argument("--log.level", dest="log_level", metavar="LEVEL",
                         help="debug, info, warning or error (overrides log.level)")
+    common.add_argument("--log.format", dest="log_format", metavar="FORMAT",
+                        help="text or json (overrides log.format)")
+    common.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                        help="TLS and basic auth for /metrics, in the exporter-toolkit web "
+                             "config format (re-read on SIGHUP)")
     common.add_argument("--netns", dest="netns", metavar="NAME|PATH",
                         help="read the sockets of this network namespace "
                              "(overrides poll.netns; needs CAP_SYS_ADMIN)")
@@ -82,11 +90,28 @@ class _JsonFormatter(logging.Formatter):
 def _load(args) -> config.Config:
     cfg = config.load(args.config_file)
     return config.override(
-        cfg, listen_address=args.listen_address, log_level=args.log_level, netns=args.netns
+        cfg, listen_address=args.listen_address, log_level=args.log_level, netns=args.netns,
+        log_format=args.log_format,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _load_web(args):
+    """The web config named by --web.config.file (None without the flag). Raises ConfigError."""
+    if not args.web_config_file:
+        return None
+    from . import webconfig  # the only importer of ssl and bcrypt
+
+    return webconfig.load(args.web_config_file)
+
+
+def main(
+    argv: list[str] | None = None,
+    *,
+    reader_factory: Callable[[config.Config], Reader] = make_reader,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """The command line. reader_factory and environ (for NOTIFY_SOCKET, WATCHDOG_USEC) are
+    injectable so tests can run the real daemon with a reader they control."""
     args = _parser().parse_args(argv)
     command = args.command or "run"
     if command == "version":
@@ -98,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.file}: OK")
             return 0
         cfg = _load(args)
+        web = _load_web(args) if command == "run" else None
     except config.ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(cfg.log.level, cfg.log.format)
     if command == "snapshot":
         return snapshot(cfg, as_json=args.json)
-    return run(cfg)
+    return run(cfg, web=web, reload_config=lambda: (_load(args), _load_web(args)),
+               reader_factory=reader_factory, environ=environ)
 
 
 def snapshot(cfg: config.Config, *, as_json: bool) -> int:
@@ -128,26 +155,83 @@ def snapshot(cfg: config.Config, *, as_json: bool) -> int:
     return 0
 
 
-def run(cfg: config.Config) -> int:
-    stop = threading.Event()
+def run(
+    cfg: config.Config,
+    *,
+    web=None,
+    reload_config: Callable[[], tuple[config.Config, object]] | None = None,
+    reader_factory: Callable[[config.Config], Reader] = make_reader,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """The daemon until SIGTERM/SIGINT (exit 0); SIGHUP calls reload_config() and applies it.
+
+    Signal handlers only queue the signal; the main thread acts on it, so logging and
+    reconfiguring never run inside a handler.
+    """
+    wake = threading.Event()
+    signals: list[int] = []
 
     def on_signal(signum, _frame):
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
+        signals.append(signum)
+        wake.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
 
-    service = Service(cfg)
+    systemd = ServiceNotifier.from_environ(environ)
+    systemd.check_interval(cfg.poll.interval)
+    service = Service(cfg, reader_factory=reader_factory, web=web)
+    service.on_poll(systemd.on_poll)
     try:
         service.start()
     except OSError as e:
         log.error("%s", e)
         return EXIT_RUNTIME
     try:
-        while not stop.wait(1.0):
-            pass
+        while True:
+            wake.wait(1.0)
+            wake.clear()
+            while signals:
+                signum = signals.pop(0)
+                if signum == signal.SIGHUP:
+                    _reload(service, reload_config, systemd)
+                    continue
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                raise _Stop
+    except _Stop:
+        pass
     finally:
+        systemd.stopping()
         service.stop()
     log.info("stopped")
     return 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def _reload(service: Service, reload_config, systemd: ServiceNotifier) -> None:
+    if reload_config is None:
+        log.warning("received SIGHUP but there is nothing to reload")
+        return
+    systemd.reloading()
+    try:
+        try:
+            cfg, web = reload_config()
+        except config.ConfigError as e:
+            for problem in e.problems:
+                log.error("reload: %s: %s", e.source, problem)
+            log.error("reload refused (%d problem%s); the running configuration stays",
+                      len(e.problems), "" if len(e.problems) == 1 else "s")
+            return
+        try:
+            service.reload(cfg, web)
+        except OSError as e:
+            log.error("reload failed: %s; the running configuration stays", e)
+            return
+        setup_logging(cfg.log.level, cfg.log.format)
+        systemd.check_interval(cfg.poll.interval)
+        log.info("reloaded the configuration from %s", cfg.source)
+    finally:
+        systemd.reloaded()

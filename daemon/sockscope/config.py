@@ -27,6 +27,7 @@ __all__ = [
     "KEY_PATHS",
     "Config",
     "ConfigError",
+    "GraphiteConfig",
     "ListenersConfig",
     "LogConfig",
     "PollConfig",
@@ -37,6 +38,7 @@ __all__ = [
     "override",
     "parse_duration",
     "parse_listen_address",
+    "read_yaml",
 ]
 
 
@@ -59,6 +61,8 @@ class PollConfig:
     families: tuple[str, ...]
     netns: str | None  # None = the daemon's own namespace
     dump_retries: int
+    peak_window: float  # 0 = no window peaks
+    kernel_stats: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,24 @@ class PrometheusConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GraphiteConfig:
+    enabled: bool
+    address: str
+    protocol: str  # "tcp" | "udp"
+    prefix: str  # "" = the naming's default (see docs/graphite.md)
+    host: str  # host name in collectd paths and the host tag; {hostname}/{fqdn} expanded at start
+    naming: str  # "sockscope" | "collectd"
+    tags: bool
+    interval: float  # 0 = every poll; else a multiple of poll.interval
+    buffer_lines: int  # 0 = sized for 30 minutes of outage (graphite.default_buffer_lines)
+    connect_timeout: float
+    send_timeout: float
+    flush_timeout: float
+    server_host: str  # from address; an IPv6 literal has no brackets
+    server_port: int
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
     format: str
@@ -95,6 +117,7 @@ class Config:
     ports: PortsConfig
     listeners: ListenersConfig
     prometheus: PrometheusConfig
+    graphite: GraphiteConfig
     log: LogConfig
     # Where the values came from. Not compared: the same settings from two files are equal.
     source: str = field(default="<defaults>", compare=False)
@@ -385,6 +408,15 @@ def _stale_after_rule(interval: float, stale_after: float) -> str | None:
     return None
 
 
+def _peak_window_rule(interval: float, peak_window: float) -> str | None:
+    if peak_window and peak_window < interval:
+        return (
+            f"{_format_seconds(peak_window)} is less than poll.interval ({_format_seconds(interval)});"
+            " use 0 to turn window peaks off"
+        )
+    return None
+
+
 def _cap_check(side: str) -> _Check:
     def rule(ports: tuple[int, ...], cap: int) -> str | None:
         if len(ports) > cap:
@@ -403,6 +435,68 @@ def _derive_prometheus(values: dict[str, Any]) -> dict[str, Any]:
     return values | {"host": host, "port": port}
 
 
+_GRAPHITE_TEMPLATE = re.compile(r"(?:[A-Za-z0-9_.-]|\{hostname\}|\{fqdn\})*")
+
+
+def _graphite_address(value: Any) -> str:
+    host, _ = parse_listen_address(value)
+    if host == "":
+        raise ValueError(f"{value!r}: give carbon's host, e.g. 127.0.0.1:2003")
+    return value
+
+
+def _graphite_template(*, empty_ok: bool) -> Kind:
+    """A path template: [A-Za-z0-9_.-] and the placeholders {hostname} and {fqdn}."""
+
+    def parse(value: Any) -> str:
+        _expect(value, str, "a string")
+        if not value and not empty_ok:
+            raise ValueError("must not be empty")
+        if len(value) > 256:
+            raise ValueError(f"{len(value)} characters is too long (at most 256)")
+        if not _GRAPHITE_TEMPLATE.fullmatch(value):
+            raise ValueError(f"{value!r}: only letters, digits, '_', '-', '.', {{hostname}} and {{fqdn}} are allowed")
+        if value.startswith(".") or ".." in value:
+            raise ValueError(f"{value!r}: empty path component")
+        return value
+
+    return parse
+
+
+def _graphite_prefix_rule(prefix: str, naming: str) -> str | None:
+    # collectd's Prefix is glued to the host name, so "collectd." is the usual form there.
+    if naming != "collectd" and prefix.endswith("."):
+        return f"{prefix!r}: must not end with '.' (that is only for naming: collectd)"
+    return None
+
+
+def _graphite_tags_rule(naming: str, tags: bool) -> str | None:
+    if tags and naming != "sockscope":
+        return "tags need naming: sockscope (collectd paths have no tags)"
+    return None
+
+
+def _derive_graphite(values: dict[str, Any]) -> dict[str, Any]:
+    host, port = parse_listen_address(values["address"])
+    return values | {"server_host": host, "server_port": port}
+
+
+def _graphite_interval_problems(poll: PollConfig, graphite: GraphiteConfig) -> list[tuple[str, str]]:
+    """graphite.interval against poll.interval (two sections: checked after both are built;
+    no CLI flag changes either, so override() need not repeat it)."""
+    problems = []
+    interval = graphite.interval or poll.interval
+    if graphite.interval:
+        ratio = graphite.interval / poll.interval
+        if ratio < 1 - 1e-9 or abs(ratio - round(ratio)) > 1e-9 * ratio:
+            problems.append(("graphite.interval", f"{_format_seconds(graphite.interval)} is not a multiple of "
+                             f"poll.interval ({_format_seconds(poll.interval)})"))
+    if graphite.enabled and interval < 1:
+        problems.append(("graphite.interval", f"pushes every {_format_seconds(interval)}; Graphite keeps one point "
+                         "per second: set a multiple of poll.interval of at least 1s"))
+    return problems
+
+
 _SECTIONS: tuple[_Section, ...] = (
     _Section(
         "poll",
@@ -414,8 +508,13 @@ _SECTIONS: tuple[_Section, ...] = (
             _Field("families", _list_of(_choice("ipv4", "ipv6"), nonempty=True), ["ipv4", "ipv6"]),
             _Field("netns", _netns, ""),
             _Field("dump_retries", _integer(0, 100), 3),
+            _Field("peak_window", _duration(allow_zero=True, at_most=_MAX_DURATION), "1m"),
+            _Field("kernel_stats", _boolean, True),
         ),
-        checks=(_Check(("interval", "stale_after"), "stale_after", _stale_after_rule),),
+        checks=(
+            _Check(("interval", "stale_after"), "stale_after", _stale_after_rule),
+            _Check(("interval", "peak_window"), "peak_window", _peak_window_rule),
+        ),
         derive=_derive_poll,
     ),
     _Section(
@@ -441,6 +540,29 @@ _SECTIONS: tuple[_Section, ...] = (
         derive=_derive_prometheus,
     ),
     _Section(
+        "graphite",
+        GraphiteConfig,
+        (
+            _Field("enabled", _boolean, False),
+            _Field("address", _graphite_address, "127.0.0.1:2003"),
+            _Field("protocol", _choice("tcp", "udp"), "tcp"),
+            _Field("prefix", _graphite_template(empty_ok=True), ""),
+            _Field("host", _graphite_template(empty_ok=False), "{fqdn}"),
+            _Field("naming", _choice("sockscope", "collectd"), "sockscope"),
+            _Field("tags", _boolean, False),
+            _Field("interval", _duration(allow_zero=True, at_most=_MAX_DURATION), 0),
+            _Field("buffer_lines", _integer(0, 100_000_000), 0),
+            _Field("connect_timeout", _duration(at_most=3600), "5s"),
+            _Field("send_timeout", _duration(at_most=3600), "10s"),
+            _Field("flush_timeout", _duration(allow_zero=True, at_most=3600), "10s"),
+        ),
+        checks=(
+            _Check(("prefix", "naming"), "prefix", _graphite_prefix_rule),
+            _Check(("naming", "tags"), "tags", _graphite_tags_rule),
+        ),
+        derive=_derive_graphite,
+    ),
+    _Section(
         "log",
         LogConfig,
         (
@@ -456,6 +578,7 @@ KEY_PATHS: tuple[str, ...] = tuple(f"{s.name}.{f.name}" for s in _SECTIONS for f
 FLAGS: dict[str, tuple[str, str]] = {
     "--web.listen-address": ("prometheus", "listen_address"),
     "--log.level": ("log", "level"),
+    "--log.format": ("log", "format"),
     "--netns": ("poll", "netns"),
 }
 
@@ -529,6 +652,9 @@ def from_mapping(data: Any, source: str = "<config>") -> Config:
         raise ConfigError(problems, source)
     _unknown_keys(data, [s.name for s in _SECTIONS], "", problems)
     built = {s.name: _walk_section(s, data.get(s.name), problems) for s in _SECTIONS}
+    if built["poll"] is not None and built["graphite"] is not None:
+        for path, message in _graphite_interval_problems(built["poll"], built["graphite"]):
+            problems.add(path, message)
     if problems:
         raise ConfigError(problems, source)
     return Config(**built, source=source)
@@ -569,6 +695,14 @@ def load(path: str | None) -> Config:
     """The Config in the YAML file at path; None = DEFAULTS. Raises ConfigError."""
     if path is None:
         return DEFAULTS
+    return from_mapping(read_yaml(path), path)
+
+
+def read_yaml(path: str) -> Any:
+    """The parsed YAML document at path (keys given twice refused). Raises ConfigError.
+
+    Also used for the web config file (webconfig.py), so YAML stays behind this module.
+    """
     try:
         with open(path, encoding="utf-8") as stream:
             text = stream.read()
@@ -577,10 +711,9 @@ def load(path: str | None) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text (byte {exc.start})", path) from None
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_problem(exc), path) from None
-    return from_mapping(data, path)
 
 
 def override(
@@ -589,12 +722,14 @@ def override(
     listen_address: str | None = None,
     log_level: str | None = None,
     netns: str | None = None,
+    log_format: str | None = None,
 ) -> Config:
     """cfg with CLI flag values applied (None = flag not given), validated like the file.
 
     Problems name the flag, e.g. "--web.listen-address: ...". Raises ConfigError.
     """
-    given = {"--web.listen-address": listen_address, "--log.level": log_level, "--netns": netns}
+    given = {"--web.listen-address": listen_address, "--log.level": log_level, "--netns": netns,
+             "--log.format": log_format}
     problems = _Problems()
     updates: dict[str, dict[str, Any]] = {}
     for flag, raw in given.items():

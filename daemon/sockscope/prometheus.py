@@ -26,15 +26,32 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import _bake_output
 
 from sockscope import __version__
+from sockscope.kernelstats import COUNTERS as KERNEL_COUNTERS
+from sockscope.kernelstats import SOURCES as KERNEL_SOURCES
+from sockscope.kernelstats import KernelStats
 from sockscope.snapshot import FAMILIES, OTHER, STATES, PollStatus, PortTable, Snapshot
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SnapshotCollector", "MetricsServer", "MetricsRequestHandler", "make_registry"]
+__all__ = ["GraphiteCollector", "SnapshotCollector", "MetricsServer", "MetricsRequestHandler", "make_registry"]
 
 _LATEST = " Figures are from the latest poll (see sockscope_snapshot_age_seconds); a scrape never triggers a dump."
 _QUEUE_NOTE = " LISTEN sockets are excluded (their Recv-Q/Send-Q are the accept queue length and limit)."
 _QUEUES = ("receive", "send")
+_KERNEL_COUNTER_DOCS = {
+    "listen_overflows": "SYNs or completed handshakes dropped because a listener's accept queue was full",
+    "listen_drops": "SYNs dropped by listeners for any reason, overflows included",
+    "out_resets": "TCP segments sent with the RST flag",
+    "estab_resets": "Connections reset from the ESTABLISHED or CLOSE-WAIT state",
+    "attempt_fails": "Connection attempts that failed (SYN-SENT/SYN-RECV to CLOSED, or SYN-RECV reset)",
+    "retransmitted_segments": "TCP segments retransmitted",
+    "active_opens": "Connections opened by connect() (SYN-SENT from CLOSED)",
+    "passive_opens": "Connections accepted by listeners (SYN-RECV from LISTEN)",
+    "abort_on_data": "Connections reset because the application closed them with unread data or "
+                     "data arriving after close",
+    "abort_on_timeout": "Connections aborted after too many retransmissions or keepalive probes",
+    "syncookies_sent": "SYN cookies sent (the SYN queue of a listener overflowed)",
+}
 
 
 def _port_label(port: int | str) -> str:
@@ -97,6 +114,9 @@ class SnapshotCollector:
         snap: Snapshot | None = None if describing else status.snapshot
         if describing or snap is not None:
             yield from self._socket_families(snap)
+            yield from self._peak_families(snap, describing)
+        if describing or status.kernel is not None:
+            yield from self._kernel_families(None if describing else status.kernel)
 
         up = GaugeMetricFamily(
             "sockscope_up",
@@ -256,13 +276,163 @@ class SnapshotCollector:
             fam.add_metric([labels[i], "send"], float(q.send_backlogged))
         yield fam
 
+    def _peak_families(self, snap: Snapshot | None, describing: bool) -> Iterator[Metric]:
+        """Window peaks (sockscope.peaks), absent when poll.peak_window is 0."""
+        peaks = None if snap is None else snap.peaks
+        if not describing and peaks is None:
+            return
+        peak_note = (" Largest value seen by any poll within the last sockscope_peak_window_seconds "
+                     "(kept between one and 13/12 windows); the same for every scraper, never reset by a scrape.")
+        fam = GaugeMetricFamily(
+            "sockscope_peak_window_seconds",
+            "Window (poll.peak_window) over which the *_peak gauges keep the largest value of any poll.",
+        )
+        if peaks is not None:
+            fam.add_metric([], peaks.window)
+        yield fam
+        fam = GaugeMetricFamily(
+            "sockscope_tcp_sockets_peak", "Peak of sockscope_tcp_sockets." + peak_note,
+            labels=("family", "state"),
+        )
+        if peaks is not None:
+            for family in _family_order(snap.families):
+                for state in STATES:
+                    fam.add_metric([family, state], float(peaks.states.get((family, state), 0)))
+        yield fam
+        for side in ("local", "remote"):
+            fam = GaugeMetricFamily(
+                f"sockscope_tcp_{side}_port_sockets_peak",
+                f"Peak of sockscope_tcp_{side}_port_sockets per port and state." + peak_note,
+                labels=("port", "state"),
+            )
+            if peaks is not None:
+                table, rows = getattr(snap, side), getattr(peaks, side)
+                for i in _port_order(table):
+                    for state, count in zip(STATES, rows[i]):
+                        fam.add_metric([_port_label(table.ports[i]), state], float(count))
+            yield fam
+        fam = GaugeMetricFamily(
+            "sockscope_tcp_listen_queue_length_peak",
+            "Peak of sockscope_tcp_listen_queue_length per listening address." + peak_note,
+            labels=("address", "port"),
+        )
+        if peaks is not None:
+            for lst in sorted(snap.listeners, key=lambda lst: (lst.port, lst.address)):
+                fam.add_metric([lst.address, str(lst.port)],
+                               float(peaks.listeners.get((lst.family, lst.address, lst.port), lst.queue_length)))
+        yield fam
 
-def make_registry(collector) -> CollectorRegistry:
-    """A private registry (not prometheus_client.REGISTRY) with process, platform and `collector`."""
+    def _kernel_families(self, kernel: KernelStats | None) -> Iterator[Metric]:
+        """Kernel TCP counters and limits of the watched namespace (sockscope.kernelstats).
+
+        Each family is emitted only with its source readable, so a broken file makes its
+        series disappear (and sockscope_kernel_stats_up{source} 0) instead of reading 0.
+        """
+        describing = kernel is None
+        fam = GaugeMetricFamily(
+            "sockscope_kernel_stats_up",
+            "1 if the kernel statistics source (a /proc file of the watched network namespace) was "
+            "read and parsed in the latest poll, else 0. Sources absent on this kernel are not listed.",
+            labels=("source",),
+        )
+        if kernel is not None:
+            for source in KERNEL_SOURCES:
+                if source in kernel.ok:
+                    fam.add_metric([source], 1.0 if kernel.ok[source] else 0.0)
+        yield fam
+        for _section, field_name, stem in KERNEL_COUNTERS:
+            fam = CounterMetricFamily(
+                f"sockscope_tcp_{stem}",
+                f"{_KERNEL_COUNTER_DOCS[stem]} (nstat {'TcpExt' if _section == 'TcpExt' else 'Tcp'}{field_name}; "
+                "since the namespace was created).",
+            )
+            if kernel is not None and stem in kernel.counters:
+                fam.add_metric([], float(kernel.counters[stem]))
+            if describing or fam.samples:
+                yield fam
+        sock = None if kernel is None else kernel.sockstat
+        gauges = (
+            ("sockscope_tcp_orphan_sockets", "TCP sockets no longer attached to a file descriptor "
+             "(/proc/net/sockstat TCP orphan; host-wide: the kernel counts orphans globally).",
+             None if sock is None else sock.orphan),
+            ("sockscope_tcp_orphan_sockets_limit", "net.ipv4.tcp_max_orphans (host-wide); beyond it "
+             "orphans are reset (\"too many orphaned sockets\" in the kernel log).",
+             None if kernel is None else kernel.max_orphans),
+            ("sockscope_tcp_time_wait_sockets", "TIME-WAIT sockets as the kernel counts them "
+             "(/proc/net/sockstat TCP tw).", None if sock is None else sock.tw),
+            ("sockscope_tcp_time_wait_sockets_limit", "net.ipv4.tcp_max_tw_buckets; beyond it new "
+             "TIME-WAIT sockets are destroyed at once (TCPTimeWaitOverflow).",
+             None if kernel is None else kernel.max_tw_buckets),
+            ("sockscope_tcp_memory_bytes", "Memory allocated to TCP socket buffers: /proc/net/sockstat "
+             "TCP mem (pages, host-wide) times the page size.",
+             None if sock is None else sock.mem * kernel.page_size),
+            ("sockscope_local_port_range_size", "Ports in net.ipv4.ip_local_port_range (the ephemeral "
+             "ports available per destination address:port).",
+             None if kernel is None else kernel.local_port_range_size),
+        )
+        for name, doc, value in gauges:
+            fam = GaugeMetricFamily(name, doc)
+            if value is not None:
+                fam.add_metric([], float(value))
+            if describing or fam.samples:
+                yield fam
+
+
+class GraphiteCollector:
+    """The Graphite pusher's self-metrics. `stats` returns a graphite.GraphiteStats (a
+    frozen copy taken under the pusher's lock); called once per collect()."""
+
+    _COUNTERS = (
+        ("sockscope_graphite_sent_lines", "Lines carbon accepted (TCP: the whole chunk was sent; UDP: the "
+         "kernel took the datagram).", "sent_lines"),
+        ("sockscope_graphite_send_errors", "Failed connection attempts and failed sends to carbon; the "
+         "unsent chunk stays queued.", "send_errors"),
+        ("sockscope_graphite_dropped_lines", "Oldest lines dropped because the buffer (graphite.buffer_lines) "
+         "was full; these never reach carbon.", "dropped_lines"),
+        ("sockscope_graphite_invalid_lines", "Lines refused before queueing (NaN/inf/bool value, line over "
+         "16384 bytes).", "invalid_lines"),
+        ("sockscope_graphite_pushes", "Polls rendered and queued for Graphite.", "pushes"),
+    )
+
+    def __init__(self, stats: Callable[[], object]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(list(self._families(self._stats())))
+
+    def _families(self, stats) -> Iterator[Metric]:
+        for name, doc, attr in self._COUNTERS:
+            fam = CounterMetricFamily(name, doc)
+            if stats is not None:
+                fam.add_metric([], float(getattr(stats, attr)))
+            yield fam
+        gauges = (
+            ("sockscope_graphite_queue_lines", "Lines waiting to be sent to carbon (including a chunk being sent).",
+             lambda st: st.queue_lines),
+            ("sockscope_graphite_queue_capacity_lines", "Size of the buffer in lines (graphite.buffer_lines, "
+             "resolved).", lambda st: st.capacity_lines),
+            ("sockscope_graphite_last_success_timestamp_seconds", "UNIX time of the last successful send to "
+             "carbon (0 before the first).", lambda st: st.last_success_timestamp),
+            ("sockscope_graphite_connected", "1 while a connection (or UDP socket) to carbon is open.",
+             lambda st: 1.0 if st.connected else 0.0),
+        )
+        for name, doc, value in gauges:
+            fam = GaugeMetricFamily(name, doc)
+            if stats is not None:
+                fam.add_metric([], float(value(stats)))
+            yield fam
+
+
+def make_registry(*collectors) -> CollectorRegistry:
+    """A private registry (not prometheus_client.REGISTRY) with process, platform and `collectors`."""
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    registry.register(collector)
+    for collector in collectors:
+        registry.register(collector)
     return registry
 
 
@@ -300,6 +470,12 @@ class MetricsRequestHandler(BaseHTTPRequestHandler):
         self._dispatch(send_body=False)
 
     def _dispatch(self, send_body: bool) -> None:
+        web = self.server.web  # webconfig.WebConfig or None; read once per request
+        if web is not None and not web.authorized(self.headers.get("Authorization")):
+            self._reply(401, [("Content-Type", "text/plain; charset=utf-8"),
+                              ("WWW-Authenticate", 'Basic realm="sockscope"')],
+                        b"Unauthorized\n", send_body)
+            return
         url = urlsplit(self.path)
         if url.path == "/metrics":
             self._metrics(url.query, send_body)
@@ -362,7 +538,22 @@ class _HTTPServer(ThreadingHTTPServer):
         self.address_family = family
         self.dual_stack = dual_stack
         self.registry = registry
+        self.web = None  # webconfig.WebConfig: TLS and basic auth; swapped whole on reload
         super().__init__(address, handler, bind_and_activate=False)
+
+    def finish_request(self, request, client_address) -> None:
+        # Runs in the connection's own thread (ThreadingMixIn), so the TLS handshake of a
+        # slow or silent client holds up nobody else; it ends after web.handshake_timeout
+        # with a ConnectionError that handle_error logs at debug level.
+        web = self.web
+        if web is None or web.tls is None:
+            super().finish_request(request, client_address)
+            return
+        conn = web.accept(request)
+        try:
+            super().finish_request(conn, client_address)
+        finally:
+            conn.close()
 
     def handle_error(self, request, client_address) -> None:
         # socketserver would print the traceback to stderr; clients hanging up mid-response
@@ -399,8 +590,9 @@ class MetricsServer:
 
     handler_class: type[BaseHTTPRequestHandler] = MetricsRequestHandler
 
-    def __init__(self, registry, host: str, port: int) -> None:
-        self.registry = registry
+    def __init__(self, registry, host: str, port: int, web=None) -> None:
+        self._registry = registry
+        self._web = web  # webconfig.WebConfig or None (plain HTTP, no auth)
         self.host = host
         self._port = port
         self._httpd: _HTTPServer | None = None
@@ -410,6 +602,28 @@ class MetricsServer:
     def port(self) -> int:
         """The bound port once started (the requested one before)."""
         return self._httpd.server_port if self._httpd is not None else self._port
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self._registry
+
+    @registry.setter
+    def registry(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        if self._httpd is not None:
+            self._httpd.registry = registry
+
+    @property
+    def web(self):
+        """The webconfig.WebConfig in force (None: plain HTTP, no auth)."""
+        return self._web
+
+    @web.setter
+    def web(self, web) -> None:
+        # One reference swap: each new connection and request reads it once.
+        self._web = web
+        if self._httpd is not None:
+            self._httpd.web = web
 
     @property
     def address(self) -> str:
@@ -447,6 +661,7 @@ class MetricsServer:
         except OSError as exc:
             httpd.server_close()
             raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        httpd.web = self._web
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever, kwargs={"poll_interval": 0.1},

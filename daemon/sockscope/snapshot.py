@@ -7,6 +7,11 @@ the Graphite pusher, the CLI) never see a half-built one and never lock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .kernelstats import KernelStats
+    from .peaks import Peaks
 
 # Kernel TCP states, include/net/tcp_states.h. Index = kernel number.
 # TCP_NEW_SYN_RECV (12, request sockets) is reported as syn_recv, as `ss` does.
@@ -93,6 +98,7 @@ class Snapshot:
     folded_listeners: int = 0  # listeners beyond listeners.max_tracked, not exported
     dump_interrupted: int = 0  # dumps accepted with NLM_F_DUMP_INTR after all retries
     messages: int = field(default=0)  # netlink messages decoded in this poll
+    peaks: Peaks | None = None  # window peaks up to this poll (None: poll.peak_window 0)
 
     @property
     def sockets(self) -> int:
@@ -114,3 +120,6 @@ class PollStatus:
     dump_retries: int = 0  # dumps restarted because of NLM_F_DUMP_INTR
     dump_interrupted: int = 0  # dumps accepted with NLM_F_DUMP_INTR after all retries
     last_error: str | None = None
+    # Kernel TCP counters/limits read in the same poll (None: poll.kernel_stats off or
+    # not read yet). Read and reported independently of the socket dump.
+    kernel: KernelStats | None = None
