@@ -12,11 +12,10 @@ from collections.abc import Callable, Mapping
 
 from . import __version__, config
 from .aggregate import Rules
-from .netlink import NetlinkError
+from .netlink import NetlinkError, Reader
 from .owners import owners_for
 from .poller import poll_once
 from .report import build_report, render_text
-from .netlink import Reader
 from .sdnotify import ServiceNotifier
 from .service import Service, make_reader
 

@@ -28,6 +28,8 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .namespace import NamespaceWatch
+
 log = logging.getLogger(__name__)
 
 CLONE_NEWNET = 0x40000000  # include/uapi/linux/sched.h
@@ -307,26 +309,16 @@ class KernelStatsReader:
         self.proc = proc
         self.page_size = page_size
         self._fds: dict[str, int | Exception | None] | None = None
-        self._ns_id: tuple[int, int] | None = None
+        self._ns = NamespaceWatch(netns)
         self._logged: dict[str, str] = {}
 
-    def _path(self) -> str | None:
-        if self.netns is None:
-            return None
-        return self.netns if "/" in self.netns else os.path.join("/run/netns", self.netns)
-
     def _open(self) -> dict[str, int | Exception | None]:
-        path = self._path()
-        ns_id = None
-        if path is not None:
-            st = os.stat(path)  # OSError: the namespace is gone
-            ns_id = (st.st_dev, st.st_ino)
-            if self._fds is not None and ns_id != self._ns_id:
-                log.info("network namespace %s was replaced; reopening kernel statistics", self.netns)
-                self.close()
+        if self._ns.replaced():  # OSError: the namespace is gone
+            log.info("network namespace %s was replaced; reopening kernel statistics", self.netns)
+            self.close()
         if self._fds is None:
-            self._fds = _open_all(self.proc, path)
-            self._ns_id = ns_id
+            self._fds = _open_all(self.proc, self._ns.path)
+            self._ns.opened()
         return self._fds
 
     def read(self) -> KernelStats:
@@ -366,7 +358,7 @@ class KernelStatsReader:
         if self._fds is not None:
             _close_all(self._fds)
             self._fds = None
-            self._ns_id = None
+            self._ns.closed()
 
     def __enter__(self) -> KernelStatsReader:
         return self

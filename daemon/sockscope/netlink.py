@@ -49,6 +49,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .namespace import NamespaceWatch
+
 log = logging.getLogger(__name__)
 
 NETLINK_SOCK_DIAG = 4  # == NETLINK_INET_DIAG
@@ -328,10 +330,6 @@ def _open_socket(netns: str | None) -> socket.socket:
     )
 
 
-def netns_path(netns: str) -> str:
-    return netns if "/" in netns else os.path.join("/run/netns", netns)
-
-
 @dataclass(frozen=True, slots=True)
 class DumpStats:
     families: tuple[str, ...]  # families actually read (IPv6 dropped when unavailable)
@@ -368,7 +366,7 @@ class Reader:
         self.dump_retries = dump_retries
         self._open_socket = open_socket
         self._sock: socket.socket | None = None
-        self._ns_id: tuple[int, int] | None = None
+        self._ns = NamespaceWatch(netns)
         self._seq = itertools.count(int.from_bytes(os.urandom(2), "little") + 1)
         self._buf = bytearray(RECV_BUFFER)
         self._unavailable: set[str] = set()  # families the kernel said it cannot dump
@@ -377,7 +375,7 @@ class Reader:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-            self._ns_id = None
+            self._ns.closed()
 
     def __enter__(self) -> Reader:
         return self
@@ -387,18 +385,16 @@ class Reader:
 
     def _socket(self) -> socket.socket:
         if self.netns is not None:
-            path = netns_path(self.netns)
             try:
-                st = os.stat(path)
+                replaced = self._ns.replaced()
             except OSError as e:
                 self.close()
-                raise NetlinkError(f"network namespace {self.netns!r} ({path}): {e.strerror}") from e
-            ns_id = (st.st_dev, st.st_ino)
-            if self._sock is not None and ns_id != self._ns_id:
+                raise NetlinkError(
+                    f"network namespace {self.netns!r} ({self._ns.path}): {e.strerror}"
+                ) from e
+            if replaced:
                 log.info("network namespace %s was replaced; reopening", self.netns)
                 self.close()
-        else:
-            ns_id = None
         if self._sock is None:
             try:
                 sock = self._open_socket(self.netns)
@@ -406,7 +402,8 @@ class Reader:
                 where = f" in network namespace {self.netns!r}" if self.netns else ""
                 raise NetlinkError(f"cannot open sock_diag socket{where}: {e}") from e
             sock.settimeout(self.timeout)
-            self._sock, self._ns_id = sock, ns_id
+            self._sock = sock
+            self._ns.opened()
         return self._sock
 
     def dump(self, family: str, sink: Callable, states: int = ALL_STATES) -> tuple[int, bool]:
