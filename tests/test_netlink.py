@@ -436,3 +436,14 @@ def test_batches_with_anything_unusual_take_the_exact_path(spoil):
     assert got == exact([good, odd, good], seq)
     assert (4242 in [r[2] for r in got]) == (spoil != "other_seq")
     assert stats.interrupted == (spoil == "dump_intr")
+
+
+def test_ipv6_disabled_kernel_reads_ipv4_only(monkeypatch, caplog):
+    monkeypatch.setattr(netlink, "ipv6_in_kernel", lambda: False)
+    reader, socks = scripted_reader([[lambda s: sock_msg(s) + done_msg(s)]],
+                                    families=("ipv4", "ipv6"))
+    stats = reader.poll(collecting()[1])
+    assert stats.families == ("ipv4",)
+    # Not the legacy both-families request: a per-family AF_INET dump.
+    assert socks[0].sent[0][0] == socket.AF_INET
+    assert "IPv6 is disabled in this kernel" in caplog.text

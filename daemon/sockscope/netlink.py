@@ -330,6 +330,12 @@ def _open_socket(netns: str | None) -> socket.socket:
     )
 
 
+def ipv6_in_kernel() -> bool:
+    """False when the kernel was booted with ipv6.disable=1 (no IPv6 stack at all; the
+    sysctl disable_ipv6 leaves the stack, and sockets, in place)."""
+    return os.path.isdir("/proc/sys/net/ipv6")
+
+
 @dataclass(frozen=True, slots=True)
 class DumpStats:
     families: tuple[str, ...]  # families actually read (IPv6 dropped when unavailable)
@@ -370,6 +376,10 @@ class Reader:
         self._seq = itertools.count(int.from_bytes(os.urandom(2), "little") + 1)
         self._buf = bytearray(RECV_BUFFER)
         self._unavailable: set[str] = set()  # families the kernel said it cannot dump
+        if "ipv6" in self.families and not ipv6_in_kernel():
+            # A legacy dump would just return no IPv6 sockets: say so, drop the series.
+            log.warning("IPv6 is disabled in this kernel; reading IPv4 only")
+            self._unavailable.add("ipv6")
 
     def close(self) -> None:
         if self._sock is not None:
