@@ -563,6 +563,57 @@ def test_blackholed_carbon_never_blocks_on_poll_and_flush_is_bounded():
         hole.close()
 
 
+def test_handover_interrupts_a_blocked_send_and_loses_no_line():
+    """Reload: the old pusher is stuck sending to a blackhole (send_timeout 30 s); detach()
+    returns at once with every queued line (the interrupted chunk first), the successor
+    sends them all under their old paths, new pushes under its own, and the counters add up."""
+    hole = socket.socket()
+    hole.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)
+    old_b = RecordingBuilder(prefix="old.{hostname}")
+    old = Pusher(old_b, Transport("127.0.0.1", hole.getsockname()[1]), interval=1, poll_interval=1,
+                 capacity_lines=100_000, send_timeout=30, backoff=(0.05, 0.2))
+    old.start()
+    sink = Sink()
+    new_b = RecordingBuilder(prefix="new.{hostname}")
+    new = Pusher(new_b, Transport("127.0.0.1", sink.port), interval=1, poll_interval=1,
+                 capacity_lines=100_000, backoff=(0.05, 0.2))
+    try:
+        for k in range(40):  # ~280 KB: the blackhole's buffers fill, a send blocks
+            old.on_poll(status_at(STAMP + k))
+        assert wait_for(lambda: old.stats().sent_lines > 0 and old.stats().connected, timeout=5)
+        time.sleep(0.3)  # the sender is now blocked in sendall (30 s timeout)
+        before = old.stats()
+        new.continue_from(old)
+        assert new.on_poll(status_at(STAMP + 39)) == 0  # same snapshot second: not pushed twice
+        t0 = time.monotonic()
+        chunks, final = old.detach()
+        took = time.monotonic() - t0
+        assert took < 1.0, f"detach took {took:.2f}s"
+        assert final.sent_lines >= before.sent_lines and not final.connected
+        handed = sum(c.lines for c in chunks)
+        assert handed > 0 and final.queue_lines == 0 and final.dropped_lines == 0
+        assert new.take_over(chunks, final) == handed
+        new.on_poll(status_at(STAMP + 40))
+        new.start()
+        assert wait_for(lambda: new.stats().queue_lines == 0, timeout=10)
+        # Everything the old one had not handed to the kernel arrives, with its old paths.
+        assert wait_for(lambda: set(old_b.rendered[-handed:]) <= set(sink.lines), timeout=5)
+        assert set(new_b.rendered) <= set(sink.lines)
+        assert all(line.startswith("old.h.") for line in old_b.rendered)
+        assert all(line.startswith("new.h.") for line in new_b.rendered)
+        stats = new.stats()
+        assert stats.pushes == before.pushes + 1
+        assert stats.sent_lines == final.sent_lines + handed + len(new_b.rendered)
+        assert stats.send_errors == final.send_errors  # the interruption is not an error
+    finally:
+        new.close(1)
+        old.close(0.1)
+        sink.close()
+        hole.close()
+
+
 def test_flush_on_close_sends_the_queue():
     port = closed_port()
     pusher = make_pusher(port, backoff=(5.0, 5.0))  # long backoff: only close() retries at once

@@ -226,7 +226,7 @@ def _reload(service: Service, reload_config, systemd: ServiceNotifier) -> None:
             return
         try:
             service.reload(cfg, web)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a Graphite path the builder refuses
             log.error("reload failed: %s; the running configuration stays", e)
             return
         setup_logging(cfg.log.level, cfg.log.format)

@@ -77,6 +77,8 @@ BACKOFF_MAX = 30.0  # cap of the exponential backoff
 OUTAGE_SECONDS = 1800
 # Self-metric lines per push (see LineBuilder._self_series).
 SELF_SERIES = 9
+# Pusher.detach (reload): how long to wait for the interrupted sender thread to stop.
+HANDOVER_WAIT = 2.0
 
 # collectd tcpconns' names for the kernel states (src/tcpconns.c, tcp_state[]), keyed by
 # sockscope's names. collectd never sees TCP_NEW_SYN_RECV; sockscope counts request
@@ -441,6 +443,20 @@ class LineBuffer:
         self._lines += chunk.lines
         return self._trim()
 
+    def drain(self) -> list[Chunk]:
+        """Remove and return every queued chunk, oldest first (a successor takes them).
+        The chunk in flight, if any, stays with this buffer."""
+        chunks, self._chunks, self._lines = list(self._chunks), deque(), 0
+        return chunks
+
+    def prepend(self, chunks: list[Chunk]) -> int:
+        """Put `chunks` (older lines) ahead of everything queued; returns lines dropped
+        (the oldest first) to stay within capacity."""
+        for chunk in reversed(chunks):
+            self._chunks.appendleft(chunk)
+            self._lines += chunk.lines
+        return self._trim()
+
     def _trim(self) -> int:
         dropped = 0
         while self._lines > self.capacity:
@@ -475,6 +491,7 @@ class Transport(graphyte.Sender):
         super().__init__(host, port, protocol=protocol)
         self.sndbuf = sndbuf
         self._sock: socket.socket | None = None
+        self._connecting: socket.socket | None = None  # for abort()
 
     @property
     def connected(self) -> bool:
@@ -492,6 +509,7 @@ class Transport(graphyte.Sender):
         error: OSError | None = None
         for family, type_, proto, _, address in infos:
             sock = socket.socket(family, type_, proto)
+            self._connecting = sock
             try:
                 if kind == socket.SOCK_STREAM:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
@@ -501,6 +519,8 @@ class Transport(graphyte.Sender):
                 sock.close()
                 error = exc
                 continue
+            finally:
+                self._connecting = None
             self._sock = sock
             return
         raise error or OSError(f"no address for {self.host}:{self.port}")
@@ -536,6 +556,16 @@ class Transport(graphyte.Sender):
         except OSError:
             self.close()
             raise
+
+    def abort(self) -> None:
+        """From another thread: make a blocked connect or send fail at once (shutdown;
+        the owner of the socket closes it)."""
+        for sock in (self._connecting, self._sock):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # not connected (yet), or already closed by its owner
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
@@ -594,6 +624,7 @@ class Pusher:
         self._sent = self._errors = self._dropped = self._invalid = self._pushes = 0
         self._last_success = 0.0
         self._closing = False
+        self._detached = False  # stopped by detach(): a successor owns the queue
         self._deadline = math.inf
         self._thread: threading.Thread | None = None
         # sender thread only
@@ -714,6 +745,67 @@ class Pusher:
             log.info("graphite: every queued line sent (%d since start)", self._sent)
         return unsent
 
+    # -- reload: a successor takes over -------------------------------------------------------
+
+    def continue_from(self, old: Pusher) -> None:
+        """Take `old`'s push cadence (last snapshot and timestamp pushed), so the first
+        poll after a reload is pushed on time, never twice and never in a second already
+        pushed. Call while neither on_poll runs (Service holds its dispatch lock)."""
+        self._last_snapshot = old._last_snapshot
+        self._last_pushed = old._last_pushed
+
+    def detach(self, timeout: float = HANDOVER_WAIT) -> tuple[list[Chunk], GraphiteStats]:
+        """Stop sending at once, without a flush, and give up the queue: returns the queued
+        chunks (oldest first) and the final counters, for a successor's take_over().
+
+        A send or connect in progress is interrupted (Transport.abort); its chunk goes
+        back first in line and is handed over whole (at-least-once, as after any failed
+        send). Waits at most `timeout` for the sender thread; if it is stuck beyond that
+        (e.g. DNS), the chunk it holds, if any, stays behind and is counted as dropped."""
+        with self._cond:
+            self._closing = self._detached = True
+            self._deadline = -math.inf
+            self._cond.notify_all()
+        self._wake.set()
+        self.transport.abort()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("graphite: sender thread for %s still busy after %gs; abandoned",
+                            self.destination, timeout)
+        with self._lock:
+            chunks = self._buffer.drain()
+            stranded = self._buffer.in_flight.lines if self._buffer.in_flight else 0
+            self._dropped += stranded
+        if not (self._thread is not None and self._thread.is_alive()):
+            self.transport.close()
+        return chunks, self.stats()
+
+    def take_over(self, chunks: list[Chunk], stats: GraphiteStats | None) -> int:
+        """Queue a predecessor's chunks ahead of anything already queued (they keep the
+        paths and timestamps they were rendered with) and add its counters to ours, so
+        the counters on /metrics never go back. Returns the lines taken over (after
+        trimming to this buffer's capacity; trimmed lines count as dropped)."""
+        if chunks and max(len(c.data) for c in chunks) > self.transport.chunk_bytes:
+            # e.g. tcp -> udp: re-pack into datagram-sized chunks
+            chunks = pack([line for c in chunks for line in c.data.splitlines(keepends=True)],
+                          self.transport.chunk_bytes)
+        with self._cond:
+            dropped = self._buffer.prepend(chunks)
+            self._dropped += dropped
+            if stats is not None:
+                self._sent += stats.sent_lines
+                self._errors += stats.send_errors
+                self._dropped += stats.dropped_lines
+                self._invalid += stats.invalid_lines
+                self._pushes += stats.pushes
+                self._last_success = max(self._last_success, stats.last_success_timestamp)
+            self._cond.notify()
+        if dropped:
+            log.warning("graphite: %d of the %d lines taken over did not fit the new buffer (%d lines); "
+                        "the oldest were dropped", dropped, sum(c.lines for c in chunks), self._buffer.capacity)
+        return sum(c.lines for c in chunks) - dropped
+
     # -- sender thread ----------------------------------------------------------------------
 
     def _remaining(self, limit: float) -> float:
@@ -728,6 +820,8 @@ class Pusher:
                 while not self._buffer.has_queued and not self._closing:
                     self._cond.wait()
                 if self._closing and (not self._buffer.has_queued or self._monotonic() >= self._deadline):
+                    if self._detached:
+                        self.transport.close()
                     return
             if self.transport.peer_closed():
                 log.info("graphite: %s closed the connection; reconnecting", self.destination)
@@ -743,6 +837,9 @@ class Pusher:
             except OSError as exc:
                 with self._lock:
                     self._dropped += self._buffer.give_back()
+                if self._detached:  # interrupted by detach(): not a failure of carbon
+                    self.transport.close()
+                    return
                 self._failed("send", exc)
                 continue
             with self._lock:
@@ -764,6 +861,9 @@ class Pusher:
         try:
             self.transport.connect(self._remaining(self.connect_timeout))
         except (OSError, ValueError) as exc:  # ValueError: e.g. an IDNA-invalid host name
+            if self._detached:
+                self.transport.close()
+                return False
             self._failed("connect", exc)
             return False
         log.debug("graphite: connected to %s", self.destination)

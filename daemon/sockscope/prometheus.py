@@ -380,7 +380,8 @@ class SnapshotCollector:
 
 class GraphiteCollector:
     """The Graphite pusher's self-metrics. `stats` returns a graphite.GraphiteStats (a
-    frozen copy taken under the pusher's lock); called once per collect()."""
+    frozen copy taken under the pusher's lock), or None while Graphite is disabled (no
+    samples then); called once per collect()."""
 
     _COUNTERS = (
         ("sockscope_graphite_sent_lines", "Lines carbon accepted (TCP: the whole chunk was sent; UDP: the "
@@ -401,7 +402,8 @@ class GraphiteCollector:
         return list(self._families(None))
 
     def collect(self) -> Iterator[Metric]:
-        return iter(list(self._families(self._stats())))
+        stats = self._stats()
+        return iter(() if stats is None else list(self._families(stats)))
 
     def _families(self, stats) -> Iterator[Metric]:
         for name, doc, attr in self._COUNTERS:

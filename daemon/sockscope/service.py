@@ -3,6 +3,8 @@
 Consumers of polls (exporters, the systemd watchdog) subscribe with `on_poll(callback)`;
 each callback runs in the poller thread after every poll with the new PollStatus and must
 return quickly (hand work to its own thread). Scrapes read `poller.status()` directly.
+A reload replaces a subscriber (the Graphite pusher) under the dispatch lock, so no poll
+is ever handed to both the old and the new one, nor to neither.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 
 from . import __version__
@@ -43,7 +47,10 @@ class Service:
         self.cfg = cfg
         self.web = web  # webconfig.WebConfig (TLS, basic auth) or None
         self._reader_factory = reader_factory
+        # Replaced (never mutated) under _dispatch_lock; _dispatch holds the lock while it
+        # calls them, so a swap waits for the poll being dispatched (callbacks are quick).
         self._subscribers: list[Callable[[PollStatus], None]] = []
+        self._dispatch_lock = threading.Lock()
         self.poller = Poller(
             reader_factory(cfg), Rules.from_config(cfg), cfg.poll.interval,
             on_poll=self._dispatch,
@@ -52,6 +59,8 @@ class Service:
         )
         self.server = None
         self.graphite = None  # graphite.Pusher when graphite.enabled
+        self._graphite_carry = None  # a Pusher a reload disabled: its counters carry on
+        self._graphite_retired: list[tuple[threading.Thread, float]] = []  # their flushes, deadlines
         if cfg.graphite.enabled:
             from .graphite import Pusher
 
@@ -59,14 +68,16 @@ class Service:
             self.on_poll(self.graphite.on_poll)
 
     def on_poll(self, callback: Callable[[PollStatus], None]) -> None:
-        self._subscribers.append(callback)
+        with self._dispatch_lock:
+            self._subscribers = [*self._subscribers, callback]
 
     def _dispatch(self, status: PollStatus) -> None:
-        for callback in self._subscribers:
-            try:
-                callback(status)
-            except Exception:  # noqa: BLE001 - one consumer must not stop the poller
-                log.exception("poll consumer %r failed", callback)
+        with self._dispatch_lock:
+            for callback in self._subscribers:
+                try:
+                    callback(status)
+                except Exception:  # noqa: BLE001 - one consumer must not stop the poller
+                    log.exception("poll consumer %r failed", callback)
 
     def start(self) -> None:
         """Bind the HTTP port (raises OSError), then start polling."""
@@ -88,9 +99,14 @@ class Service:
         from .prometheus import GraphiteCollector, SnapshotCollector, make_registry
 
         collectors = [SnapshotCollector(self.poller.status, cfg.poll.stale_after)]
-        if self.graphite is not None:
-            collectors.append(GraphiteCollector(self.graphite.stats))
+        # Reads self.graphite at each scrape (nothing while Graphite is off): a reload swaps,
+        # adds or removes the pusher underneath (counters carried over) without a new registry.
+        collectors.append(GraphiteCollector(self._graphite_stats))
         return make_registry(*collectors)
+
+    def _graphite_stats(self):
+        pusher = self.graphite
+        return None if pusher is None else pusher.stats()
 
     def _metrics_server(self, cfg: Config):
         from .prometheus import MetricsServer
@@ -111,9 +127,18 @@ class Service:
         same port, the old is closed first and restored if the new bind fails); an
         OSError from binding is raised with nothing changed. Poller settings (rules,
         interval, reader for families/netns/timeout/retries) are swapped by the poller
-        thread at the top of its next poll, which follows at once.
+        thread at the top of its next poll, which follows at once. Changed Graphite
+        settings (or poll.interval) replace the pusher (_reload_graphite); the new one is
+        built first, so a ValueError from it also leaves everything unchanged.
         """
         old, old_web = self.cfg, self.web
+        graphite_changed = (old.graphite, old.poll.interval) != (cfg.graphite, cfg.poll.interval) and (
+            old.graphite.enabled or cfg.graphite.enabled)
+        new_pusher = None
+        if graphite_changed and cfg.graphite.enabled:
+            from .graphite import Pusher
+
+            new_pusher = Pusher.from_config(cfg)  # before anything changes (may raise ValueError)
         self.web = web
         try:
             self._reload_server(old, cfg)
@@ -129,13 +154,48 @@ class Service:
         if (old.poll.kernel_stats, old.poll.netns) != (cfg.poll.kernel_stats, cfg.poll.netns):
             changes["kernel"] = KernelStatsReader(cfg.poll.netns) if cfg.poll.kernel_stats else None
         self.poller.reconfigure(**changes)
-        if (old.graphite, old.poll.interval) != (cfg.graphite, cfg.poll.interval) and (
-                old.graphite.enabled or cfg.graphite.enabled):
-            # The pusher keeps its queue, connection and settings: rebuilding it would mean
-            # a bounded flush inside reload. Documented in docs/graphite.md.
-            log.warning("graphite settings (or poll.interval) changed: the Graphite push keeps its "
-                        "current settings until sockscope restarts")
+        if graphite_changed:
+            self._reload_graphite(new_pusher)
         self.cfg = cfg
+
+    def _reload_graphite(self, new) -> None:
+        """Replace the Graphite pusher by `new` (None: Graphite disabled), never blocking
+        on the network. The new pusher takes over the old one's cadence (under the
+        dispatch lock, so every poll goes to exactly one of them), then its queue (the
+        lines keep the paths and timestamps they were rendered with) and its counters.
+        When Graphite is disabled, the old pusher flushes in the background within its
+        flush_timeout (Service.stop waits for that flush)."""
+        old = self.graphite
+        with self._dispatch_lock:
+            subscribers = [cb for cb in self._subscribers
+                           if old is None or getattr(cb, "__self__", None) is not old]
+            if new is not None:
+                if old is not None:
+                    new.continue_from(old)
+                subscribers.insert(0, new.on_poll)  # where Service.__init__ puts it
+            self._subscribers = subscribers
+        if old is None:  # enabled by this reload
+            carry, self._graphite_carry = self._graphite_carry, None
+            new.take_over([], carry.stats() if carry is not None else None)
+            self.graphite = new
+            new.start()
+            return
+        if new is None:  # disabled by this reload
+            self._graphite_carry = old
+            self.graphite = None
+            flush = threading.Thread(target=old.close, name="sockscope-graphite-flush", daemon=True)
+            flush.start()
+            self._graphite_retired = [(t, d) for t, d in self._graphite_retired if t.is_alive()]
+            self._graphite_retired.append((flush, time.monotonic() + old.flush_timeout + 1.0))
+            log.info("graphite disabled: no more pushes to %s; %d queued lines are flushed in the "
+                     "background (at most %gs)", old.destination, old.stats().queue_lines, old.flush_timeout)
+            return
+        chunks, stats = old.detach()
+        taken = new.take_over(chunks, stats)
+        self.graphite = new
+        new.start()
+        log.info("graphite: settings reloaded; %d queued lines taken over from %s (sent with the paths "
+                 "they were rendered with)", taken, old.destination)
 
     def _reload_server(self, old: Config, cfg: Config) -> None:
         server = self.server
@@ -178,6 +238,8 @@ class Service:
             # it could not send). /metrics keeps serving meanwhile.
             self.graphite.close()
             self.graphite = None
+        for flush, deadline in self._graphite_retired:  # disabled by a reload, still flushing
+            flush.join(max(0.0, deadline - time.monotonic()))
         if self.server is not None:
             self.server.stop()
             self.server = None
