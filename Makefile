@@ -13,7 +13,7 @@ DEB_PACKAGES += graphite-carbon python3-whisper
 # curl (scrapes from inside a test namespace), openssl (test certificates).
 DEB_PACKAGES += systemd curl openssl
 
-.PHONY: run test venv venv-test system-deps clean install bench bench-1m
+.PHONY: run test venv venv-test system-deps clean install bench bench-1m bench-scrape bench-soak
 
 # `make install` as root: a venv under $(PREFIX), the config in $(CONFDIR) (an existing one
 # is kept), the unit in $(UNITDIR). Then: systemctl daemon-reload; systemctl enable --now
@@ -78,6 +78,16 @@ bench: venv
 bench-1m: venv
 	bench/deps.sh
 	$(BIN)/python -m bench.run --1m $(BENCH_ARGS)
+
+# The real daemon under scrapes (bench/scrape.py): /metrics render at 100k and 1M, 50
+# concurrent scrapers for 60 s vs the poll cadence; bench-soak: RSS over 10,000 polls on a
+# churning table (several minutes). Neither is part of `make test`.
+bench-scrape: venv
+	bench/deps.sh
+	$(BIN)/python -m bench.scrape --1m $(BENCH_ARGS)
+
+bench-soak: venv
+	$(BIN)/python -m bench.scrape --sizes '' --soak $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build daemon/*.egg-info .pytest_cache

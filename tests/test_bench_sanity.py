@@ -1,4 +1,4 @@
-"""The benchmark cannot rot: a 10k-socket run of bench/ in its own namespace (< 60 s).
+"""The benchmark cannot rot: 10k-socket runs of bench/run.py and bench/scrape.py (< 60 s).
 
 Asserts that sockscope's per-state counts equalled `ss` (the bench fails otherwise) and
 that the result files are written. Tools that are not installed (collectd,
@@ -37,3 +37,32 @@ def test_bench_10k_sanity(tmp_path, root):
     assert (out / "latest.md").read_text().count("|") > 20
     assert (out / "chart.svg").read_text().startswith("<svg")
     assert "sockscope/floor" in size["ratios"]
+
+
+def test_ss_peak_rss_is_its_own():
+    """ss's peak RSS comes from GNU time, not ru_maxrss carried over from the runner."""
+    from bench.tools import Ss
+
+    if not os.access(Ss.TIME, os.X_OK):
+        pytest.skip("/usr/bin/time (Debian package time) not installed")
+    big = bytearray(200 * 2**20)  # a 200 MiB runner must not show up in ss's figure
+    big[:: 4096] = b"x" * len(big[:: 4096])
+    rss = Ss.peak_rss(["ss", "-tan"])
+    assert 0 < rss < 32 * 2**20, rss
+
+
+def test_scrape_bench_smoke(tmp_path, root):
+    """bench/scrape.py end to end at 10k: the real daemon, render, a few concurrent scrapers."""
+    out = tmp_path / "results"
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.scrape", "--sizes", "10000", "--render-scrapes", "5",
+         "--scrapers", "5", "--duration", "3", "--no-tw-refresh", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": f"{REPO / 'daemon'}:{REPO}"},
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    (size,) = json.loads((out / "scrape-latest.json").read_text())["sizes"]
+    assert size["render"]["text"]["series"] > 50
+    load = size["periods"]["with"]["scrape_load"]
+    assert load["scrapes"] > 0 and load["failures"] == 0
+    assert "render median" in (out / "scrape-latest.md").read_text()
