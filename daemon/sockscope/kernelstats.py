@@ -11,7 +11,7 @@ Sources (each read once per poll, each with its own success flag):
 the file, for as long as the file stays open (checked on Linux 6.x: an fd opened in a
 namespace kept reporting that namespace's counters to a reader in another one). So for
 another namespace the files are opened once by a short-lived thread that enters it with
-setns(2) (ctypes; os.setns needs Python 3.12) and exits; every poll then re-reads them with
+setns(2) (namespace.run_in) and exits; every poll then re-reads them with
 os.pread(fd, ..., 0) from the poller thread. Like netlink.Reader, the namespace path is
 stat'ed every poll and the files are reopened when it was replaced (an open file pins its
 namespace).
@@ -21,18 +21,14 @@ Parsers are pure functions of the file text (tests/fixtures/proc_net_*).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .namespace import NamespaceWatch
+from .namespace import NamespaceWatch, run_in
 
 log = logging.getLogger(__name__)
-
-CLONE_NEWNET = 0x40000000  # include/uapi/linux/sched.h
 
 # (section, field) of a counter -> metric stem. The sections are the row names of
 # /proc/net/snmp ("Tcp") and /proc/net/netstat ("TcpExt"); `nstat` prints them joined
@@ -222,18 +218,6 @@ def build(
 
 # --- I/O -----------------------------------------------------------------------------------
 
-_libc = None
-
-
-def _setns(fd: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
 def _open_all(proc: str, netns_path: str | None) -> dict[str, int | Exception | None]:
     """fd per source (None = absent, Exception = could not open), opened in the namespace."""
     fds: dict[str, int | Exception | None] = {}
@@ -251,30 +235,17 @@ def _open_all(proc: str, netns_path: str | None) -> dict[str, int | Exception | 
         open_in(proc, SOURCES)
         return fds
 
-    failure: list[BaseException] = []
-
     def in_namespace() -> None:
-        # This thread alone enters the namespace and ends right after: the process and
-        # every other thread stay where they are.
-        try:
-            nsfd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _setns(nsfd)
-            finally:
-                os.close(nsfd)
-            own = [s for s in SOURCES if s not in _HOST_WIDE]
-            # /proc/thread-self/net is this thread's namespace; /proc/net is the process's.
-            open_in(os.path.join(proc, "thread-self"), [s for s in own if s in (SNMP, NETSTAT, SOCKSTAT)])
-            open_in(proc, [s for s in own if s not in (SNMP, NETSTAT, SOCKSTAT)])
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            failure.append(e)
+        own = [s for s in SOURCES if s not in _HOST_WIDE]
+        # /proc/thread-self/net is this thread's namespace; /proc/net is the process's.
+        open_in(os.path.join(proc, "thread-self"), [s for s in own if s in (SNMP, NETSTAT, SOCKSTAT)])
+        open_in(proc, [s for s in own if s not in (SNMP, NETSTAT, SOCKSTAT)])
 
-    t = threading.Thread(target=in_namespace, name="sockscope-kernelstats-setns", daemon=True)
-    t.start()
-    t.join()
-    if failure:
+    try:
+        run_in(netns_path, in_namespace)
+    except BaseException:
         _close_all(fds)
-        raise failure[0]
+        raise
     open_in(proc, _HOST_WIDE)
     return fds
 

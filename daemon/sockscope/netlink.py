@@ -13,7 +13,8 @@ vectorised header scan and verified as an exact chain, fields gathered column-wi
 pyroute2's generic decoder (docs/performance.md). Anything unusual in a batch (an error,
 NLMSG_DONE, a message of another dump, NLM_F_DUMP_INTR, a garbled length) sends that
 batch through the exact per-message decoder, decode_datagram(), which defines the
-semantics. pyroute2 is used only to open the netlink socket inside another namespace.
+semantics. In another network namespace the socket is created by a thread that entered
+it (namespace.run_in).
 
 Structures mirrored (include/uapi/linux/netlink.h, include/uapi/linux/inet_diag.h,
 include/uapi/linux/sock_diag.h):
@@ -49,7 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .namespace import NamespaceWatch
+from .namespace import NamespaceWatch, netns_path, run_in
 
 log = logging.getLogger(__name__)
 
@@ -317,17 +318,16 @@ def _errno_error(family_name: str, code: int, where: str) -> NetlinkError:
     )
 
 
+def _new_socket() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+
+
 def _open_socket(netns: str | None) -> socket.socket:
     if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
-    # pyroute2 forks a child that enters the namespace, creates the socket there and
-    # passes the fd back; our own namespace never changes. flags=0: never create a
-    # namespace that does not exist (the default O_CREAT would).
-    from pyroute2.netns import create_socket
-
-    return create_socket(
-        netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG, flags=0
-    )
+        return _new_socket()
+    # Created by a thread that entered the namespace (never created: a missing path is
+    # an error); the socket keeps reading that namespace from any thread.
+    return run_in(netns_path(netns), _new_socket)
 
 
 def ipv6_in_kernel() -> bool:
