@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import http.client
 import os
@@ -569,3 +570,94 @@ def test_concurrent_scrapes_during_status_swaps():
         assert value(samples, "sockscope_polls_total") == total  # counters from the same PollStatus
         seen.add(total)
     assert len(seen) > 1, "status never changed between scrapes; the test exercised nothing"
+
+
+# -- PollExposition: the per-poll part rendered once per poll --------------------------------
+
+from sockscope.prometheus import PollExposition  # noqa: E402
+from prometheus_client.openmetrics.parser import (  # noqa: E402
+    text_string_to_metric_families as om_families,
+)
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+class Holder:
+    """status() source the test swaps, like the poller does."""
+
+    def __init__(self, status: PollStatus) -> None:
+        self.current = status
+
+    def __call__(self) -> PollStatus:
+        return self.current
+
+
+def exposition(holder: Holder) -> PollExposition:
+    return PollExposition(holder, STALE_AFTER, monotonic=FakeClock(LAST_SUCCESS + 2.5))
+
+
+def sockscope_samples(body: bytes) -> dict:
+    return {name: v for name, v in parse(body).items() if name.startswith("sockscope_")}
+
+
+def test_poll_exposition_equals_the_whole_registry():
+    holder = Holder(fixed_status())
+    exp = exposition(holder)
+    status, headers, body = exp.bake(None, None, {})
+    assert status == "200 OK" and headers == [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")]
+    whole = generate_latest(exp.registry)
+    assert sockscope_samples(body) == sockscope_samples(whole)
+    # Each family once: the cached and the fresh parts do not overlap.
+    names = [line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE")]
+    assert len(names) == len(set(names)) > 40
+    assert "process_cpu_seconds_total" in body.decode()
+
+
+def test_poll_part_is_rendered_once_per_status():
+    holder = Holder(fixed_status())
+    exp = exposition(holder)
+    first = exp._poll_part(holder(), "text/plain", generate_latest, False)
+    assert exp._poll_part(holder(), "text/plain", generate_latest, False) is first  # cached
+    # The poller publishes a new status: the next scrape renders the new figures.
+    holder.current = fixed_status(dataclasses.replace(holder.current.snapshot, duration=0.5))
+    _, _, body = exp.bake(None, None, {})
+    assert value(parse(body), "sockscope_poll_duration_seconds") == 0.5
+
+
+def test_poll_exposition_openmetrics_has_one_eof_and_parses():
+    exp = exposition(Holder(fixed_status()))
+    _, headers, body = exp.bake(OPENMETRICS, None, {})
+    text = body.decode()
+    assert headers[0][1].startswith("application/openmetrics-text")
+    assert text.endswith("# EOF\n") and text.count("# EOF") == 1
+    names = {f.name for f in om_families(text)}
+    assert {"sockscope_tcp_sockets", "sockscope_up", "process_cpu_seconds"} <= names
+
+
+def test_poll_exposition_gzip_is_two_members_that_decompress_whole():
+    exp = exposition(Holder(fixed_status()))
+    _, headers, zipped = exp.bake(None, "gzip", {})
+    assert ("Content-Encoding", "gzip") in headers
+    _, _, plain = exp.bake(None, None, {})
+    assert sockscope_samples(gzip.decompress(zipped)) == sockscope_samples(plain)
+
+
+def test_poll_exposition_name_filter_and_promtool():
+    exp = exposition(Holder(fixed_status()))
+    _, _, body = exp.bake(None, None, {"name[]": ["sockscope_up"]})
+    assert set(parse(body)) == {"sockscope_up"}
+    promtool = promtool_or_skip()
+    _, _, full = exp.bake(None, None, {})
+    proc = subprocess.run([promtool, "check", "metrics"], input=full, capture_output=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc
+
+
+def test_up_is_fresh_on_every_scrape_of_a_cached_poll():
+    holder = Holder(fixed_status())
+    clock = FakeClock(LAST_SUCCESS + 1)
+    exp = PollExposition(holder, STALE_AFTER, monotonic=clock)
+    assert value(parse(exp.bake(None, None, {})[2]), "sockscope_up") == 1.0
+    clock.now = LAST_SUCCESS + STALE_AFTER + 1
+    body = exp.bake(None, None, {})[2]
+    assert value(parse(body), "sockscope_up") == 0.0
+    assert value(parse(body), "sockscope_snapshot_age_seconds") == STALE_AFTER + 1

@@ -10,6 +10,7 @@ so any number of concurrent scrapes see a consistent poll each and cost no netli
 from __future__ import annotations
 
 import errno
+import gzip
 import html
 import logging
 import platform
@@ -23,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import _bake_output
+from prometheus_client.exposition import _bake_output, choose_encoder, gzip_accepted
 
 from sockscope import __version__
 from sockscope.kernelstats import COUNTERS as KERNEL_COUNTERS
@@ -33,7 +34,10 @@ from sockscope.snapshot import FAMILIES, OTHER, STATES, PollStatus, PortTable, S
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphiteCollector", "SnapshotCollector", "MetricsServer", "MetricsRequestHandler", "make_registry"]
+__all__ = [
+    "GraphiteCollector", "SnapshotCollector", "PollExposition", "MetricsServer",
+    "MetricsRequestHandler", "make_registry",
+]
 
 _LATEST = " Figures are from the latest poll (see sockscope_snapshot_age_seconds); a scrape never triggers a dump."
 _QUEUE_NOTE = " LISTEN sockets are excluded (their Recv-Q/Send-Q are the accept queue length and limit)."
@@ -88,7 +92,11 @@ class SnapshotCollector:
         *,
         version: str = __version__,
         python_version: str = platform.python_version(),
+        part: str = "all",
     ) -> None:
+        if part not in ("all", "poll", "scrape"):
+            raise ValueError(f"part must be all, poll or scrape, not {part!r}")
+        self._part = part  # "poll": what one PollStatus fixes; "scrape": up and age only
         self._status = status
         self._stale_after = float(stale_after)
         self._monotonic = monotonic
@@ -112,12 +120,21 @@ class SnapshotCollector:
         """Families in exposition order. status=None means describe(): all families, empty."""
         describing = status is None
         snap: Snapshot | None = None if describing else status.snapshot
-        if describing or snap is not None:
-            yield from self._socket_families(snap)
-            yield from self._peak_families(snap, describing)
-        if describing or status.kernel is not None:
-            yield from self._kernel_families(None if describing else status.kernel)
+        if self._part != "scrape":
+            if describing or snap is not None:
+                yield from self._socket_families(snap)
+                yield from self._peak_families(snap, describing)
+            if describing or status.kernel is not None:
+                yield from self._kernel_families(None if describing else status.kernel)
+        if self._part != "poll":
+            yield from self._liveness_families(status, snap, now)
+        if self._part != "scrape":
+            yield from self._tail_families(status, snap)
 
+    def _liveness_families(self, status: PollStatus | None, snap: Snapshot | None,
+                           now: float) -> Iterator[Metric]:
+        """sockscope_up and the snapshot age: the only families that change between polls."""
+        describing = status is None
         up = GaugeMetricFamily(
             "sockscope_up",
             "1 if the latest successful poll is at most poll.stale_after seconds old, else 0 "
@@ -140,6 +157,8 @@ class SnapshotCollector:
                 fam.add_metric([], age)
             yield fam
 
+    def _tail_families(self, status: PollStatus | None, snap: Snapshot | None) -> Iterator[Metric]:
+        describing = status is None
         if describing or snap is not None:
             poll_meta = (
                 ("sockscope_poll_duration_seconds", "Seconds the latest successful poll took (netlink dump and aggregation).",
@@ -438,6 +457,71 @@ def make_registry(*collectors) -> CollectorRegistry:
     return registry
 
 
+class PollExposition:
+    """/metrics bodies with the per-poll part rendered once per poll.
+
+    Rendering the socket families costs tens of ms at the default caps (formatting
+    thousands of samples in Python) and holds the GIL meanwhile, which delays the poller
+    (it gives the GIL up for every ~32 KiB netlink read). So the families that one
+    PollStatus fixes are rendered once per PollStatus and format, kept as bytes (and as
+    a gzip member), and every scrape renders only what changes between polls: sockscope_up,
+    the snapshot age, the process and platform collectors, `extra` collectors. A body is
+    the cached part followed by the fresh part: each family appears once. gzip bodies are
+    two gzip members back to back (RFC 1952 allows it; Go's and Python's readers read
+    both). `?name[]=` filtered scrapes are rendered whole from `registry`.
+    """
+
+    def __init__(self, status: Callable[[], PollStatus], stale_after: float, *extra,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._status = status
+        self._stale_after = stale_after
+        self._monotonic = monotonic
+        self.registry = make_registry(SnapshotCollector(status, stale_after, monotonic), *extra)
+        self._scrape = make_registry(
+            SnapshotCollector(status, stale_after, monotonic, part="scrape"), *extra)
+        self._lock = threading.Lock()
+        self._key: PollStatus | None = None
+        self._cache: dict[tuple[str, bool], bytes] = {}
+
+    def _poll_part(self, status: PollStatus, content_type: str, encoder, gz: bool) -> bytes:
+        with self._lock:
+            if self._key is not status:
+                self._key, self._cache = status, {}
+            body = self._cache.get((content_type, gz))
+        if body is not None:
+            return body
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SnapshotCollector(lambda: status, self._stale_after, self._monotonic,
+                                            part="poll"))
+        body = encoder(registry)
+        if body.endswith(_OM_EOF):  # OpenMetrics: one "# EOF", at the very end
+            body = body[: -len(_OM_EOF)]
+        if gz:
+            body = gzip.compress(body)
+        with self._lock:
+            if self._key is status:
+                self._cache[(content_type, gz)] = body
+        return body
+
+    def bake(self, accept: str | None, accept_encoding: str | None,
+             params: dict) -> tuple[str, list[tuple[str, str]], bytes]:
+        """(status line, headers, body), like prometheus_client's _bake_output."""
+        if "name[]" in params:
+            return _bake_output(self.registry, accept, accept_encoding, params, False)
+        encoder, content_type = choose_encoder(accept)
+        gz = gzip_accepted(accept_encoding or "")
+        head = self._poll_part(self._status(), content_type, encoder, gz)
+        tail = encoder(self._scrape)
+        headers = [("Content-Type", content_type)]
+        if gz:
+            tail = gzip.compress(tail)
+            headers.append(("Content-Encoding", "gzip"))
+        return "200 OK", headers, head + tail
+
+
+_OM_EOF = b"# EOF\n"
+
+
 # -- HTTP ---------------------------------------------------------------------------------------
 
 _LANDING = """<!DOCTYPE html>
@@ -491,13 +575,12 @@ class MetricsRequestHandler(BaseHTTPRequestHandler):
         try:
             # prometheus_client's own negotiation: text 0.0.4 / 1.0.0 / OpenMetrics by Accept,
             # gzip by Accept-Encoding, ?name[]= filtering; the same call MetricsHandler makes.
-            status, headers, body = _bake_output(
-                self.server.registry,
-                self.headers.get("Accept"),
-                self.headers.get("Accept-Encoding"),
-                parse_qs(query),
-                False,
-            )
+            source = self.server.registry  # a PollExposition or a plain CollectorRegistry
+            accept, encoding = self.headers.get("Accept"), self.headers.get("Accept-Encoding")
+            if isinstance(source, PollExposition):
+                status, headers, body = source.bake(accept, encoding, parse_qs(query))
+            else:
+                status, headers, body = _bake_output(source, accept, encoding, parse_qs(query), False)
         except Exception as exc:  # a collector bug must not kill the server or hang the client
             log.exception("error collecting metrics")
             body = f"error collecting metrics: {exc}\n".encode()

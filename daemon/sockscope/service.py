@@ -96,13 +96,13 @@ class Service:
         self.poller.start()
 
     def _registry(self, cfg: Config):
-        from .prometheus import GraphiteCollector, SnapshotCollector, make_registry
+        from .prometheus import GraphiteCollector, PollExposition
 
-        collectors = [SnapshotCollector(self.poller.status, cfg.poll.stale_after)]
-        # Reads self.graphite at each scrape (nothing while Graphite is off): a reload swaps,
-        # adds or removes the pusher underneath (counters carried over) without a new registry.
-        collectors.append(GraphiteCollector(self._graphite_stats))
-        return make_registry(*collectors)
+        # The Graphite collector reads self.graphite at each scrape (nothing while Graphite
+        # is off): a reload swaps, adds or removes the pusher underneath (counters carried
+        # over) without a new registry.
+        return PollExposition(self.poller.status, cfg.poll.stale_after,
+                              GraphiteCollector(self._graphite_stats))
 
     def _graphite_stats(self):
         pusher = self.graphite
