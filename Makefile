@@ -10,8 +10,9 @@ DEB_PACKAGES := iproute2 prometheus
 # carbon-cache and whisper (python3-whisper: whisper-fetch + the module) for the Graphite tests.
 DEB_PACKAGES += graphite-carbon python3-whisper
 # systemd-analyze (verify/security of systemd/sockscope.service; systemd need not be PID 1),
-# curl (scrapes from inside a test namespace), openssl (test certificates).
-DEB_PACKAGES += systemd curl openssl
+# curl (scrapes from inside a test namespace), openssl (test certificates), time (GNU
+# time: the bench sanity test measures ss's own peak RSS with it).
+DEB_PACKAGES += systemd curl openssl time
 
 .PHONY: run test venv venv-test system-deps clean install bench bench-1m bench-scrape bench-soak
 
@@ -47,22 +48,10 @@ venv-test: $(VENV)/.installed-test
 run: venv
 	$(BIN)/sockscope run --config.file $(CONFIG)
 
-# Installs the Debian packages when run as root and one is missing. Services that apt
-# would start are held back by a policy-rc.d for the duration of the install, and their
-# units are disabled afterwards: the tests start their own servers on loopback.
+# Installs the missing Debian packages when run as root (scripts/deb-install.sh holds
+# back and disables the services apt would start: the tests start their own servers).
 system-deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -z "$$missing" ]; then exit 0; fi; \
-	if [ "$$(id -u)" != 0 ]; then echo "system-deps: not root, cannot install:$$missing (tests needing them will skip)"; exit 0; fi; \
-	echo "system-deps: installing$$missing"; \
-	policy_made=""; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; policy_made=1; fi; \
-	export DEBIAN_FRONTEND=noninteractive; \
-	apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; rc=$$?; \
-	[ -n "$$policy_made" ] && rm -f /usr/sbin/policy-rc.d; \
-	for s in prometheus carbon-cache; do systemctl disable --now $$s >/dev/null 2>&1 || true; done; \
-	exit $$rc
+	@sh scripts/deb-install.sh $(DEB_PACKAGES)
 
 test: venv-test system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -71,19 +60,21 @@ test: venv-test system-deps
 # collectd-core and prometheus-node-exporter with their services held back and disabled.
 # bench-1m adds a 1M-socket table: ~3.5 GB of kernel memory, several minutes.
 BENCH_ARGS ?=
+# collectd's tcpconns and node_exporter 1.5 to compare with; GNU time for ss's own peak RSS.
+BENCH_DEB_PACKAGES := collectd-core prometheus-node-exporter iproute2 time
 bench: venv
-	bench/deps.sh
+	@sh scripts/deb-install.sh $(BENCH_DEB_PACKAGES)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 bench-1m: venv
-	bench/deps.sh
+	@sh scripts/deb-install.sh $(BENCH_DEB_PACKAGES)
 	$(BIN)/python -m bench.run --1m $(BENCH_ARGS)
 
 # The real daemon under scrapes (bench/scrape.py): /metrics render at 100k and 1M, 50
 # concurrent scrapers for 60 s vs the poll cadence; bench-soak: RSS over 10,000 polls on a
 # churning table (several minutes). Neither is part of `make test`.
 bench-scrape: venv
-	bench/deps.sh
+	@sh scripts/deb-install.sh $(BENCH_DEB_PACKAGES)
 	$(BIN)/python -m bench.scrape --1m $(BENCH_ARGS)
 
 bench-soak: venv

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,8 +44,7 @@ def test_ss_peak_rss_is_its_own():
     """ss's peak RSS comes from GNU time, not ru_maxrss carried over from the runner."""
     from bench.tools import Ss
 
-    if not os.access(Ss.TIME, os.X_OK):
-        pytest.skip("/usr/bin/time (Debian package time) not installed")
+    require(os.access(Ss.TIME, os.X_OK), "/usr/bin/time (Debian package time) not installed")
     big = bytearray(200 * 2**20)  # a 200 MiB runner must not show up in ss's figure
     big[:: 4096] = b"x" * len(big[:: 4096])
     rss = Ss.peak_rss(["ss", "-tan"])

@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import sockscope
+from conftest import require
 from sockscope.kernelstats import KernelStats
 from sockscope.kernelstats import build as build_kernel_stats
 from sockscope.peaks import Peaks
@@ -494,16 +495,14 @@ def _loopback6() -> bool:
 
 
 def test_all_addresses_is_dual_stack_when_ipv6_is_available():
-    if not (_dual_stack_available() and _loopback6()):
-        pytest.skip("no IPv6 loopback in this environment")
+    require(_dual_stack_available() and _loopback6(), "no IPv6 loopback in this environment")
     with MetricsServer(CollectorRegistry(), "", 0) as srv:
         assert request(srv.port, "/", host="127.0.0.1")[0] == 200
         assert request(srv.port, "/", host="::1")[0] == 200
 
 
 def test_ipv6_host():
-    if not _loopback6():
-        pytest.skip("no IPv6 loopback in this environment")
+    require(_loopback6(), "no IPv6 loopback in this environment")
     with MetricsServer(CollectorRegistry(), "::1", 0) as srv:
         assert srv.address == f"[::1]:{srv.port}"
         assert request(srv.port, "/", host="::1")[0] == 200
