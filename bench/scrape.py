@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 from . import ns as netns
+from .run import machine
 from .tools import REPO, _env, _stop
 
 RESULTS = REPO / "bench" / "results"
@@ -605,20 +606,6 @@ def markdown(result: dict) -> str:
                   f"{u.get('slope_max_bytes_per_1000_polls', 0) / 1024:+.1f} KiB per 1000 polls | "
                   f"{mib(u['first_hwm'])} → {mib(u['last_hwm'])} | {'✓' if u.get('no_growth') else '✗'} |"]
     return "\n".join(lines) + "\n"
-
-
-def machine() -> dict:
-    import platform
-
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(),
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "load_before": os.getloadavg()[0]}
 
 
 def parse_args(argv):
