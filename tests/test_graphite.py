@@ -696,7 +696,7 @@ def test_service_registers_the_collector_and_flushes_on_stop():
     service = Service(cfg, reader_factory=lambda c: NoReader())
     try:
         assert service.graphite is not None
-        exposition = service._registry(cfg)
+        exposition = service._exposition(cfg)
         names = {m.name for m in exposition.registry.collect()}
         assert "sockscope_graphite_sent_lines" in names and "sockscope_up" in names
         service.graphite.start()

@@ -75,6 +75,14 @@ def graphite_config(carbon: Carbon, **keys) -> str:
     return "".join(lines)
 
 
+def pushing(daemons: list, work, carbon: Carbon, netns: str, prefix: str, **keys) -> Daemon:
+    """A daemon watching `netns` that pushes to `carbon` under `prefix`, once its first two
+    pushes are in whisper."""
+    d = run(daemons, work, graphite_config(carbon, prefix=prefix, **keys), netns=netns)
+    wait_until(lambda: len(stored(carbon, prefix + ".")) >= 2, 15, "the first pushes in whisper")
+    return d
+
+
 def queued(d: Daemon) -> dict[int, int]:
     """Lines queued per timestamp, from the daemon's debug log."""
     out: dict[int, int] = {}
@@ -238,9 +246,7 @@ def test_whisper_equals_ss_under_both_namings_tags_and_udp(carbon_factory, daemo
 
 def test_outage_loses_nothing_and_keeps_timestamps(carbon_factory, daemons, netns_factory, tmp_path):
     carbon = carbon_factory()
-    d = run(daemons, tmp_path, graphite_config(carbon, prefix="outage", send_timeout="2s"),
-            netns=netns_factory().name)
-    wait_until(lambda: len(stored(carbon, "outage.")) >= 2, 15, "the first pushes in whisper")
+    d = pushing(daemons, tmp_path, carbon, netns_factory().name, "outage", send_timeout="2s")
 
     quiet_stop(carbon, d)
     down_at = time.time()
@@ -273,9 +279,7 @@ def test_outage_loses_nothing_and_keeps_timestamps(carbon_factory, daemons, netn
 def test_overflow_drops_oldest_and_counts_exactly(carbon_factory, daemons, netns_factory, tmp_path):
     carbon = carbon_factory()
     # An empty namespace: 55 lines per push (22 states, other x 24, 9 self-metrics).
-    d = run(daemons, tmp_path, graphite_config(carbon, prefix="overflow", buffer_lines=150),
-            netns=netns_factory().name)
-    wait_until(lambda: len(stored(carbon, "overflow.")) >= 2, 15, "the first pushes in whisper")
+    d = pushing(daemons, tmp_path, carbon, netns_factory().name, "overflow", buffer_lines=150)
 
     quiet_stop(carbon, d)
     time.sleep(6.5)
@@ -358,9 +362,7 @@ def test_sigterm_flushes_the_queue_to_carbon_and_exits_0(carbon_factory, daemons
     while sockscope is frozen (so they are still queued); every queued point must be in whisper. (The
     negative bound, a blackholed carbon, is test_blackholed_carbon_stalls_neither_polls_nor_metrics.)"""
     carbon = carbon_factory()
-    d = run(daemons, tmp_path, graphite_config(carbon, prefix="sigterm", flush_timeout="10s"),
-            netns=netns_factory().name)
-    wait_until(lambda: len(stored(carbon, "sigterm.")) >= 2, 15, "the first pushes in whisper")
+    d = pushing(daemons, tmp_path, carbon, netns_factory().name, "sigterm", flush_timeout="10s")
 
     quiet_stop(carbon, d)
     down_at = time.time()

@@ -539,7 +539,8 @@ _LANDING = """<!DOCTYPE html>
 class MetricsRequestHandler(BaseHTTPRequestHandler):
     """All request handling: /metrics, the landing page, 404s.
 
-    The registry comes from the server (`self.server.registry`). Subclass and set
+    The registry comes from the server (`self.server.registry`: a PollExposition, as the
+    daemon serves it, or a plain CollectorRegistry). Subclass and set
     MetricsServer.handler_class to add behaviour (e.g. authentication) in one place.
     """
 
@@ -667,7 +668,8 @@ def _format_address(host: str, port: int) -> str:
 
 
 class MetricsServer:
-    """Serves `registry` on http://host:port/metrics from a daemon thread.
+    """Serves `registry` (a PollExposition or a CollectorRegistry) on
+    http://host:port/metrics from a daemon thread.
 
     host "" listens on all addresses: dual-stack "::" when IPv6 is available, else
     0.0.0.0. Use port 0 for an ephemeral port and read `.port` after start().

@@ -95,7 +95,7 @@ class Service:
             self.graphite.start()
         self.poller.start()
 
-    def _registry(self, cfg: Config):
+    def _exposition(self, cfg: Config):
         from .prometheus import GraphiteCollector, PollExposition
 
         # The Graphite collector reads self.graphite at each scrape (nothing while Graphite
@@ -111,7 +111,7 @@ class Service:
     def _metrics_server(self, cfg: Config):
         from .prometheus import MetricsServer
 
-        return MetricsServer(self._registry(cfg), cfg.prometheus.host, cfg.prometheus.port, web=self.web)
+        return MetricsServer(self._exposition(cfg), cfg.prometheus.host, cfg.prometheus.port, web=self.web)
 
     def _log_serving(self, cfg: Config) -> None:
         web = self.web
@@ -207,7 +207,7 @@ class Service:
             return
         same_address = (old.prometheus.host, old.prometheus.port) == (cfg.prometheus.host, cfg.prometheus.port)
         if server is not None and same_address:
-            server.registry = self._registry(cfg)  # poll.stale_after may have changed
+            server.registry = self._exposition(cfg)  # poll.stale_after may have changed
             server.web = self.web
             return
         new = self._metrics_server(cfg)
