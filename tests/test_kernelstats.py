@@ -24,6 +24,7 @@ from sockscope.kernelstats import (
     parse_port_range,
     parse_snmp,
     parse_sockstat,
+    parse_tcp_mem,
 )
 from sockscope.poller import Poller
 from test_peaks import OneSocketReader
@@ -54,6 +55,59 @@ def test_parse_netstat_recorded():
             assert (section, name) in v, name
 
 
+def recorded_nstat(name: str) -> dict[str, int]:
+    """A recorded `nstat -az` output: name -> absolute value."""
+    out = {}
+    for line in (FIXTURES / name).read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def test_recorded_provoked_counters_equal_the_nstat_recorded_with_them():
+    """proc_net_provoked_*: recorded in a namespace after PROVOKE and PROVOKE_MORE (below), with
+    `nstat -az` run at the same moment: every counter we export reads what nstat printed."""
+    stats, problems = build({
+        "snmp": (FIXTURES / "proc_net_provoked_snmp").read_text(),
+        "netstat": (FIXTURES / "proc_net_provoked_netstat").read_text(),
+    })
+    assert not problems, problems
+    theirs = recorded_nstat("proc_net_provoked_nstat")
+    ours = ours_as_nstat(stats)
+    assert ours == {k: theirs[k] for k in ours}
+    # Read by hand from the recorded files (what the two scripts provoked):
+    assert ours["TcpInCsumErrors"] == 1  # one bad checksum
+    assert ours["TcpInErrs"] == 2  # that one and one 16-byte header
+    cookies = ("TcpExtSyncookiesSent", "TcpExtSyncookiesRecv", "TcpExtSyncookiesFailed")
+    assert [ours[k] for k in cookies] == [1, 1, 1]
+    assert ours["TcpExtTCPReqQFullDrop"] == 5  # 8 SYNs, 3 fit the listen(2) SYN queue
+    assert ours["TcpExtTCPSynRetrans"] > 0 and ours["TcpExtTCPTimeouts"] > 0
+    assert ours["TcpInSegs"] > ours["TcpOutSegs"] > 0
+    assert ours["TcpExtTCPBacklogDrop"] == 0  # not provoked: see test_counters_equal_nstat_...
+
+
+def test_every_counter_reads_its_own_column():
+    """Each (section, field) of COUNTERS lands on its own stem: the recorded files with every
+    value replaced by a number unique to its column."""
+    def renumber(text: str, base: int) -> str:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        for i in range(1, len(lines), 2):
+            name, _, values = lines[i].partition(":")
+            lines[i] = f"{name}: " + " ".join(str(base + 1000 * i + j) for j in range(len(values.split())))
+        return "\n".join(lines) + "\n"
+
+    snmp = renumber((FIXTURES / "proc_net_snmp").read_text(), 1_000_000)
+    netstat = renumber((FIXTURES / "proc_net_netstat").read_text(), 2_000_000)
+    stats, problems = build({"snmp": snmp, "netstat": netstat})
+    assert not problems, problems
+    columns = parse_snmp(snmp) | parse_snmp(netstat)
+    assert len(set(columns.values())) == len(columns)  # every column distinct
+    assert {stem: stats.counters[stem] for _, _, stem in COUNTERS} == {
+        stem: columns[(section, name)] for section, name, stem in COUNTERS}
+    assert len({stem for _, _, stem in COUNTERS}) == len(COUNTERS)
+
+
 def test_parse_sockstat_recorded():
     s = parse_sockstat((FIXTURES / "proc_net_sockstat").read_text())
     assert (s.inuse, s.orphan, s.tw, s.alloc, s.mem) == (1, 0, 70, 1, 0)
@@ -78,6 +132,10 @@ def test_parse_sockstat_and_ranges_reject_garbage():
     assert parse_port_range("32768\t60999\n") == 28232
     with pytest.raises(ParseError):
         parse_port_range("32768\n")
+    assert parse_tcp_mem("383430\t511241\t766860\n") == (383430, 511241, 766860)
+    for bad in ("383430\t511241\n", "1 2 x\n", ""):
+        with pytest.raises(ParseError):
+            parse_tcp_mem(bad)
 
 
 def test_build_isolates_each_source():
@@ -88,15 +146,17 @@ def test_build_isolates_each_source():
         "tcp_max_tw_buckets": OSError(13, "Permission denied"),
         "tcp_max_orphans": None,  # absent: not listed at all
         "ip_local_port_range": "10000 60999\n",
+        "tcp_mem": "1000\t2000\t3000\n",
     }, page_size=16384)
     assert stats.ok == {"snmp": True, "netstat": False, "sockstat": True,
-                        "tcp_max_tw_buckets": False, "ip_local_port_range": True}
+                        "tcp_max_tw_buckets": False, "ip_local_port_range": True, "tcp_mem": True}
     assert set(problems) == {"netstat", "tcp_max_tw_buckets"}
     assert "net/netstat" in problems["netstat"]
     assert stats.counters["out_resets"] == 64
     assert "listen_overflows" not in stats.counters  # from the broken netstat
     assert stats.sockstat.mem * stats.page_size == 5 * 16384
     assert stats.local_port_range_size == 51000
+    assert stats.tcp_mem == (1000, 2000, 3000)  # pages; the exposition multiplies
     assert stats.max_tw_buckets is None and stats.max_orphans is None
 
 
@@ -111,7 +171,7 @@ def fake_proc(root: Path, snmp: str | None = None) -> Path:
     (root / "net/sockstat").write_text((FIXTURES / "proc_net_sockstat").read_text())
     (root / "sys/net/ipv4/tcp_max_tw_buckets").write_text("4096\n")
     (root / "sys/net/ipv4/ip_local_port_range").write_text("1024\t65535\n")
-    return root  # no tcp_max_orphans: as in a child namespace
+    return root  # no tcp_max_orphans, no tcp_mem: as in a child namespace
 
 
 def test_a_broken_source_does_not_fail_the_socket_poll_and_is_logged_once(tmp_path, caplog):
@@ -123,7 +183,7 @@ def test_a_broken_source_does_not_fail_the_socket_poll_and_is_logged_once(tmp_pa
     assert status.errors == 0 and status.snapshot is not None
     k = status.kernel
     assert k.ok["snmp"] is False and k.ok["netstat"] is True
-    assert "tcp_max_orphans" not in k.ok  # absent is not a failure
+    assert "tcp_max_orphans" not in k.ok and "tcp_mem" not in k.ok  # absent is not a failure
     assert k.max_tw_buckets == 4096 and k.local_port_range_size == 64512
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "snmp" in warnings[0], warnings
@@ -151,6 +211,31 @@ def test_exposition_of_a_broken_source(tmp_path):
     assert "sockscope_tcp_listen_overflows_total 0.0" in text
     assert "sockscope_up 1.0" in text
     poller.kernel.close()
+
+
+def exposition(status) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sockscope.prometheus import SnapshotCollector
+
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: status, 10.0))
+    return generate_latest(registry).decode()
+
+
+def test_tcp_mem_limits_are_exported_in_bytes_per_level(tmp_path):
+    proc = fake_proc(tmp_path)
+    (proc / "sys/net/ipv4/tcp_mem").write_text("1000\t2000\t3000\n")  # as in the initial namespace
+    poller = Poller(OneSocketReader(), Rules(), 1.0, kernel=KernelStatsReader(proc=str(proc), page_size=16384))
+    status = poller.poll()
+    poller.kernel.close()
+    s = samples(exposition(status))
+    assert s[("sockscope_kernel_stats_up", (("source", "tcp_mem"),))] == 1.0
+    assert {labels: v for (name, labels), v in s.items() if name == "sockscope_tcp_memory_bytes_limit"} == {
+        (("level", "min"),): 1000 * 16384.0,
+        (("level", "pressure"),): 2000 * 16384.0,
+        (("level", "max"),): 3000 * 16384.0,
+    }
 
 
 def nstat(ns) -> dict[str, int]:
@@ -192,6 +277,64 @@ for _ in range(3):
 """
 
 
+PROVOKE_MORE = r"""
+import socket, struct, subprocess, time
+SYN, ACK = 0x02, 0x10
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL
+
+
+def checksum(data):
+    data += bytes(len(data) % 2)
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def send(src, sport, dport, flags, seq=1000, ack=0, doff=5, bad_checksum=False):
+    # A hand-made TCP segment to 127.0.0.1; the kernel fills in the IP checksum and id.
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, doff << 4, flags, 65535, 0, 0)
+    pseudo = socket.inet_aton(src) + socket.inet_aton("127.0.0.1") + struct.pack("!BBH", 0, 6, len(tcp))
+    csum = checksum(pseudo + tcp) ^ (0x5A5A if bad_checksum else 0)
+    tcp = tcp[:16] + struct.pack("!H", csum) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, socket.IPPROTO_TCP, 0,
+                     socket.inet_aton(src), socket.inet_aton("127.0.0.1"))
+    raw.sendto(ip + tcp, ("127.0.0.1", 0))
+
+
+def sysctl(name, value):
+    with open("/proc/sys/net/ipv4/" + name, "w") as f:
+        f.write(value)
+
+
+# A bad checksum (TcpInCsumErrors and TcpInErrs) and a 16-byte header (TcpInErrs).
+send("127.0.0.1", 40000, 18502, SYN, bad_checksum=True)
+send("127.0.0.1", 40001, 18502, SYN, doff=4)
+# tcp_syncookies=2 answers every SYN with a cookie: one connect is TcpExtSyncookiesSent and
+# TcpExtSyncookiesRecv; an ACK with a made-up cookie to that listener TcpExtSyncookiesFailed.
+sysctl("tcp_syncookies", "2")
+ln = socket.socket(); ln.bind(("127.0.0.1", 18502)); ln.listen(8)
+c = socket.create_connection(("127.0.0.1", 18502), timeout=2)
+a, _ = ln.accept(); a.close(); c.close()
+send("127.0.0.1", 40002, 18502, ACK, seq=12345, ack=67890)
+time.sleep(0.2)
+ln.close()
+# SYNs from 10.255.0.1, routed into lo: their SYN-ACKs are discarded (not a local address),
+# so 3 requests stay half-open and fill the SYN queue of listen(2); with tcp_syncookies=0
+# the other 5 SYNs are TcpExtTCPReqQFullDrop. After 1 s each SYN-ACK is retransmitted
+# (TcpExtTCPTimeouts, TcpExtTCPSynRetrans). Once their listener is closed, the requests are
+# dropped at their next timer without counting anything.
+subprocess.run(["ip", "route", "replace", "10.255.0.0/24", "dev", "lo"], check=True)
+sysctl("tcp_syncookies", "0")
+ln = socket.socket(); ln.bind(("127.0.0.1", 18503)); ln.listen(2)
+for sport in range(41000, 41008):
+    send("10.255.0.1", sport, 18503, SYN)
+time.sleep(1.5)
+ln.close()
+sysctl("tcp_syncookies", "1")
+"""
+
+
 def stable_counters(reader, ns, attempts=20):
     """(ours, nstat) once two reads of ours around one nstat run agree."""
     for _ in range(attempts):
@@ -225,13 +368,36 @@ def test_counters_equal_nstat_in_the_watched_namespace(quiet_ns):
         assert first.counters["active_opens"] == 0  # a fresh namespace, not the host
 
         ns.python(["-c", PROVOKE], check=True, timeout=30)
+        ns.python(["-c", PROVOKE_MORE], check=True, timeout=30)
         ours, theirs = stable_counters(reader, ns)
         assert ours == theirs
         assert ours["TcpExtListenOverflows"] > 0
-        assert ours["TcpExtListenDrops"] >= ours["TcpExtListenOverflows"]
+        assert ours["TcpExtListenDrops"] >= ours["TcpExtListenOverflows"] + ours["TcpExtTCPReqQFullDrop"]
         assert ours["TcpOutRsts"] >= 3
         assert ours["TcpAttemptFails"] >= 3
         assert ours["TcpActiveOpens"] >= 15
+        assert ours["TcpInSegs"] > 0 and ours["TcpOutSegs"] > 0
+        assert ours["TcpInCsumErrors"] == 1 and ours["TcpInErrs"] == 2
+        assert ours["TcpExtSyncookiesRecv"] == 1 and ours["TcpExtSyncookiesFailed"] == 1
+        assert ours["TcpExtTCPReqQFullDrop"] >= 1
+        assert ours["TcpExtTCPSynRetrans"] >= 1 and ours["TcpExtTCPTimeouts"] >= 1
+        # TcpExtTCPBacklogDrop is compared (it stays 0): loopback offers no reliable way to
+        # hold a socket's lock while its backlog overflows.
+    finally:
+        reader.close()
+
+
+def test_tcp_mem_is_host_wide_and_read_where_the_daemon_runs(quiet_ns):
+    """net.ipv4.tcp_mem is one host-wide array (sysctl_tcp_mem, initial namespace only):
+    a child namespace has no such file, so it is read in the daemon's own namespace."""
+    ns = quiet_ns
+    assert ns.run(["cat", "/proc/sys/net/ipv4/tcp_mem"]).returncode != 0  # absent in the child
+    host = tuple(int(v) for v in Path("/proc/sys/net/ipv4/tcp_mem").read_text().split())
+    reader = KernelStatsReader(netns=ns.name)
+    try:
+        stats = reader.read()
+        assert stats.ok["tcp_mem"] is True
+        assert stats.tcp_mem == host
     finally:
         reader.close()
 
@@ -257,6 +423,7 @@ def test_daemon_exports_the_namespace_counters(quiet_ns, tmp_path):
     daemon = start_daemon(tmp_path, "poll:\n  interval: 500ms\n", netns=ns.name)
     try:
         ns.python(["-c", PROVOKE], check=True, timeout=30)
+        ns.python(["-c", PROVOKE_MORE], check=True, timeout=30)
         for _ in range(20):
             theirs = nstat(ns)
             daemon.wait_polls(2)
@@ -268,7 +435,12 @@ def test_daemon_exports_the_namespace_counters(quiet_ns, tmp_path):
                 s[(f"sockscope_tcp_{stem}_total", ())] for section, name, stem in COUNTERS}
         assert ours == {k: float(theirs.get(k, 0)) for k in ours}
         assert ours["TcpExtListenOverflows"] > 0
+        assert ours["TcpInErrs"] > 0 and ours["TcpExtSyncookiesFailed"] > 0 and ours["TcpExtTCPReqQFullDrop"] > 0
         assert s[("sockscope_tcp_time_wait_sockets_limit", ())] == float(ns.sysctls["net.ipv4.tcp_max_tw_buckets"])
+        page = os.sysconf("SC_PAGE_SIZE")
+        host_mem = Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()  # sysctl net.ipv4.tcp_mem
+        limits = [s[("sockscope_tcp_memory_bytes_limit", (("level", level),))] for level in ("min", "pressure", "max")]
+        assert limits == [float(int(pages) * page) for pages in host_mem]
         assert all(v == 1.0 for (name, _), v in s.items() if name == "sockscope_kernel_stats_up")
     finally:
         assert daemon.stop() == 0, daemon.log()

@@ -117,6 +117,7 @@ def fixed_kernel() -> KernelStats:
         "tcp_max_tw_buckets": "262144\n",
         "tcp_max_orphans": "131072\n",
         "ip_local_port_range": "32768\t60999\n",
+        "tcp_mem": "383430\t511241\t766860\n",
     }, page_size=4096)
     assert not problems, problems
     return stats

@@ -5,7 +5,7 @@ Sources (each read once per poll, each with its own success flag):
     /proc/net/snmp      "Tcp:" header line + value line   (nstat: Tcp*)
     /proc/net/netstat   "TcpExt:" header line + value line (nstat: TcpExt*)
     /proc/net/sockstat  "TCP: inuse N orphan N tw N alloc N mem N"
-    /proc/sys/net/ipv4/tcp_max_tw_buckets, tcp_max_orphans, ip_local_port_range
+    /proc/sys/net/ipv4/tcp_max_tw_buckets, tcp_max_orphans, ip_local_port_range, tcp_mem
 
 /proc/net/* and /proc/sys/net/* answer for the network namespace of the task that OPENED
 the file, for as long as the file stays open (checked on Linux 6.x: an fd opened in a
@@ -32,25 +32,52 @@ log = logging.getLogger(__name__)
 
 # (section, field) of a counter -> metric stem. The sections are the row names of
 # /proc/net/snmp ("Tcp") and /proc/net/netstat ("TcpExt"); `nstat` prints them joined
-# (TcpOutRsts, TcpExtListenOverflows).
+# (TcpOutRsts, TcpExtListenOverflows). The fields are the kernel's MIB names
+# (include/uapi/linux/snmp.h: TCP_MIB_* and LINUX_MIB_*, printed by net/ipv4/proc.c); one
+# MIB per namespace covers IPv4 and IPv6. Where each is counted (Linux 6.x):
 COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("TcpExt", "ListenOverflows", "listen_overflows"),
     ("TcpExt", "ListenDrops", "listen_drops"),
     ("Tcp", "OutRsts", "out_resets"),
     ("Tcp", "EstabResets", "estab_resets"),
     ("Tcp", "AttemptFails", "attempt_fails"),
+    # tcp_v4_rcv/tcp_v6_rcv, before any check ("Count it even if it's bad").
+    ("Tcp", "InSegs", "in_segments"),
+    # __tcp_transmit_skb only for segments that send new sequence space or none (pure
+    # ACKs), so retransmissions are not in it; plus RSTs and ACKs sent without a full
+    # socket, and every SYN-ACK (tcp_make_synack, retransmitted ones included).
+    ("Tcp", "OutSegs", "out_segments"),
     ("Tcp", "RetransSegs", "retransmitted_segments"),
+    # bad checksum (csum_error), doff < 5 (bad_packet), an in-window SYN on a synchronized
+    # connection (tcp_validate_incoming, RFC 5961 challenge ACK).
+    ("Tcp", "InErrs", "in_errors"),
+    ("Tcp", "InCsumErrors", "in_checksum_errors"),
+    # __tcp_retransmit_skb of a SYN-flagged skb, tcp_rtx_synack (request sockets).
+    ("TcpExt", "TCPSynRetrans", "syn_retransmits"),
+    # tcp_retransmit_timer (every RTO expiry but zero-window probes) and
+    # tcp_syn_ack_timeout (SYN-ACK timer of a request socket).
+    ("TcpExt", "TCPTimeouts", "timeouts"),
     ("Tcp", "ActiveOpens", "active_opens"),
     ("Tcp", "PassiveOpens", "passive_opens"),
     ("TcpExt", "TCPAbortOnData", "abort_on_data"),
     ("TcpExt", "TCPAbortOnTimeout", "abort_on_timeout"),
     ("TcpExt", "SyncookiesSent", "syncookies_sent"),
+    # cookie_v4_check/cookie_v6_check: an ACK to a listener that overflowed (sent cookies)
+    # within TCP_SYNCOOKIE_VALID (2 min); the cookie checks out (Recv) or not (Failed).
+    ("TcpExt", "SyncookiesRecv", "syncookies_received"),
+    ("TcpExt", "SyncookiesFailed", "syncookies_failed"),
+    # tcp_syn_flood_action with net.ipv4.tcp_syncookies=0: the SYN queue is full.
+    ("TcpExt", "TCPReqQFullDrop", "request_queue_full_drops"),
+    # tcp_add_backlog: the socket is owned by its process and its backlog is over
+    # sk_rcvbuf * 2 + sk_sndbuf / 2 + 64 KiB.
+    ("TcpExt", "TCPBacklogDrop", "backlog_drops"),
 )
 
 # Source names, in exposition order: the label values of sockscope_kernel_stats_up.
 SNMP, NETSTAT, SOCKSTAT = "snmp", "netstat", "sockstat"
 MAX_TW, MAX_ORPHANS, PORT_RANGE = "tcp_max_tw_buckets", "tcp_max_orphans", "ip_local_port_range"
-SOURCES = (SNMP, NETSTAT, SOCKSTAT, MAX_TW, MAX_ORPHANS, PORT_RANGE)
+TCP_MEM = "tcp_mem"
+SOURCES = (SNMP, NETSTAT, SOCKSTAT, MAX_TW, MAX_ORPHANS, PORT_RANGE, TCP_MEM)
 
 _PATHS = {
     SNMP: "net/snmp",
@@ -59,10 +86,17 @@ _PATHS = {
     MAX_TW: "sys/net/ipv4/tcp_max_tw_buckets",
     MAX_ORPHANS: "sys/net/ipv4/tcp_max_orphans",
     PORT_RANGE: "sys/net/ipv4/ip_local_port_range",
+    TCP_MEM: "sys/net/ipv4/tcp_mem",
 }
-# tcp_max_orphans is a host-wide sysctl that only the initial namespace shows (a child
-# namespace has no such file): read it where the daemon runs, which is where it exists.
-_HOST_WIDE = frozenset({MAX_ORPHANS})
+# tcp_max_orphans and tcp_mem are host-wide sysctls (the kernel's sysctl_max_orphans and
+# sysctl_tcp_mem[3], in ipv4_table, registered for the initial namespace only): a child
+# namespace has no such files (checked on 6.18). Read them where the daemon runs, which is
+# where they exist.
+_HOST_WIDE = frozenset({MAX_ORPHANS, TCP_MEM})
+# The three values of net.ipv4.tcp_mem, in pages, as Documentation/networking/ip-sysctl
+# names them: min (under it TCP leaves memory pressure), pressure (over it TCP moderates
+# its buffers), max (TCP socket memory allocations fail beyond it).
+TCP_MEM_LEVELS = ("min", "pressure", "max")
 
 
 class ParseError(ValueError):
@@ -141,6 +175,15 @@ def parse_port_range(text: str) -> int:
     return max(0, high - low + 1)
 
 
+def parse_tcp_mem(text: str) -> tuple[int, int, int]:
+    """net.ipv4.tcp_mem ("383430\t511241\t766860", pages) -> (min, pressure, max)."""
+    parts = text.split()
+    if len(parts) != 3:
+        raise ParseError(f"expected three page counts, got {text.strip()[:60]!r}")
+    low, pressure, high = (parse_int(p) for p in parts)
+    return low, pressure, high
+
+
 # --- the immutable result --------------------------------------------------------------
 
 
@@ -157,8 +200,9 @@ class KernelStats:
     max_tw_buckets: int | None = None
     max_orphans: int | None = None
     local_port_range_size: int | None = None
+    tcp_mem: tuple[int, int, int] | None = None  # pages, TCP_MEM_LEVELS order
     ok: Mapping[str, bool] = field(default_factory=dict)
-    page_size: int = 4096  # bytes per page of sockstat `mem`
+    page_size: int = 4096  # bytes per page of sockstat `mem` and of tcp_mem
 
 
 def build(
@@ -187,6 +231,8 @@ def build(
                 values[source] = parse_sockstat(text)
             elif source == PORT_RANGE:
                 values[source] = parse_port_range(text)
+            elif source == TCP_MEM:
+                values[source] = parse_tcp_mem(text)
             else:
                 values[source] = parse_int(text)
         except (OSError, ParseError) as e:
@@ -210,6 +256,7 @@ def build(
         max_tw_buckets=values.get(MAX_TW),
         max_orphans=values.get(MAX_ORPHANS),
         local_port_range_size=values.get(PORT_RANGE),
+        tcp_mem=values.get(TCP_MEM),
         ok=ok,
         page_size=page_size,
     )

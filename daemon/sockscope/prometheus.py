@@ -29,6 +29,7 @@ from prometheus_client.exposition import _bake_output, choose_encoder, gzip_acce
 from sockscope import __version__
 from sockscope.kernelstats import COUNTERS as KERNEL_COUNTERS
 from sockscope.kernelstats import SOURCES as KERNEL_SOURCES
+from sockscope.kernelstats import TCP_MEM_LEVELS
 from sockscope.kernelstats import KernelStats
 from sockscope.snapshot import FAMILIES, OTHER, STATES, PollStatus, PortTable, Snapshot
 
@@ -55,6 +56,26 @@ _KERNEL_COUNTER_DOCS = {
                      "data arriving after close",
     "abort_on_timeout": "Connections aborted after too many retransmissions or keepalive probes",
     "syncookies_sent": "SYN cookies sent (the SYN queue of a listener overflowed)",
+    # Where the kernel counts each: comments of kernelstats.COUNTERS.
+    "in_segments": "TCP segments received, those in error included",
+    "out_segments": "TCP segments sent, RSTs and pure ACKs included, retransmissions of data already sent "
+                    "excluded (retransmitted SYN-ACKs of half-open connections are counted); the "
+                    "retransmission ratio is sockscope_tcp_retransmitted_segments_total over this",
+    "in_errors": "TCP segments received in error: a bad checksum (also in "
+                 "sockscope_tcp_in_checksum_errors_total), a header length under 20 bytes, or a SYN on a "
+                 "synchronized connection, which is answered by a challenge ACK",
+    "in_checksum_errors": "TCP segments received with a bad checksum (also in sockscope_tcp_in_errors_total)",
+    "syn_retransmits": "SYNs and SYN-ACKs retransmitted (also in sockscope_tcp_retransmitted_segments_total)",
+    "timeouts": "Retransmission timer expiries: of connections (SYN-SENT included, zero-window probes "
+                "excluded) and of the SYN-ACK timer of half-open connections",
+    "syncookies_received": "ACKs carrying a valid SYN cookie, from which a connection is created",
+    "syncookies_failed": "ACKs to a listener that sent SYN cookies in the last 2 minutes whose cookie "
+                         "was invalid",
+    "request_queue_full_drops": "SYNs dropped because the listener's SYN queue (half-open connections) was "
+                                "full and SYN cookies were off (net.ipv4.tcp_syncookies=0); also in "
+                                "sockscope_tcp_listen_drops_total",
+    "backlog_drops": "Segments dropped because the socket was locked by its process and its backlog queue "
+                     "was full",
 }
 
 
@@ -370,29 +391,39 @@ class SnapshotCollector:
             if describing or fam.samples:
                 yield fam
         sock = None if kernel is None else kernel.sockstat
+
+        def one(value):  # an unlabelled gauge's samples, None when its source is missing
+            return None if value is None else [((), value)]
+
+        tcp_mem = None if kernel is None or kernel.tcp_mem is None else [
+            ((level,), pages * kernel.page_size) for level, pages in zip(TCP_MEM_LEVELS, kernel.tcp_mem)]
         gauges = (
             ("sockscope_tcp_orphan_sockets", "TCP sockets no longer attached to a file descriptor "
-             "(/proc/net/sockstat TCP orphan; host-wide: the kernel counts orphans globally).",
-             None if sock is None else sock.orphan),
+             "(/proc/net/sockstat TCP orphan; host-wide: the kernel counts orphans globally).", (),
+             one(None if sock is None else sock.orphan)),
             ("sockscope_tcp_orphan_sockets_limit", "net.ipv4.tcp_max_orphans (host-wide); beyond it "
-             "orphans are reset (\"too many orphaned sockets\" in the kernel log).",
-             None if kernel is None else kernel.max_orphans),
+             "orphans are reset (\"too many orphaned sockets\" in the kernel log).", (),
+             one(None if kernel is None else kernel.max_orphans)),
             ("sockscope_tcp_time_wait_sockets", "TIME-WAIT sockets as the kernel counts them "
-             "(/proc/net/sockstat TCP tw).", None if sock is None else sock.tw),
+             "(/proc/net/sockstat TCP tw).", (), one(None if sock is None else sock.tw)),
             ("sockscope_tcp_time_wait_sockets_limit", "net.ipv4.tcp_max_tw_buckets; beyond it new "
-             "TIME-WAIT sockets are destroyed at once (TCPTimeWaitOverflow).",
-             None if kernel is None else kernel.max_tw_buckets),
+             "TIME-WAIT sockets are destroyed at once (TCPTimeWaitOverflow).", (),
+             one(None if kernel is None else kernel.max_tw_buckets)),
             ("sockscope_tcp_memory_bytes", "Memory allocated to TCP socket buffers: /proc/net/sockstat "
-             "TCP mem (pages, host-wide) times the page size.",
-             None if sock is None else sock.mem * kernel.page_size),
+             "TCP mem (pages, host-wide) times the page size.", (),
+             one(None if sock is None else sock.mem * kernel.page_size)),
+            ("sockscope_tcp_memory_bytes_limit", "net.ipv4.tcp_mem (pages, host-wide) times the page size: "
+             "above level=\"pressure\" TCP moderates its socket buffers until sockscope_tcp_memory_bytes "
+             "falls under level=\"min\"; beyond level=\"max\" TCP memory allocations fail.", ("level",),
+             tcp_mem),
             ("sockscope_local_port_range_size", "Ports in net.ipv4.ip_local_port_range (the ephemeral "
-             "ports available per destination address:port).",
-             None if kernel is None else kernel.local_port_range_size),
+             "ports available per destination address:port).", (),
+             one(None if kernel is None else kernel.local_port_range_size)),
         )
-        for name, doc, value in gauges:
-            fam = GaugeMetricFamily(name, doc)
-            if value is not None:
-                fam.add_metric([], float(value))
+        for name, doc, labels, samples in gauges:
+            fam = GaugeMetricFamily(name, doc, labels=labels)
+            for label_values, value in samples or ():
+                fam.add_metric(list(label_values), float(value))
             if describing or fam.samples:
                 yield fam
 
