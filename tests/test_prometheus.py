@@ -142,7 +142,7 @@ class FakeClock:
 def golden_collector(status: PollStatus | None = None, clock: FakeClock | None = None) -> SnapshotCollector:
     status = status or fixed_status()
     return SnapshotCollector(lambda: status, STALE_AFTER, clock or FakeClock(LAST_SUCCESS + 2.5),
-                             version="9.9.9", python_version="3.11.0")
+                             version="9.9.9", python_version="3.11.0", poll_interval=STALE_AFTER / 3)
 
 
 def only(collector) -> CollectorRegistry:
@@ -323,9 +323,10 @@ def test_no_snapshot_exports_only_up_counters_and_build_info():
     assert set(samples) == {
         "sockscope_up", "sockscope_polls_total", "sockscope_poll_errors_total",
         "sockscope_netlink_dump_retries_total", "sockscope_netlink_dump_interrupted_total",
-        "sockscope_build_info",
+        "sockscope_build_info", "sockscope_poll_interval_seconds",
     }
     assert value(samples, "sockscope_up") == 0
+    assert value(samples, "sockscope_poll_interval_seconds") == STALE_AFTER / 3  # configuration
     assert value(samples, "sockscope_poll_errors_total") == 4
     assert value(samples, "sockscope_netlink_dump_retries_total") == 1
 

@@ -101,8 +101,10 @@ class SnapshotCollector:
 
     `status` returns the current PollStatus (an immutable object swapped by the poller);
     it is called exactly once per collect() and never from describe(). `stale_after` is
-    the age in seconds beyond which sockscope_up drops to 0. `monotonic` is injectable
-    for tests, as are the build_info label values.
+    the age in seconds beyond which sockscope_up drops to 0. `poll_interval` (poll.interval
+    in seconds) is exported as sockscope_poll_interval_seconds, from before the first poll
+    on, so staleness alerts can scale with it; None leaves the gauge out. `monotonic` is
+    injectable for tests, as are the build_info label values.
     """
 
     def __init__(
@@ -114,12 +116,14 @@ class SnapshotCollector:
         version: str = __version__,
         python_version: str = platform.python_version(),
         part: str = "all",
+        poll_interval: float | None = None,
     ) -> None:
         if part not in ("all", "poll", "scrape"):
             raise ValueError(f"part must be all, poll or scrape, not {part!r}")
         self._part = part  # "poll": what one PollStatus fixes; "scrape": up and age only
         self._status = status
         self._stale_after = float(stale_after)
+        self._poll_interval = None if poll_interval is None else float(poll_interval)
         self._monotonic = monotonic
         self._version = version
         self._python_version = python_version
@@ -180,6 +184,15 @@ class SnapshotCollector:
 
     def _tail_families(self, status: PollStatus | None, snap: Snapshot | None) -> Iterator[Metric]:
         describing = status is None
+        if describing or self._poll_interval is not None:
+            fam = GaugeMetricFamily(
+                "sockscope_poll_interval_seconds",
+                "Configured seconds between two polls (poll.interval); the snapshot age normally "
+                "stays below it plus sockscope_poll_duration_seconds.",
+            )
+            if not describing:
+                fam.add_metric([], self._poll_interval)
+            yield fam
         if describing or snap is not None:
             poll_meta = (
                 ("sockscope_poll_duration_seconds", "Seconds the latest successful poll took (netlink dump and aggregation).",
@@ -503,11 +516,14 @@ class PollExposition:
     """
 
     def __init__(self, status: Callable[[], PollStatus], stale_after: float, *extra,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 poll_interval: float | None = None) -> None:
         self._status = status
         self._stale_after = stale_after
         self._monotonic = monotonic
-        self.registry = make_registry(SnapshotCollector(status, stale_after, monotonic), *extra)
+        self._poll_interval = poll_interval
+        self.registry = make_registry(
+            SnapshotCollector(status, stale_after, monotonic, poll_interval=poll_interval), *extra)
         self._scrape = make_registry(
             SnapshotCollector(status, stale_after, monotonic, part="scrape"), *extra)
         self._lock = threading.Lock()
@@ -523,7 +539,7 @@ class PollExposition:
             return body
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SnapshotCollector(lambda: status, self._stale_after, self._monotonic,
-                                            part="poll"))
+                                            part="poll", poll_interval=self._poll_interval))
         body = encoder(registry)
         if body.endswith(_OM_EOF):  # OpenMetrics: one "# EOF", at the very end
             body = body[: -len(_OM_EOF)]

@@ -102,7 +102,7 @@ class Service:
         # is off): a reload swaps, adds or removes the pusher underneath (counters carried
         # over) without a new registry.
         return PollExposition(self.poller.status, cfg.poll.stale_after,
-                              GraphiteCollector(self._graphite_stats))
+                              GraphiteCollector(self._graphite_stats), poll_interval=cfg.poll.interval)
 
     def _graphite_stats(self):
         pusher = self.graphite
