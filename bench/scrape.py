@@ -11,9 +11,11 @@ Per size:
   render     --render-scrapes sequential GETs of /metrics (plain text, then with the
              headers Prometheus sends: OpenMetrics + gzip); client-side wall time from
              connect to the last byte, median and p90; bytes and series (sample lines).
-  cadence    the poll loop observed without scrapers for --duration s, then with
-             --scrapers closed-loop scrapers for --duration s (each: GET, read, check,
-             GET again, bounded by the duration and --max-scrapes-each). A monitor
+  cadence    the poll loop observed without scrapers for --duration s, then for
+             --duration s per scrape pattern (--patterns: churn = a new connection per
+             scrape, keepalive, gzip = keep-alive with Prometheus' headers) with --scrapers
+             closed-loop scrapers spread over --client-procs processes (each: GET, read,
+             check, GET again, bounded by the duration and --max-scrapes-each). A monitor
              fetches only the poll metrics (?name[]=) every 0.25 s in both periods and
              records every poll (finish time = sockscope_last_poll_success_timestamp_seconds,
              start = finish - sockscope_poll_duration_seconds). Cadence = mean spacing of
@@ -95,8 +97,7 @@ def poll_metrics() -> dict[str, float]:
 
 def process_cpu(pid: int) -> float:
     """utime+stime of the whole process from /proc/PID/stat, threads that already exited
-    included (the HTTP server runs one thread per request; per-task schedstat would lose
-    them). Clock ticks: fine over a 60 s period."""
+    included (per-task schedstat would lose them). Clock ticks: fine over a 60 s period."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -358,12 +359,17 @@ class Monitor(threading.Thread):
         return out
 
 
-def scrapers(n: int, seconds: float, max_each: int, pause: float = 0.0) -> dict:
-    """n threads, each scraping back to back (new connection per scrape) until `seconds`
-    passed or it made max_each scrapes; with `pause` > 0 each waits `pause` s between
-    scrapes (first one at a random offset in [0, pause), like independent Prometheus
-    servers). A scrape fails on any exception, a status other than 200 or a body without
-    the last family the daemon writes."""
+PATTERNS = {
+    # name: (headers, keep the connection alive between scrapes)
+    "churn": ({}, False),  # a new connection per scrape: accept + close each time
+    "keepalive": ({}, True),  # one connection per scraper, reused (what Prometheus does)
+    "gzip": ({"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"}, True),  # Prometheus' headers
+}
+
+
+def _load_threads(n: int, seconds: float, max_each: int, pause: float, pattern: str) -> dict:
+    """n threads in this process scraping back to back (see scrapers())."""
+    headers, keep = PATTERNS[pattern]
     end = time.monotonic() + seconds
     lock = threading.Lock()
     times: list[float] = []
@@ -371,36 +377,90 @@ def scrapers(n: int, seconds: float, max_each: int, pause: float = 0.0) -> dict:
 
     def loop() -> None:
         mine = []
+        conn = None
         if pause:
             time.sleep(random.uniform(0, pause))
         for _ in range(max_each):
             if time.monotonic() >= end:
                 break
+            t0 = time.perf_counter()
             try:
-                status, body, wall = fetch(timeout=60)
-                if status != 200 or b"sockscope_build_info" not in body:
-                    raise RuntimeError(f"status {status}, {len(body)} bytes")
-                mine.append(wall)
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
+                conn.request("GET", "/metrics", headers=headers)
+                r = conn.getresponse()
+                body = r.read()
+                if r.getheader("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                if r.status != 200 or b"sockscope_build_info" not in body:
+                    raise RuntimeError(f"status {r.status}, {len(body)} bytes")
+                mine.append(time.perf_counter() - t0)
+                if not keep or r.will_close:
+                    conn.close()
+                    conn = None
             except Exception as e:  # noqa: BLE001 - counted
                 with lock:
                     failures.append(f"{type(e).__name__}: {e}")
+                if conn is not None:
+                    conn.close()
+                    conn = None
             if pause:
                 time.sleep(max(0.0, min(pause, end - time.monotonic())))
+        if conn is not None:
+            conn.close()
         with lock:
             times.extend(mine)
 
     threads = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
-    t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join(seconds + 120)
+    return {"times": times, "failures": failures, "still_running": sum(t.is_alive() for t in threads)}
+
+
+def scrapers(n: int, seconds: float, max_each: int, pause: float = 0.0, pattern: str = "churn",
+             procs: int = 1) -> dict:
+    """n scrapers spread over `procs` client processes (so the client's own GIL is not the
+    bottleneck), each scraping back to back until `seconds` passed or it made max_each
+    scrapes; with `pause` > 0 each waits `pause` s between scrapes (first one at a random
+    offset in [0, pause), like independent Prometheus servers). `pattern` (PATTERNS): a new
+    connection per scrape, keep-alive, or keep-alive with Prometheus' Accept headers and
+    gzip. A scrape fails on any exception, a status other than 200 or a body without the
+    last family the daemon writes."""
+    t0 = time.monotonic()
+    share = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+    children = [subprocess.Popen(
+        [sys.executable, "-m", "bench.scrape", "--load", json.dumps(
+            {"port": PORT, "n": k, "seconds": seconds, "max_each": max_each, "pause": pause,
+             "pattern": pattern})],
+        stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO) for k in share if k]
+    times: list[float] = []
+    failures: list[str] = []
+    still = 0
+    for child in children:
+        out, _ = child.communicate(timeout=seconds + 180)
+        res = json.loads(out.strip().splitlines()[-1])
+        times += res["times"]
+        failures += res["failures"]
+        still += res["still_running"]
     wall = time.monotonic() - t0
-    return {"scrapers": n, "pause_s": pause, "seconds": wall, "scrapes": len(times), "failures": len(failures),
+    return {"scrapers": n, "client_processes": len(children), "pattern": pattern, "pause_s": pause,
+            "seconds": wall, "scrapes": len(times), "failures": len(failures),
             "failure_samples": failures[:5], "scrapes_per_second": len(times) / wall,
             "latency_median_ms": statistics.median(times) * 1e3 if times else None,
             "latency_p99_ms": pct(times, 99) * 1e3 if times else None,
-            "still_running": sum(t.is_alive() for t in threads)}
+            "still_running": still}
+
+
+def load_main(spec: str) -> int:
+    """A client process of scrapers(): prints {"times", "failures", "still_running"}."""
+    global PORT
+    cfg = json.loads(spec)
+    PORT = cfg["port"]
+    res = _load_threads(cfg["n"], cfg["seconds"], cfg["max_each"], cfg["pause"], cfg["pattern"])
+    print(json.dumps(res))
+    return 0
 
 
 def cadence_summary(polls: list[dict], interval: float) -> dict:
@@ -435,13 +495,15 @@ def measure_size(ns_name: str, size: int, args) -> dict:
         monitor = Monitor()
         monitor.start()
         periods = {}
-        for kind in ("without", "with"):
+        patterns = [p for p in args.patterns.split(",") if p]
+        for kind in ["without", *patterns]:
             if args.tw_refresh:
-                holder.refresh_time_wait()  # the same table in both periods (TIME-WAIT lasts 60 s)
+                holder.refresh_time_wait()  # the same table in every period (TIME-WAIT lasts 60 s)
             time.sleep(1.0)
             c0, t0 = process_cpu(daemon.proc.pid), time.time()
-            if kind == "with":
-                load = scrapers(args.scrapers, args.duration, args.max_scrapes_each, args.scrape_pause)
+            if kind != "without":
+                load = scrapers(args.scrapers, args.duration, args.max_scrapes_each, args.scrape_pause,
+                                pattern=kind, procs=args.client_procs)
             else:
                 time.sleep(args.duration)
                 load = None
@@ -449,16 +511,19 @@ def measure_size(ns_name: str, size: int, args) -> dict:
             time.sleep(0.5)
             periods[kind] = {**cadence_summary(monitor.between(t0, t1), interval),
                              "daemon_cpu_s": process_cpu(daemon.proc.pid) - c0, "scrape_load": load}
-            print(f"[{size}] {kind} scrapers: {json.dumps(periods[kind])}", flush=True)
+            print(f"[{size}] {kind}: {json.dumps(periods[kind])}", flush=True)
         monitor.halt.set()
         monitor.join(5)
         out["periods"] = periods
         out["monitor_errors"] = monitor.errors
-        w, wo = periods["with"], periods["without"]
-        out["cadence_ratio"] = (w["spacing_mean_s"] / wo["spacing_mean_s"]
-                                if w["spacing_mean_s"] and wo["spacing_mean_s"] else None)
-        out["duration_ratio"] = (w["duration_median_s"] / wo["duration_median_s"]
-                                 if w["duration_median_s"] and wo["duration_median_s"] else None)
+        wo = periods["without"]
+        out["cadence_ratio"], out["duration_ratio"] = {}, {}
+        for kind in patterns:
+            w = periods[kind]
+            out["cadence_ratio"][kind] = (w["spacing_mean_s"] / wo["spacing_mean_s"]
+                                          if w["spacing_mean_s"] and wo["spacing_mean_s"] else None)
+            out["duration_ratio"][kind] = (w["duration_median_s"] / wo["duration_median_s"]
+                                           if w["duration_median_s"] and wo["duration_median_s"] else None)
         out["daemon_memory"] = daemon.memory()
         return out
     finally:
@@ -563,30 +628,30 @@ def markdown(result: dict) -> str:
         how = (f"each pausing {a['scrape_pause']:g} s between scrapes" if a.get("scrape_pause")
                else "closed-loop (no pause)")
         env = " ".join(f"{k}={v}" for k, v in result.get("daemon_env", {}).items())
-        lines += ["", f"Poll cadence (poll.interval 5 s) for {a['duration']:.0f} s without, then "
-                  f"{a['duration']:.0f} s with {a['scrapers']} scrapers {how}"
+        lines += ["", f"Poll cadence (poll.interval 5 s) for {a['duration']:.0f} s without scrapers, then "
+                  f"{a['duration']:.0f} s per pattern with {a['scrapers']} scrapers {how} in "
+                  f"{a['client_procs']} client processes (churn: a new connection per scrape; keepalive: "
+                  "one connection per scraper; gzip: keep-alive with Prometheus' Accept and gzip)"
                   + (f"; daemon environment {env}" if env else "") + ":", "",
-                  "| sockets | period | polls | mean spacing of poll starts | poll duration median (max) "
-                  "| scrapes (failed) | scrape latency median / p99 | daemon CPU |",
+                  "| sockets | period | polls | mean spacing of poll starts (ratio to without) "
+                  "| poll duration median (max) | scrapes (failed) | scrape latency median / p99 | daemon CPU |",
                   "|---|---|---|---|---|---|---|---|"]
         def f(v, spec: str, scale: float = 1, unit: str = "") -> str:
             return "–" if v is None else f"{v * scale:{spec}}{unit}"
 
         for s in result["sizes"]:
-            for kind in ("without", "with"):
-                p = s["periods"][kind]
+            for kind, p in s["periods"].items():
                 load = p["scrape_load"]
                 sc = "–" if load is None else f"{load['scrapes']:,} ({load['failures']})"
-                lat = "–" if load is None else (f"{f(load['latency_median_ms'], '.0f')} / "
+                lat = "–" if load is None else (f"{f(load['latency_median_ms'], '.1f')} / "
                                                 f"{f(load['latency_p99_ms'], '.0f')} ms")
-                lines.append(f"| {int(p['sockets_median'] or 0):,} | {kind} scrapers | {p['polls']} | "
-                             f"{f(p['spacing_mean_s'], '.3f', 1, ' s')} | "
+                cr = s["cadence_ratio"].get(kind)
+                ratio = "" if cr is None else f" ({cr:.3f} {'✓' if cr <= 1.1 else '✗'})"
+                lines.append(f"| {int(p['sockets_median'] or 0):,} | {kind} | {p['polls']} | "
+                             f"{f(p['spacing_mean_s'], '.3f', 1, ' s')}{ratio} | "
                              f"{f(p['duration_median_s'], '.0f', 1e3, ' ms')} "
                              f"({f(p['duration_max_s'], '.0f', 1e3, ' ms')}) | {sc} | {lat} | "
                              f"{p['daemon_cpu_s']:.1f} s |")
-            cr, dr = s["cadence_ratio"], s["duration_ratio"]
-            ok = "" if cr is None else (" ✓" if cr <= 1.1 else " ✗")
-            lines.append(f"| | ratio with/without | | {f(cr, '.3f')}{ok} | {f(dr, '.2f')} | | | |")
         lines += ["", "Daemon memory at the end (after the scrapers): " + ", ".join(
             f"{int(s['poll_at_render'].get('sockscope_poll_sockets', 0)):,} sockets: VmHWM "
             f"{s['daemon_memory']['VmHWM'] / 2**20:.1f} MiB" for s in result["sizes"])]
@@ -626,13 +691,20 @@ def parse_args(argv):
     p.add_argument("--soak-interval", type=float, default=0.02)
     p.add_argument("--soak-timeout", type=float, default=900.0)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--patterns", default="churn,keepalive,gzip",
+                   help=f"scrape patterns, one loaded period each ({', '.join(PATTERNS)})")
+    p.add_argument("--client-procs", type=int, default=5,
+                   help="client processes the scrapers are spread over")
     p.add_argument("--hold", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--load", help=argparse.SUPPRESS)
     p.add_argument("--churn-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.load is not None:
+        return load_main(args.load)
     if args.hold is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return hold(args.hold, args.churn_seconds)

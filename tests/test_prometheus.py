@@ -24,7 +24,8 @@ from conftest import require
 from sockscope.kernelstats import KernelStats
 from sockscope.kernelstats import build as build_kernel_stats
 from sockscope.peaks import Peaks
-from sockscope.prometheus import MetricsServer, SnapshotCollector, _dual_stack_available, make_registry
+from sockscope.httpserver import Request, _dual_stack_available
+from sockscope.prometheus import MetricsApp, SnapshotCollector, make_registry, metrics_server
 from sockscope.snapshot import OTHER, STATES, Listener, PollStatus, PortTable, QueueStats, Snapshot
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.prom"
@@ -382,7 +383,7 @@ def request(port: int, path: str = "/metrics", method: str = "GET", host: str = 
 
 @pytest.fixture
 def server():
-    with MetricsServer(only(golden_collector()), "127.0.0.1", 0) as srv:
+    with metrics_server(only(golden_collector()), "127.0.0.1", 0) as srv:
         yield srv
 
 
@@ -449,16 +450,19 @@ def test_landing_page_and_404(server):
     assert status == 404
 
 
-def test_collect_error_is_a_500_and_the_server_survives():
+def test_collect_error_is_a_500_logged_once_and_the_server_survives(caplog):
     def broken():
         raise RuntimeError("poller exploded")
 
-    with MetricsServer(only(SnapshotCollector(broken, STALE_AFTER)), "127.0.0.1", 0) as srv:
-        status, _, body = request(srv.port)
-        assert status == 500
-        assert b"poller exploded" in body
+    with metrics_server(only(SnapshotCollector(broken, STALE_AFTER)), "127.0.0.1", 0) as srv:
+        for _ in range(20):
+            status, _, body = request(srv.port)
+            assert status == 500
+            assert b"poller exploded" not in body  # details go to the log, not to any client
         status, _, _ = request(srv.port, "/")
         assert status == 200
+    logged = [r for r in caplog.records if "poller exploded" in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in logged]  # 20 failures, one line
 
 
 def test_bind_failure_names_the_address():
@@ -466,7 +470,7 @@ def test_bind_failure_names_the_address():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        srv = MetricsServer(CollectorRegistry(), "127.0.0.1", port)
+        srv = metrics_server(CollectorRegistry(), "127.0.0.1", port)
         with pytest.raises(OSError) as info:
             srv.start()
         assert f"127.0.0.1:{port}" in str(info.value)
@@ -474,7 +478,7 @@ def test_bind_failure_names_the_address():
 
 
 def test_stop_closes_the_socket():
-    srv = MetricsServer(CollectorRegistry(), "127.0.0.1", 0)
+    srv = metrics_server(CollectorRegistry(), "127.0.0.1", 0)
     srv.start()
     port = srv.port
     assert request(port, "/")[0] == 200
@@ -483,7 +487,7 @@ def test_stop_closes_the_socket():
     with pytest.raises(ConnectionRefusedError):
         request(port, "/")
     # the port is free again
-    with MetricsServer(CollectorRegistry(), "127.0.0.1", port) as again:
+    with metrics_server(CollectorRegistry(), "127.0.0.1", port) as again:
         assert request(again.port, "/")[0] == 200
 
 
@@ -498,14 +502,14 @@ def _loopback6() -> bool:
 
 def test_all_addresses_is_dual_stack_when_ipv6_is_available():
     require(_dual_stack_available() and _loopback6(), "no IPv6 loopback in this environment")
-    with MetricsServer(CollectorRegistry(), "", 0) as srv:
+    with metrics_server(CollectorRegistry(), "", 0) as srv:
         assert request(srv.port, "/", host="127.0.0.1")[0] == 200
         assert request(srv.port, "/", host="::1")[0] == 200
 
 
 def test_ipv6_host():
     require(_loopback6(), "no IPv6 loopback in this environment")
-    with MetricsServer(CollectorRegistry(), "::1", 0) as srv:
+    with metrics_server(CollectorRegistry(), "::1", 0) as srv:
         assert srv.address == f"[::1]:{srv.port}"
         assert request(srv.port, "/", host="::1")[0] == 200
 
@@ -539,7 +543,7 @@ def test_concurrent_scrapes_during_status_swaps():
     barrier = threading.Barrier(scrapers, timeout=TIMEOUT)
     results: list = [None] * scrapers
 
-    with MetricsServer(registry, "127.0.0.1", 0) as srv:
+    with metrics_server(registry, "127.0.0.1", 0) as srv:
         def scrape(i: int) -> None:
             try:
                 barrier.wait()
@@ -593,6 +597,14 @@ class Holder:
         return self.current
 
 
+def bake(exp, accept=None, encoding=None, names=None) -> tuple[int, list, bytes]:
+    """One /metrics request through MetricsApp: (status, headers, whole body)."""
+    headers = {k: v for k, v in (("accept", accept), ("accept-encoding", encoding)) if v is not None}
+    query = "&".join(f"name[]={n}" for n in names or ())
+    resp = MetricsApp(exp)(Request("GET", "/metrics", "/metrics", query, "HTTP/1.1", headers, "test"))
+    return resp.status, resp.headers, b"".join(resp.parts)
+
+
 def exposition(holder: Holder) -> PollExposition:
     return PollExposition(holder, STALE_AFTER, monotonic=FakeClock(LAST_SUCCESS + 2.5))
 
@@ -604,8 +616,8 @@ def sockscope_samples(body: bytes) -> dict:
 def test_poll_exposition_equals_the_whole_registry():
     holder = Holder(fixed_status())
     exp = exposition(holder)
-    status, headers, body = exp.bake(None, None, {})
-    assert status == "200 OK" and headers == [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")]
+    status, headers, body = bake(exp)
+    assert status == 200 and headers == [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")]
     whole = generate_latest(exp.registry)
     assert sockscope_samples(body) == sockscope_samples(whole)
     # Each family once: the cached and the fresh parts do not overlap.
@@ -617,17 +629,17 @@ def test_poll_exposition_equals_the_whole_registry():
 def test_poll_part_is_rendered_once_per_status():
     holder = Holder(fixed_status())
     exp = exposition(holder)
-    first = exp._poll_part(holder(), "text/plain", generate_latest, False)
-    assert exp._poll_part(holder(), "text/plain", generate_latest, False) is first  # cached
+    first = exp._poll_part(holder(), "text", False)
+    assert exp._poll_part(holder(), "text", False) is first  # cached
     # The poller publishes a new status: the next scrape renders the new figures.
     holder.current = fixed_status(dataclasses.replace(holder.current.snapshot, duration=0.5))
-    _, _, body = exp.bake(None, None, {})
+    _, _, body = bake(exp)
     assert value(parse(body), "sockscope_poll_duration_seconds") == 0.5
 
 
 def test_poll_exposition_openmetrics_has_one_eof_and_parses():
     exp = exposition(Holder(fixed_status()))
-    _, headers, body = exp.bake(OPENMETRICS, None, {})
+    _, headers, body = bake(exp, OPENMETRICS)
     text = body.decode()
     assert headers[0][1].startswith("application/openmetrics-text")
     assert text.endswith("# EOF\n") and text.count("# EOF") == 1
@@ -637,18 +649,18 @@ def test_poll_exposition_openmetrics_has_one_eof_and_parses():
 
 def test_poll_exposition_gzip_is_two_members_that_decompress_whole():
     exp = exposition(Holder(fixed_status()))
-    _, headers, zipped = exp.bake(None, "gzip", {})
+    _, headers, zipped = bake(exp, encoding="gzip")
     assert ("Content-Encoding", "gzip") in headers
-    _, _, plain = exp.bake(None, None, {})
+    _, _, plain = bake(exp)
     assert sockscope_samples(gzip.decompress(zipped)) == sockscope_samples(plain)
 
 
 def test_poll_exposition_name_filter_and_promtool():
     exp = exposition(Holder(fixed_status()))
-    _, _, body = exp.bake(None, None, {"name[]": ["sockscope_up"]})
+    _, _, body = bake(exp, names=["sockscope_up"])
     assert set(parse(body)) == {"sockscope_up"}
     promtool = promtool_or_skip()
-    _, _, full = exp.bake(None, None, {})
+    _, _, full = bake(exp)
     proc = subprocess.run([promtool, "check", "metrics"], input=full, capture_output=True, timeout=60)
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc
 
@@ -657,8 +669,56 @@ def test_up_is_fresh_on_every_scrape_of_a_cached_poll():
     holder = Holder(fixed_status())
     clock = FakeClock(LAST_SUCCESS + 1)
     exp = PollExposition(holder, STALE_AFTER, monotonic=clock)
-    assert value(parse(exp.bake(None, None, {})[2]), "sockscope_up") == 1.0
+    assert value(parse(bake(exp)[2]), "sockscope_up") == 1.0
     clock.now = LAST_SUCCESS + STALE_AFTER + 1
-    body = exp.bake(None, None, {})[2]
+    body = bake(exp)[2]
     assert value(parse(body), "sockscope_up") == 0.0
     assert value(parse(body), "sockscope_snapshot_age_seconds") == STALE_AFTER + 1
+
+
+def test_negotiation_is_a_fixed_set_of_formats_whatever_the_client_sends():
+    from sockscope.prometheus import negotiate
+
+    assert negotiate(None) == negotiate("") == "text"
+    assert negotiate("application/openmetrics-text") == "openmetrics"
+    assert negotiate("application/openmetrics-text; version=1.0.0") == "openmetrics"
+    assert negotiate("application/openmetrics-text; version=0.0.1") == "text"
+    # Regression (issue 9 defect 8): version=abc raised inside prometheus_client: a 500
+    # with a traceback logged per request.
+    assert negotiate("application/openmetrics-text; version=abc") == "text"
+    assert negotiate("application/openmetrics-text; version=1.0.x") == "text"
+    assert negotiate("text/plain;q=0.9, application/openmetrics-text;version=1.0.0;q=0.5") == "text"
+    assert negotiate("application/openmetrics-text;q=0, text/plain") == "text"
+    assert negotiate("image/png") == "text"
+    assert negotiate("application/openmetrics-text; q=abc") == "text"
+
+
+def test_render_cache_is_bounded_whatever_the_accept_header(caplog):
+    # Regression (issue 9 defect 7): the cache was keyed by the content type string that
+    # echoed the client's version, so 3,000 distinct Accept headers grew RSS by 86 MB.
+    exp = exposition(Holder(fixed_status()))
+    app = MetricsApp(exp)
+    for n in range(3000):
+        accept = f"application/openmetrics-text; version=1.0.{n}" if n % 2 else f"text/plain; version={n}"
+        req = Request("GET", "/metrics", "/metrics", "", "HTTP/1.1",
+                      {"accept": accept, "accept-encoding": "gzip" if n % 3 else "identity"}, "test")
+        resp = app(req)
+        assert resp.status == 200
+        assert resp.headers[0][1] in ("text/plain; version=0.0.4; charset=utf-8",
+                                      "application/openmetrics-text; version=1.0.0; charset=utf-8")
+    assert len(exp._cache) <= 4
+    assert not caplog.records
+
+
+def test_bad_accept_version_is_served_as_text_over_http():
+    with metrics_server(only(golden_collector()), "127.0.0.1", 0) as srv:
+        status, headers, body = request(srv.port, Accept="application/openmetrics-text; version=abc")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert b"sockscope_up" in body
+
+
+def test_too_many_name_filters_is_a_400():
+    with metrics_server(only(golden_collector()), "127.0.0.1", 0) as srv:
+        query = "&".join(f"name[]=m{i}" for i in range(101))
+        assert request(srv.port, f"/metrics?{query}")[0] == 400
+        assert request(srv.port, "/metrics?name[]=sockscope_up")[0] == 200

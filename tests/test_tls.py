@@ -4,11 +4,9 @@ Prometheus (Debian `prometheus`) scraping it with scheme https, tls_config, basi
 
 from __future__ import annotations
 
-import json
-import shutil
 import socket
-import ssl
 import subprocess
+import ssl
 import threading
 import time
 import urllib.error
@@ -18,10 +16,12 @@ import bcrypt
 import pytest
 
 from conftest import require
-from daemon_helpers import free_port, samples, scrape, start_daemon
+from daemon_helpers import samples, scrape, start_daemon
+from prom_server import RealPrometheus
 from service_helpers import client_context, have_openssl, make_certs
 from sockscope import webconfig
-from sockscope.prometheus import MetricsServer, make_registry
+from sockscope.httpserver import HTTPServer, Limits
+from sockscope.prometheus import make_registry, metrics_server
 
 PASSWORD = "correct horse"
 
@@ -103,9 +103,9 @@ def test_idle_connections_do_not_stall_a_scrape(daemon):
     assert took < 1.0, f"scrape took {took:.2f}s with idle connections open"
 
 
-def _server(web) -> MetricsServer:
+def _server(web, limits: Limits = Limits()) -> HTTPServer:
     registry = make_registry(_Const())
-    server = MetricsServer(registry, "127.0.0.1", 0, web=web)
+    server = metrics_server(registry, "127.0.0.1", 0, web=web, limits=limits)
     server.start()
     return server
 
@@ -117,10 +117,9 @@ class _Const:
 
 
 def test_silent_client_is_dropped_after_the_handshake_timeout(certs):
-    base = webconfig.from_mapping({"tls_server_config": {"cert_file": str(certs.cert),
-                                                         "key_file": str(certs.key)}})
-    web = webconfig.WebConfig(base.source, base.tls, handshake_timeout=0.5)
-    server = _server(web)
+    web = webconfig.from_mapping({"tls_server_config": {"cert_file": str(certs.cert),
+                                                        "key_file": str(certs.key)}})
+    server = _server(web, Limits(request_timeout=0.5))
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
             started = time.monotonic()
@@ -164,48 +163,15 @@ def _sockscope():
 
 
 def test_prometheus_scrapes_https_with_basic_auth(daemon, certs, tmp_path):
-    prometheus = shutil.which("prometheus")
-    require(prometheus is not None, "needs the prometheus server (Debian prometheus)")
-    (tmp_path / "data").mkdir()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(json.dumps({
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-        "scrape_configs": [{
-            "job_name": "sockscope",
-            "scheme": "https",
-            "tls_config": {"ca_file": str(certs.ca), "server_name": "localhost"},
-            "basic_auth": {"username": "prometheus", "password": PASSWORD},
-            "static_configs": [{"targets": [daemon.address]}],
-        }],
-    }))
-    port = free_port()
-    with open(tmp_path / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen([prometheus, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        api = f"http://127.0.0.1:{port}/api/v1"
-        deadline = time.monotonic() + 20
-        target = None
-        while time.monotonic() < deadline:
-            try:
-                data = json.loads(scrape(f"{api}/targets"))["data"]["activeTargets"]
-                target = data[0] if data else None
-                if target and target["health"] == "up":
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.5)
-        log_text = (tmp_path / "prometheus.log").read_text(errors="replace")
-        assert target is not None and target["health"] == "up", (target, log_text[-2000:])
+    job = {
+        "job_name": "sockscope",
+        "scheme": "https",
+        "tls_config": {"ca_file": str(certs.ca), "server_name": "localhost"},
+        "basic_auth": {"username": "prometheus", "password": PASSWORD},
+        "static_configs": [{"targets": [daemon.address]}],
+    }
+    with RealPrometheus(tmp_path, [job]) as prom:
+        target = prom.wait_target_up()
         assert target["scrapeUrl"] == f"https://{daemon.address}/metrics"
         # The samples made it into the TSDB, not just a green target.
-        value = None
-        while time.monotonic() < deadline and value is None:
-            result = json.loads(scrape(f"{api}/query?query=sockscope_up"))["data"]["result"]
-            value = result[0]["value"][1] if result else None
-            if value is None:
-                time.sleep(0.5)
-        assert value == "1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        assert prom.wait_value("sockscope_up") == "1"

@@ -4,6 +4,8 @@ cache of successful bcrypt checks. Certificates come from the openssl CLI (tmp d
 from __future__ import annotations
 
 import base64
+import statistics
+import time
 
 import bcrypt
 import pytest
@@ -113,21 +115,67 @@ def test_2y_hashes_from_htpasswd_work():
     assert web.authorized(basic("u", "pw")) and not web.authorized(basic("u", "px"))
 
 
-def test_successful_checks_are_cached_failures_are_not():
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_successes_are_cached_failures_briefly():
     calls = []
 
     def counting(password, hashed):
         calls.append(password)
         return bcrypt.checkpw(password, hashed)
 
+    clock = Clock()
     web = webconfig.from_mapping({"basic_auth_users": {"prometheus": HASH}})
-    web = webconfig.WebConfig(web.source, None, web.users, checkpw=counting)
+    web = webconfig.WebConfig(web.source, None, web.users, checkpw=counting, monotonic=clock)
+    assert web.auth_quick(basic("prometheus", "s3cret")) is None  # needs bcrypt
     for _ in range(5):
         assert web.authorized(basic("prometheus", "s3cret"))
     assert calls == [b"s3cret"]
+    assert web.auth_quick(basic("prometheus", "s3cret")) is True
+    # One wrong password repeated costs one bcrypt check per FAIL_CACHE_SECONDS.
     for _ in range(3):
         assert not web.authorized(basic("prometheus", "wrong"))
-    assert calls == [b"s3cret"] + [b"wrong"] * 3
+    assert calls == [b"s3cret", b"wrong"]
+    assert web.auth_quick(basic("prometheus", "wrong")) is False
+    clock.now += webconfig.FAIL_CACHE_SECONDS + 0.1
+    assert web.auth_quick(basic("prometheus", "wrong")) is None
+    assert not web.authorized(basic("prometheus", "wrong"))
+    assert calls == [b"s3cret", b"wrong", b"wrong"]
     # Unknown users still pay one bcrypt check (no timing oracle for user names).
     assert not web.authorized(basic("eve", "s3cret"))
-    assert len(calls) == 5
+    assert len(calls) == 4
+
+
+def test_passwords_bcrypt_cannot_take_are_refused_not_raised():
+    web = webconfig.from_mapping({"basic_auth_users": {"prometheus": HASH}})
+    for password in ("x" * 73, "x" * 4000, "s3cret\0tail", "\udcff"):
+        header = "Basic " + base64.b64encode(b"prometheus:" + password.encode("utf-8", "surrogateescape")).decode()
+        assert web.authorized(header) is False
+    assert web.authorized(basic("prometheus", "s3cret"))
+
+
+def _median_check_time(web, user: str, rounds: int) -> float:
+    times = []
+    for i in range(rounds):
+        header = basic(user, f"wrong-{user}-{i}")  # a new password each time: never cached
+        started = time.perf_counter()
+        assert not web.authorized(header)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def test_unknown_user_takes_as_long_as_a_wrong_password():
+    # Regression (issue 9 defect 4): the dummy hash had cost 10 whatever the users' cost,
+    # so with cost-12 hashes a wrong user answered 4x faster than a wrong password.
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=11)).decode()
+    web = webconfig.from_mapping({"basic_auth_users": {"prometheus": hashed, "cheap": HASH}})
+    wrong_user = _median_check_time(web, "nobody", 5)
+    wrong_password = _median_check_time(web, "prometheus", 5)
+    ratio = wrong_user / wrong_password
+    assert 0.9 <= ratio <= 1.1, (wrong_user, wrong_password)

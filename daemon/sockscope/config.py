@@ -7,6 +7,12 @@ ConfigError. Adding a section = a dataclass, a _Section entry and a Config field
 
 A "kind" is a function raw YAML value -> parsed value that raises ValueError with a
 message (or _ItemProblems for per-element messages of a list).
+
+Files are untrusted input (docs/configuration.md, "File rules"): read_yaml reads regular
+files only, at most MAX_FILE_BYTES, without blocking on a FIFO; the YAML loader refuses
+documents nested deeper than MAX_DEPTH or expanding (aliases counted each time they are
+used) to more than MAX_NODES nodes; every exception of parsing or constructing becomes a
+ConfigError; messages show values bounded in length (_show), never in full.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from typing import Any, Callable
@@ -33,23 +41,42 @@ __all__ = [
     "PollConfig",
     "PortsConfig",
     "PrometheusConfig",
+    "MAX_DEPTH",
+    "MAX_FILE_BYTES",
+    "MAX_NODES",
+    "file_problem",
     "from_mapping",
+    "key_text",
     "load",
     "override",
     "parse_duration",
     "parse_listen_address",
+    "read_file",
     "read_yaml",
+    "show_value",
 ]
 
 
+MAX_FILE_BYTES = 1 << 20  # a config listing 8,192 ports is ~60 KiB
+MAX_DEPTH = 32  # nested nodes; sockscope's own files need 4. Far below the recursion limit.
+MAX_NODES = 20_000  # YAML nodes after alias expansion; 8,192 ports + every key is ~8,300
+MAX_SHOWN_PROBLEMS = 50  # problems listed (and logged on reload); the rest are counted
+
+
 class ConfigError(Exception):
-    """Every problem found in one configuration source, each "key.path: message"."""
+    """Every problem found in one configuration source, each "key.path: message".
+
+    `count` is the number of problems; `problems` lists at most MAX_SHOWN_PROBLEMS of them
+    and then one line saying how many more there were."""
 
     def __init__(self, problems: list[str] | str, source: str = "<config>") -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        problems = [problems] if isinstance(problems, str) else list(problems)
+        self.count = len(problems)
+        self.problems = problems[:MAX_SHOWN_PROBLEMS]
+        if self.count > MAX_SHOWN_PROBLEMS:
+            self.problems.append(f"... and {self.count - MAX_SHOWN_PROBLEMS} more problems")
         self.source = source
-        count = len(self.problems)
-        head = f"{source}: {count} problem{'' if count == 1 else 's'}:"
+        head = f"{source}: {self.count} problem{'' if self.count == 1 else 's'}:"
         super().__init__("\n".join([head, *("  " + p for p in self.problems)]))
 
 
@@ -83,6 +110,11 @@ class ListenersConfig:
 class PrometheusConfig:
     enabled: bool
     listen_address: str
+    max_connections: int  # open client connections; past it the longest-waiting idle one closes
+    workers: int  # threads answering requests
+    request_timeout: float  # TLS handshake + request head
+    idle_timeout: float  # keep-alive wait for the next request
+    write_timeout: float  # a response must be taken within this
     host: str  # "" = all addresses; an IPv6 literal has no brackets
     port: int
 
@@ -135,14 +167,59 @@ _TYPE_NAMES = (
 )
 
 
+_SHOW_MAX = 60
+
+
 def _show(value: Any) -> str:
-    """A value as the user wrote it in YAML, shortened."""
+    """A value as the user wrote it in YAML, shortened to _SHOW_MAX characters.
+
+    Bounded in time and memory whatever the value: a list that aliases expand to millions
+    of elements or a 4,000-digit integer is never rendered in full (repr() would be)."""
+    text = _repr_prefix(value, _SHOW_MAX + 1)
+    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
+
+
+def _repr_prefix(value: Any, budget: int) -> str:
+    """repr-like text of value, complete or at least `budget` characters of its start."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    if isinstance(value, int):
+        if value.bit_length() > 200:  # ~60 digits; str() of a huge int is quadratic
+            return f"<an integer of {value.bit_length()} bits>"
+        return repr(value)
+    if isinstance(value, (str, bytes)):
+        return repr(value[:budget])
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        opening, closing = ("{", "}") if isinstance(value, (dict, set, frozenset)) else ("[", "]")
+        parts, used = [], 1
+        items = value.items() if isinstance(value, dict) else value
+        for item in items:
+            if used >= budget:
+                parts.append("...")
+                break
+            if isinstance(value, dict):
+                text = _repr_prefix(item[0], budget - used) + ": " + _repr_prefix(item[1], budget - used)
+            else:
+                text = _repr_prefix(item, budget - used)
+            parts.append(text)
+            used += len(text) + 2
+        return opening + ", ".join(parts) + closing
+    if isinstance(value, float) or type(value).__module__ == "datetime":
+        return repr(value)
+    return f"<{type(value).__name__}>"
+
+
+def _key_text(key: Any) -> str:
+    """A mapping key as written in a key path: plain when it is a short printable string."""
+    if isinstance(key, str) and 0 < len(key) <= _SHOW_MAX and key.isprintable() and key.strip() == key:
+        return key
+    return _show(key)
+
+
+show_value = _show  # for the web config's messages (webconfig.py)
+key_text = _key_text
 
 
 def _describe(value: Any) -> str:
@@ -159,14 +236,25 @@ def _expect(value: Any, kind: type, what: str) -> None:
 
 
 def _format_seconds(seconds: float) -> str:
+    """5s, 100ms, 24h, 1m30s, 2.5s: whole hours and minutes as such, below 1s in ms."""
+    if 0 < seconds < 1 and round(seconds * 1000, 9).is_integer():
+        return f"{seconds * 1000:g}ms"
+    if seconds >= 60 and float(seconds).is_integer():
+        h, rest = divmod(int(seconds), 3600)
+        m, sec = divmod(rest, 60)
+        return "".join(f"{n}{unit}" for n, unit in ((h, "h"), (m, "m"), (sec, "s")) if n)
     return f"{seconds:g}s"
 
 
 # --- public parsers ------------------------------------------------------------------
 
 _DURATION_UNITS = {"h": Decimal(3600), "m": Decimal(60), "s": Decimal(1), "ms": Decimal("0.001")}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
+# ASCII digits only: \d would also take "٥" (ARABIC-INDIC FIVE) as a 5.
+_DURATION_NUMBER = r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+"
+_DURATION_PART = re.compile(rf"({_DURATION_NUMBER})(ms|h|m|s)")
 _DURATION_HINT = "use seconds (5, 1.5) or a string like 500ms, 5s, 1m30s, 2h"
+_DURATION_MAX_TEXT = 64  # characters; "1h2m3.123456s" is 13
+_ASCII_SPACE = " \t\r\n\f\v"
 
 
 def parse_duration(value: Any) -> float:
@@ -183,29 +271,31 @@ def parse_duration(value: Any) -> float:
             seconds = float(value)
         except OverflowError:
             seconds = math.inf
-        if not math.isfinite(seconds):
-            raise ValueError(f"{_show(value)} is not a finite duration")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{_show(value)} is not a finite duration")
     if seconds < 0:
         raise ValueError(f"{_show(value)} is negative; durations must be >= 0")
     return seconds
 
 
 def _parse_duration_string(text: str) -> float:
-    stripped = text.strip()
+    stripped = text.strip(_ASCII_SPACE)
+    if len(stripped) > _DURATION_MAX_TEXT:
+        raise ValueError(f"{_show(text)}: {len(stripped)} characters is too long for a duration; {_DURATION_HINT}")
     if stripped.startswith("-"):
-        raise ValueError(f"{text!r} is negative; durations must be >= 0")
+        raise ValueError(f"{_show(text)} is negative; durations must be >= 0")
     pos, total, order = 0, Decimal(0), list(_DURATION_UNITS)
     last_rank = -1
     while pos < len(stripped):
         match = _DURATION_PART.match(stripped, pos)
         if not match:
-            missing_unit = re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", stripped[pos:])
+            missing_unit = re.fullmatch(_DURATION_NUMBER, stripped[pos:])
             reason = "a number needs a unit" if missing_unit else "not a duration"
-            raise ValueError(f"{text!r}: {reason}; {_DURATION_HINT}")
+            raise ValueError(f"{_show(text)}: {reason}; {_DURATION_HINT}")
         number, unit = match.groups()
         rank = order.index(unit)
         if rank <= last_rank:
-            raise ValueError(f"{text!r}: units must go from largest to smallest, each once (e.g. 1h2m3s)")
+            raise ValueError(f"{_show(text)}: units must go from largest to smallest, each once (e.g. 1h2m3s)")
         last_rank = rank
         total += Decimal(number) * _DURATION_UNITS[unit]
         pos = match.end()
@@ -217,6 +307,7 @@ def _parse_duration_string(text: str) -> float:
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _PORT_DIGITS = re.compile(r"[0-9]{1,5}")
 _LISTEN_FORMS = "expected host:port, :port or [v6addr]:port"
+_LISTEN_MAX = 260  # a 253-character hostname, ':' and a port
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:
@@ -226,6 +317,11 @@ def parse_listen_address(value: str) -> tuple[str, int]:
     brackets and is returned without them. Port 1-65535. Raises ValueError.
     """
     _expect(value, str, "a string")
+    if len(value) > _LISTEN_MAX:
+        raise ValueError(f"{_show(value)}: {len(value)} characters is too long (at most {_LISTEN_MAX})")
+    if not (value.isascii() and value.isprintable()):
+        # Also the IPv6 scope (%eth0), which ipaddress takes as any text.
+        raise ValueError(f"{_show(value)}: only printable ASCII characters are allowed; {_LISTEN_FORMS}")
     if value.startswith("["):
         close = value.find("]")
         if close < 0:
@@ -290,17 +386,23 @@ def _integer(lo: int, hi: int, noun: str | None = None) -> Kind:
     def parse(value: Any) -> int:
         _expect(value, int, "an integer")
         if not lo <= value <= hi:
-            raise ValueError(f"{value} is not a {noun} ({lo}-{hi})" if noun else f"{value} is out of range ({lo}-{hi})")
+            shown = _show(value)
+            raise ValueError(f"{shown} is not a {noun} ({lo}-{hi})" if noun else f"{shown} is out of range ({lo}-{hi})")
         return value
 
     return parse
 
 
-def _duration(*, allow_zero: bool = False, at_most: float | None = None) -> Kind:
+def _duration(*, allow_zero: bool = False, at_least: tuple[float, str] | None = None,
+              at_most: float | None = None) -> Kind:
+    """at_least: (seconds, why) for a non-zero value."""
+
     def parse(value: Any) -> float:
         seconds = parse_duration(value)
         if seconds == 0 and not allow_zero:
             raise ValueError(f"must be > 0, got {_show(value)}")
+        if at_least is not None and 0 < seconds < at_least[0]:
+            raise ValueError(f"{_show(value)} is too short (at least {_format_seconds(at_least[0])}: {at_least[1]})")
         if at_most is not None and seconds > at_most:
             raise ValueError(f"{_show(value)} is too long (at most {_format_seconds(at_most)})")
         return seconds
@@ -313,7 +415,7 @@ def _choice(*options: str, fold_case: bool = False) -> Kind:
         _expect(value, str, "a string")
         key = value.lower() if fold_case else value
         if key not in options:
-            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+            raise ValueError(f"{_show(value)} is not one of {', '.join(options)}")
         return key
 
     return parse
@@ -345,18 +447,35 @@ def _list_of(item: Kind, *, nonempty: bool = False) -> Kind:
     return parse
 
 
+_NAME_MAX = 255  # bytes in one file name (limits.h NAME_MAX)
+_PATH_MAX = 4095  # bytes in a path, without the NUL that PATH_MAX (4096) counts
+
+
 def _netns(value: Any) -> str | None:
     _expect(value, str, "a string")
     if value == "":
         return None
     if "\0" in value:
         raise ValueError("must not contain a NUL character")
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # A lone surrogate ("\ud800" in a double-quoted YAML string) names no file.
+        raise ValueError(f"{_show(value)}: character {exc.start} cannot be encoded (not a file name)") from None
+    if not value.isprintable():
+        raise ValueError(f"{_show(value)}: must not contain a newline or another control character")
     if value.startswith("/"):
+        if len(encoded) > _PATH_MAX:
+            raise ValueError(f"{_show(value)}: {len(encoded)} bytes is too long for a path (at most {_PATH_MAX})")
+        if any(len(part.encode()) > _NAME_MAX for part in value.split("/")):
+            raise ValueError(f"{_show(value)}: a path component is longer than {_NAME_MAX} bytes")
         return value
     if "/" in value:
-        raise ValueError(f"{value!r}: give a name from /run/netns or an absolute path (like /proc/PID/ns/net)")
+        raise ValueError(f"{_show(value)}: give a name from /run/netns or an absolute path (like /proc/PID/ns/net)")
     if value in (".", ".."):
-        raise ValueError(f"{value!r} is not a namespace name")
+        raise ValueError(f"{_show(value)} is not a namespace name")
+    if len(encoded) > _NAME_MAX:
+        raise ValueError(f"{_show(value)}: {len(encoded)} bytes is too long for a name in /run/netns (at most {_NAME_MAX})")
     return value
 
 
@@ -367,6 +486,10 @@ def _listen_address(value: Any) -> str:
 
 _PORT = _integer(1, 65535, "port")
 _MAX_DURATION = 86400.0  # one day; larger waits overflow threading/socket timeouts
+_MAX_STALE_AFTER = 3 * _MAX_DURATION  # the default, 3 x poll.interval, fits
+# A poll costs ~5-10 ms of CPU even on a small table (docs/performance.md): 1ms polled
+# 170 times a second at 89% of a core.
+_MIN_POLL_INTERVAL = (0.1, "a poll costs ~5-10 ms of CPU even on a small table")
 
 
 # --- the schema --------------------------------------------------------------------
@@ -441,7 +564,7 @@ _GRAPHITE_TEMPLATE = re.compile(r"(?:[A-Za-z0-9_.-]|\{hostname\}|\{fqdn\})*")
 def _graphite_address(value: Any) -> str:
     host, _ = parse_listen_address(value)
     if host == "":
-        raise ValueError(f"{value!r}: give carbon's host, e.g. 127.0.0.1:2003")
+        raise ValueError(f"{_show(value)}: give carbon's host, e.g. 127.0.0.1:2003")
     return value
 
 
@@ -455,9 +578,9 @@ def _graphite_template(*, empty_ok: bool) -> Kind:
         if len(value) > 256:
             raise ValueError(f"{len(value)} characters is too long (at most 256)")
         if not _GRAPHITE_TEMPLATE.fullmatch(value):
-            raise ValueError(f"{value!r}: only letters, digits, '_', '-', '.', {{hostname}} and {{fqdn}} are allowed")
+            raise ValueError(f"{_show(value)}: only letters, digits, '_', '-', '.', {{hostname}} and {{fqdn}} are allowed")
         if value.startswith(".") or ".." in value:
-            raise ValueError(f"{value!r}: empty path component")
+            raise ValueError(f"{_show(value)}: empty path component")
         return value
 
     return parse
@@ -502,8 +625,8 @@ _SECTIONS: tuple[_Section, ...] = (
         "poll",
         PollConfig,
         (
-            _Field("interval", _duration(at_most=_MAX_DURATION), "5s"),
-            _Field("stale_after", _duration(allow_zero=True), 0),
+            _Field("interval", _duration(at_least=_MIN_POLL_INTERVAL, at_most=_MAX_DURATION), "5s"),
+            _Field("stale_after", _duration(allow_zero=True, at_most=_MAX_STALE_AFTER), 0),
             _Field("timeout", _duration(at_most=_MAX_DURATION), "30s"),
             _Field("families", _list_of(_choice("ipv4", "ipv6"), nonempty=True), ["ipv4", "ipv6"]),
             _Field("netns", _netns, ""),
@@ -536,6 +659,11 @@ _SECTIONS: tuple[_Section, ...] = (
         (
             _Field("enabled", _boolean, True),
             _Field("listen_address", _listen_address, ":9393"),
+            _Field("max_connections", _integer(1, 65536), 512),
+            _Field("workers", _integer(1, 32), 4),
+            _Field("request_timeout", _duration(at_most=3600), "10s"),
+            _Field("idle_timeout", _duration(at_most=3600), "2m"),
+            _Field("write_timeout", _duration(at_most=3600), "30s"),
         ),
         derive=_derive_prometheus,
     ),
@@ -567,7 +695,7 @@ _SECTIONS: tuple[_Section, ...] = (
         LogConfig,
         (
             _Field("level", _choice("debug", "info", "warning", "error", fold_case=True), "info"),
-            _Field("format", _choice("text", "json"), "text"),
+            _Field("format", _choice("text", "json", "journal"), "text"),
         ),
     ),
 )
@@ -593,12 +721,19 @@ class _Problems(list):
         self.append(f"{path}: {message}")
 
 
+_MAX_HINTS = 20  # "did you mean" suggestions per mapping: difflib is slow on thousands of keys
+
+
 def _unknown_keys(mapping: dict, known: list[str], prefix: str, problems: _Problems) -> None:
+    hints = 0
     for key in mapping:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.add(f"{prefix}{key}", f"unknown key{hint}")
+            hint = ""
+            if isinstance(key, str) and len(key) <= _SHOW_MAX and hints < _MAX_HINTS:
+                hints += 1
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.add(f"{prefix}{_key_text(key)}", f"unknown key{hint}")
 
 
 def _parse_field(spec: _Field, raw: Any, path: str, problems: _Problems, values: dict[str, Any]) -> None:
@@ -612,6 +747,8 @@ def _parse_field(spec: _Field, raw: Any, path: str, problems: _Problems, values:
             problems.add(path + suffix, message)
     except ValueError as exc:
         problems.add(path, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a value no rule foresaw is a problem, never a crash
+        problems.add(path, f"cannot check {_describe(raw)}: {type(exc).__name__}")
 
 
 def _finish(section: _Section, values: dict[str, Any], problems: _Problems) -> Any:
@@ -660,60 +797,304 @@ def from_mapping(data: Any, source: str = "<config>") -> Config:
     return Config(**built, source=source)
 
 
-class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping.
+# --- reading files -----------------------------------------------------------------
 
-    Plain safe_load keeps the last value silently; a config with `interval` twice is
-    almost always a merge accident, so it is reported with its line.
+try:  # libyaml scans and parses in C: a 1 MiB file in ~0.6 s instead of ~12 s
+    from yaml._yaml import CParser as _EventSource
+except ImportError:  # PyYAML built without libyaml: the same rules, slower
+
+    class _EventSource(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):  # type: ignore[no-redef]
+        def __init__(self, stream: str) -> None:
+            yaml.reader.Reader.__init__(self, stream)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A document over one of the loader's limits (depth, expanded size, recursion)."""
+
+
+_NUMBER_TEXT_MAX = 64  # characters of an int or float scalar; 1:2:3... ints are quadratic
+
+
+class _Loader(yaml.composer.Composer, _EventSource, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+    """A safe YAML loader for untrusted files: libyaml's parser when present, PyYAML's
+    composer with limits, SafeConstructor with every error tied to its node.
+
+    - A key given twice in one mapping is refused (plain safe_load keeps the last value
+      silently; a config with `interval` twice is almost always a merge accident).
+    - Nesting deeper than MAX_DEPTH is refused while composing, long before Python's
+      recursion limit (PyYAML recurses 2-3 frames per level).
+    - The document may expand to at most MAX_NODES nodes, an alias counting its anchor's
+      nodes each time it is used, checked as each node or alias is read: a 1 KB "billion
+      laughs" file is refused after 20,000 nodes instead of being expanded (37 s, 2.2 GB)
+      by whoever walks or prints it. An alias inside its own anchor is refused too.
+    - Every exception of constructing a value (`!!bool maybe`, `!!int abc`, a 5,000-digit
+      integer) becomes a ConstructorError at the node, with the node's key path.
     """
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {_show(key)} appears twice in one mapping", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+    def __init__(self, stream: str) -> None:
+        _EventSource.__init__(self, stream)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+        self._depth = 0
+        self._expanded = 0  # nodes read so far, aliases counted at their anchor's size
+        self._sizes: dict[int, int] = {}  # id(node) -> expanded size, once composed
+        self._where: dict[int, tuple[Any, Any]] = {}  # id(node) -> (parent node, index or key node)
+        self._stack: list[str] = []  # key path parts of the nodes being composed
+
+    # -- composing, with limits -------------------------------------------------------
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        self._stack.append(_path_part(parent, index))
+        try:
+            if isinstance(event, yaml.AliasEvent):
+                target = self.anchors.get(event.anchor)
+                if target is not None:  # else PyYAML reports the undefined alias
+                    size = self._sizes.get(id(target))
+                    if size is None:
+                        self._refuse(f"alias *{_key_text(event.anchor)} is used inside its own anchor "
+                                     "(a recursive structure)", event)
+                    self._count(size, event)
+                return super().compose_node(parent, index)
+            if self._depth >= MAX_DEPTH:
+                self._refuse(f"nested more than {MAX_DEPTH} levels deep", event)
+            start = self._expanded
+            self._count(1, event)
+            self._depth += 1
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+        finally:
+            self._stack.pop()
+        self._sizes[id(node)] = self._expanded - start
+        self._where[id(node)] = (parent, index)
+        return node
+
+    def _count(self, nodes: int, event: Any) -> None:
+        self._expanded += nodes
+        if self._expanded > MAX_NODES:
+            self._refuse(f"the document expands to more than {MAX_NODES:,} nodes (each use of an alias "
+                         "counts the nodes of its anchor again)", event)
+
+    def _refuse(self, message: str, event: Any) -> None:
+        error = _Refused(None, None, message, event.start_mark)
+        error.key_path = "".join(self._stack).lstrip(".") or "top level"
+        raise error
+
+    def _node_path(self, node: Any) -> str:
+        """The key path (poll.families[1]) of a composed node."""
+        parts: list[str] = []
+        parent, index = self._where.get(id(node), (None, None))
+        while parent is not None:
+            parts.append(_path_part(parent, index))
+            parent, index = self._where.get(id(parent), (None, None))
+        return "".join(reversed(parts)).lstrip(".") or "top level"
+
+    # -- constructing -------------------------------------------------------------------
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        pending = len(self.state_generators)
+        try:
+            data = super().construct_object(node, deep=deep)
+            if len(self.state_generators) == pending + 1:  # a collection, filled in later
+                self.state_generators[-1] = self._tied(self.state_generators[-1], node)
+            return data
+        except yaml.MarkedYAMLError as exc:
+            if getattr(exc, "key_path", None) is None:
+                exc.key_path = self._node_path(node)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any constructor failure is a problem of the file
+            # ValueError says what was wrong ("invalid literal for int() ..."); KeyError,
+            # AttributeError and the like only say where PyYAML tripped.
+            reason = f": {_clip(str(exc))}" if isinstance(exc, ValueError) and str(exc) else ""
+            error = yaml.constructor.ConstructorError(
+                None, None, f"cannot read {_show(node.value)} as {_short_tag(node.tag)}{reason}", node.start_mark)
+            error.key_path = self._node_path(node)
+            raise error from None
+
+    def _tied(self, generator: Any, node: Any) -> Any:
+        """generator (the rest of a collection's construction, run by construct_document)
+        with its errors tied to node, like construct_object's."""
+        try:
+            yield from generator
+        except yaml.MarkedYAMLError as exc:
+            if getattr(exc, "key_path", None) is None:
+                exc.key_path = self._node_path(node)
+            raise
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        try:
+            seen: set = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    error = yaml.constructor.ConstructorError(
+                        None, None, f"key {_show(key)} appears twice in one mapping", key_node.start_mark
+                    )
+                    path = self._node_path(node)
+                    error.key_path = _key_text(key) if path == "top level" else f"{path}.{_key_text(key)}"
+                    raise error
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+        except yaml.MarkedYAMLError as exc:
+            if getattr(exc, "key_path", None) is None:
+                exc.key_path = self._node_path(node)
+            raise
+
+    def construct_bounded_number(self, node: Any) -> Any:
+        if len(node.value) > _NUMBER_TEXT_MAX:
+            raise ValueError(f"{len(node.value)} characters is too long for a number (at most {_NUMBER_TEXT_MAX})")
+        if node.tag.endswith(":int"):
+            return self.construct_yaml_int(node)
+        return self.construct_yaml_float(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_bounded_number)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_bounded_number)
+
+
+def _path_part(parent: Any, index: Any) -> str:
+    """One step of a key path: ".key" (index is the key's node), "[3]", "" at the root."""
+    if parent is None:
+        return ""
+    if isinstance(index, int):
+        return f"[{index}]"
+    if isinstance(index, yaml.ScalarNode):
+        return "." + _key_text(index.value)
+    return " (a key)" if index is None else ".?"
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag.removeprefix("tag:yaml.org,2002:") if tag.startswith("tag:yaml.org,2002:") else _show(tag)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
-    syntax = isinstance(exc, (yaml.scanner.ScannerError, yaml.parser.ParserError, yaml.composer.ComposerError))
-    label = "YAML syntax error" if syntax else "invalid YAML"
+    if isinstance(exc, _Refused):
+        label = "YAML refused"
+    elif isinstance(exc, (yaml.scanner.ScannerError, yaml.parser.ParserError, yaml.composer.ComposerError)):
+        label = "YAML syntax error"
+    else:
+        label = "invalid YAML"
     mark = getattr(exc, "problem_mark", None)
     if isinstance(exc, yaml.MarkedYAMLError) and mark is not None:
-        text = ": ".join(part for part in (exc.context, exc.problem) if part)
-        return f"line {mark.line + 1}, column {mark.column + 1}: {label}: {text}"
-    return f"{label}: {' '.join(str(exc).split())}"
+        text = ": ".join(_clip(part) for part in (exc.context, exc.problem) if part)
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        key_path = getattr(exc, "key_path", None)
+        return f"{key_path}: {where}: {label}: {text}" if key_path else f"{where}: {label}: {text}"
+    return f"{label}: {_clip(str(exc))}"
 
 
 def load(path: str | None) -> Config:
-    """The Config in the YAML file at path; None = DEFAULTS. Raises ConfigError."""
+    """The Config in the YAML file at path; None = DEFAULTS. Raises ConfigError only."""
     if path is None:
         return DEFAULTS
-    return from_mapping(read_yaml(path), path)
+    data = read_yaml(path)
+    try:
+        return from_mapping(data, path)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug in a rule must not crash a reload
+        raise ConfigError(f"cannot validate the file: {type(exc).__name__}: {_clip(str(exc))}", path) from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _open_regular(path: str, limit: int) -> int:
+    """An fd of the regular file at path, no larger than limit. Raises ValueError.
+
+    O_NONBLOCK: opening a FIFO for reading would wait for a writer (and a read would block
+    on an empty one); O_NOCTTY: a terminal never becomes our controlling terminal."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"cannot read file: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise ValueError(f"cannot read file: {exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"cannot read file: {_file_kind(st.st_mode)}, not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"file is {st.st_size:,} bytes, larger than the limit of {limit:,}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def file_problem(path: str, limit: int = MAX_FILE_BYTES) -> str | None:
+    """Why the file at path is not a readable regular file of at most limit bytes, or None.
+
+    For files other modules hand to a library by path (TLS certificates and keys), so that
+    a FIFO, /dev/zero or a huge file is refused before the library blocks on it."""
+    try:
+        os.close(_open_regular(path, limit))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def read_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of the regular file at path, at most limit of them. Raises ConfigError."""
+    try:
+        fd = _open_regular(path, limit)
+    except ValueError as exc:
+        raise ConfigError(str(exc), path) from None
+    try:
+        chunks, size = [], 0
+        while size <= limit:  # the file may grow after fstat: read at most limit + 1 bytes
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ConfigError(f"cannot read file: {exc.strerror or exc}", path) from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise ConfigError(f"file is larger than the limit of {limit:,} bytes", path)
+    return b"".join(chunks)
 
 
 def read_yaml(path: str) -> Any:
-    """The parsed YAML document at path (keys given twice refused). Raises ConfigError.
+    """The parsed YAML document at path, under the file rules (module docstring).
+    Raises ConfigError only.
 
     Also used for the web config file (webconfig.py), so YAML stays behind this module.
     """
+    data = read_file(path)
     try:
-        with open(path, encoding="utf-8") as stream:
-            text = stream.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read file: {exc.strerror or exc}", path) from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text (byte {exc.start})", path) from None
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        loader = _Loader(text)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_problem(exc), path) from None
+    except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the file is refused
+        raise ConfigError(f"invalid YAML: {type(exc).__name__}: {_clip(str(exc))}", path) from None
 
 
 def override(

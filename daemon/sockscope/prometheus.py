@@ -1,6 +1,9 @@
-"""Prometheus exposition: the snapshot collector and the /metrics HTTP server.
+"""Prometheus exposition: the collectors, the per-poll render cache and the /metrics app
+(served by httpserver.HTTPServer).
 
-This is the only module that imports prometheus_client.
+This is the only module that imports prometheus_client; it uses only its public API
+(collectors, registries, the two `generate_latest` encoders). Format negotiation is ours:
+a fixed set of formats, whatever the client sends.
 
 Scrapes never trigger a poll: `SnapshotCollector.collect()` reads the latest published
 `PollStatus` once (one reference read, no lock) and turns it into fresh metric families,
@@ -9,24 +12,21 @@ so any number of concurrent scrapes see a consistent poll each and cost no netli
 
 from __future__ import annotations
 
-import errno
 import gzip
 import html
 import logging
 import platform
-import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import _bake_output, choose_encoder, gzip_accepted
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_generate_latest
 
 from sockscope import __version__
+from sockscope.httpserver import DROP_REASONS, HTTPServer, Limits, Request, Response
 from sockscope.kernelstats import COUNTERS as KERNEL_COUNTERS
 from sockscope.kernelstats import SOURCES as KERNEL_SOURCES
 from sockscope.kernelstats import TCP_MEM_LEVELS
@@ -36,8 +36,8 @@ from sockscope.snapshot import FAMILIES, OTHER, STATES, PollStatus, PortTable, S
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "GraphiteCollector", "SnapshotCollector", "PollExposition", "MetricsServer",
-    "MetricsRequestHandler", "make_registry",
+    "GraphiteCollector", "HTTPCollector", "SnapshotCollector", "PollExposition", "MetricsApp",
+    "make_registry", "metrics_server", "negotiate",
 ]
 
 _LATEST = " Figures are from the latest poll (see sockscope_snapshot_age_seconds); a scrape never triggers a dump."
@@ -501,6 +501,116 @@ def make_registry(*collectors) -> CollectorRegistry:
     return registry
 
 
+class HTTPCollector:
+    """The /metrics server's own counters (httpserver.ServerStats from `stats()`, or None
+    before the server runs): connections open and dropped, responses by status code."""
+
+    def __init__(self, stats: Callable[[], object]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        return iter(() if stats is None else list(self._families(stats)))
+
+    def _families(self, stats) -> Iterator[Metric]:
+        fam = GaugeMetricFamily("sockscope_http_open_connections",
+                                "Client connections to the /metrics server open now.")
+        if stats is not None:
+            fam.add_metric([], float(stats.open_connections))
+        yield fam
+        fam = GaugeMetricFamily("sockscope_http_max_connections",
+                                "Connections the /metrics server keeps open at most (prometheus.max_connections, "
+                                "lowered to fit the open-files limit); past it the longest-waiting idle one is closed.")
+        if stats is not None:
+            fam.add_metric([], float(stats.max_connections))
+        yield fam
+        fam = CounterMetricFamily("sockscope_http_accepted_connections",
+                                  "Client connections accepted by the /metrics server.")
+        if stats is not None:
+            fam.add_metric([], float(stats.accepted))
+        yield fam
+        fam = CounterMetricFamily(
+            "sockscope_http_dropped_connections",
+            "Connections the /metrics server closed without answering, by reason: evicted (the connection cap "
+            "was reached and this one had waited longest for a request), request_timeout, idle_timeout, "
+            "write_timeout, tls_handshake (failed, too slow, or plain HTTP on the TLS port), accept_error "
+            "(out of file descriptors).",
+            labels=("reason",))
+        if stats is not None:
+            for reason in DROP_REASONS:
+                fam.add_metric([reason], float(stats.dropped.get(reason, 0)))
+        yield fam
+        fam = CounterMetricFamily("sockscope_http_responses",
+                                  "Responses sent by the /metrics server, by status code.", labels=("code",))
+        if stats is not None:
+            for code, count in sorted(stats.requests.items()):
+                fam.add_metric([str(code)], float(count))
+        yield fam
+
+
+# -- content negotiation --------------------------------------------------------------------
+
+_OM_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+_TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_FORMATS = {  # name -> (content type, encoder): a fixed set, so caches keyed by it are bounded
+    "text": (_TEXT_CONTENT_TYPE, generate_latest),
+    "openmetrics": (_OM_CONTENT_TYPE, openmetrics_generate_latest),
+}
+
+
+def _version_at_least_1(text: str) -> bool:
+    parts = text.split(".")
+    return all(p.isascii() and p.isdigit() for p in parts) and int(parts[0]) >= 1
+
+
+def negotiate(accept: str | None) -> str:
+    """The exposition format for an Accept header: "openmetrics" when the client ranks
+    OpenMetrics 1.x (or OpenMetrics without a version) at least as high as the text
+    format, else "text" (text 0.0.4, also for anything unknown or malformed: never an
+    error). The version served is always 1.0.0, whatever version the client named."""
+    best, best_q = "text", -1.0
+    for media_range in (accept or "").split(","):
+        kind, *params = (p.strip() for p in media_range.split(";"))
+        kind = kind.lower()
+        q, version = 1.0, None
+        for param in params:
+            key, _, value = param.partition("=")
+            key = key.strip().lower()
+            if key == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+            elif key == "version":
+                version = value.strip()
+        if not 0.0 < q <= 1.0:
+            continue
+        if kind == "application/openmetrics-text" and (version is None or _version_at_least_1(version)):
+            fmt = "openmetrics"
+        elif kind in ("text/plain", "text/*", "*/*"):
+            fmt = "text"
+        else:
+            continue
+        if q > best_q:
+            best, best_q = fmt, q
+    return best
+
+
+def _gzip_accepted(accept_encoding: str | None) -> bool:
+    for coding in (accept_encoding or "").split(","):
+        name, _, params = coding.partition(";")
+        if name.strip().lower() == "gzip":
+            q = params.strip().lower()
+            return q not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
+_MAX_NAME_FILTERS = 100
+
+
 class PollExposition:
     """/metrics bodies with the per-poll part rendered once per poll.
 
@@ -513,6 +623,7 @@ class PollExposition:
     the cached part followed by the fresh part: each family appears once. gzip bodies are
     two gzip members back to back (RFC 1952 allows it; Go's and Python's readers read
     both). `?name[]=` filtered scrapes are rendered whole from `registry`.
+    The cache holds at most one entry per (format, gzip): 4 bodies of the latest poll.
     """
 
     def __init__(self, status: Callable[[], PollStatus], stale_after: float, *extra,
@@ -530,46 +641,44 @@ class PollExposition:
         self._key: PollStatus | None = None
         self._cache: dict[tuple[str, bool], bytes] = {}
 
-    def _poll_part(self, status: PollStatus, content_type: str, encoder, gz: bool) -> bytes:
+    def _poll_part(self, status: PollStatus, fmt: str, gz: bool) -> bytes:
         with self._lock:
             if self._key is not status:
                 self._key, self._cache = status, {}
-            body = self._cache.get((content_type, gz))
+            body = self._cache.get((fmt, gz))
         if body is not None:
             return body
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SnapshotCollector(lambda: status, self._stale_after, self._monotonic,
                                             part="poll", poll_interval=self._poll_interval))
-        body = encoder(registry)
+        body = _FORMATS[fmt][1](registry)
         if body.endswith(_OM_EOF):  # OpenMetrics: one "# EOF", at the very end
             body = body[: -len(_OM_EOF)]
         if gz:
             body = gzip.compress(body)
         with self._lock:
             if self._key is status:
-                self._cache[(content_type, gz)] = body
+                self._cache[(fmt, gz)] = body
         return body
 
-    def bake(self, accept: str | None, accept_encoding: str | None,
-             params: dict) -> tuple[str, list[tuple[str, str]], bytes]:
-        """(status line, headers, body), like prometheus_client's _bake_output."""
-        if "name[]" in params:
-            return _bake_output(self.registry, accept, accept_encoding, params, False)
-        encoder, content_type = choose_encoder(accept)
-        gz = gzip_accepted(accept_encoding or "")
-        head = self._poll_part(self._status(), content_type, encoder, gz)
-        tail = encoder(self._scrape)
-        headers = [("Content-Type", content_type)]
-        if gz:
-            tail = gzip.compress(tail)
-            headers.append(("Content-Encoding", "gzip"))
-        return "200 OK", headers, head + tail
+    def render(self, fmt: str, gz: bool, names: list[str] | None = None) -> tuple[bytes, ...]:
+        """The body of one scrape, as parts to send back to back."""
+        if names is not None:
+            return (_encode(self.registry.restricted_registry(names), fmt, gz),)
+        head = self._poll_part(self._status(), fmt, gz)
+        tail = _FORMATS[fmt][1](self._scrape)
+        return head, gzip.compress(tail) if gz else tail
 
 
 _OM_EOF = b"# EOF\n"
 
 
-# -- HTTP ---------------------------------------------------------------------------------------
+def _encode(registry, fmt: str, gz: bool) -> bytes:
+    body = _FORMATS[fmt][1](registry)
+    return gzip.compress(body) if gz else body
+
+
+# -- the /metrics application ---------------------------------------------------------------
 
 _LANDING = """<!DOCTYPE html>
 <html lang="en">
@@ -581,243 +690,47 @@ _LANDING = """<!DOCTYPE html>
 </body>
 </html>
 """
+_TEXT = ("Content-Type", "text/plain; charset=utf-8")
 
 
-class MetricsRequestHandler(BaseHTTPRequestHandler):
-    """All request handling: /metrics, the landing page, 404s.
+class MetricsApp:
+    """/metrics (negotiated text 0.0.4 / OpenMetrics 1.0.0, gzip, `?name[]=` filters), the
+    landing page at /, 404 elsewhere. `source` is a PollExposition (the daemon) or any
+    collector/registry (tests), read once per request so it can be swapped."""
 
-    The registry comes from the server (`self.server.registry`: a PollExposition, as the
-    daemon serves it, or a plain CollectorRegistry). Subclass and set
-    MetricsServer.handler_class to add behaviour (e.g. authentication) in one place.
-    """
+    def __init__(self, source) -> None:
+        self.source = source
 
-    server_version = f"sockscope/{__version__}"
-    timeout = 60  # seconds a client may idle on a connection before its thread gives up
-
-    def version_string(self) -> str:  # Server header, without the Python version
-        return self.server_version
-
-    def do_GET(self) -> None:
-        self._dispatch(send_body=True)
-
-    def do_HEAD(self) -> None:
-        self._dispatch(send_body=False)
-
-    def _dispatch(self, send_body: bool) -> None:
-        web = self.server.web  # webconfig.WebConfig or None; read once per request
-        if web is not None and not web.authorized(self.headers.get("Authorization")):
-            self._reply(401, [("Content-Type", "text/plain; charset=utf-8"),
-                              ("WWW-Authenticate", 'Basic realm="sockscope"')],
-                        b"Unauthorized\n", send_body)
-            return
-        url = urlsplit(self.path)
-        if url.path == "/metrics":
-            self._metrics(url.query, send_body)
-        elif url.path == "/":
+    def __call__(self, req: Request) -> Response:
+        if req.path == "/metrics":
+            return self._metrics(req)
+        if req.path == "/":
             body = _LANDING.format(version=html.escape(__version__)).encode()
-            self._reply(200, [("Content-Type", "text/html; charset=utf-8")], body, send_body)
+            return Response(200, [("Content-Type", "text/html; charset=utf-8")], body)
+        return Response(404, [_TEXT], b"404 page not found\n")
+
+    def _metrics(self, req: Request) -> Response:
+        fmt = negotiate(req.header("accept"))
+        gz = _gzip_accepted(req.header("accept-encoding"))
+        names = None
+        if req.query:
+            try:
+                params = parse_qs(req.query, max_num_fields=_MAX_NAME_FILTERS)
+            except ValueError:
+                return Response(400, [_TEXT], f"at most {_MAX_NAME_FILTERS} query parameters\n".encode())
+            names = params.get("name[]")
+        source = self.source
+        if isinstance(source, PollExposition):
+            body = source.render(fmt, gz, names)
         else:
-            self._reply(404, [("Content-Type", "text/plain; charset=utf-8")], b"404 page not found\n", send_body)
-
-    def _metrics(self, query: str, send_body: bool) -> None:
-        try:
-            # prometheus_client's own negotiation: text 0.0.4 / 1.0.0 / OpenMetrics by Accept,
-            # gzip by Accept-Encoding, ?name[]= filtering; the same call MetricsHandler makes.
-            source = self.server.registry  # a PollExposition or a plain CollectorRegistry
-            accept, encoding = self.headers.get("Accept"), self.headers.get("Accept-Encoding")
-            if isinstance(source, PollExposition):
-                status, headers, body = source.bake(accept, encoding, parse_qs(query))
-            else:
-                status, headers, body = _bake_output(source, accept, encoding, parse_qs(query), False)
-        except Exception as exc:  # a collector bug must not kill the server or hang the client
-            log.exception("error collecting metrics")
-            body = f"error collecting metrics: {exc}\n".encode()
-            self._reply(500, [("Content-Type", "text/plain; charset=utf-8")], body, send_body)
-            return
-        self._reply(int(status.split(" ", 1)[0]), headers, body, send_body)
-
-    def _reply(self, code: int, headers: list[tuple[str, str]], body: bytes, send_body: bool) -> None:
-        self.send_response(code)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
-        log.debug("%s %s", self.address_string(), format % args)
+            body = (_encode(source if names is None else source.restricted_registry(names), fmt, gz),)
+        headers = [("Content-Type", _FORMATS[fmt][0])]
+        if gz:
+            headers.append(("Content-Encoding", "gzip"))
+        return Response(200, headers, body)
 
 
-def _dual_stack_available() -> bool:
-    """True if an AF_INET6 socket can accept IPv4 too (IPV6_V6ONLY=0)."""
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            s.bind(("::", 0))
-        return True
-    except OSError:
-        return False
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # concurrent scrapers (HA Prometheus pairs, curl) must not hit SYN drops
-
-    def __init__(self, address: tuple[str, int], handler, registry, family: int, dual_stack: bool) -> None:
-        self.address_family = family
-        self.dual_stack = dual_stack
-        self.registry = registry
-        self.web = None  # webconfig.WebConfig: TLS and basic auth; swapped whole on reload
-        super().__init__(address, handler, bind_and_activate=False)
-
-    def finish_request(self, request, client_address) -> None:
-        # Runs in the connection's own thread (ThreadingMixIn), so the TLS handshake of a
-        # slow or silent client holds up nobody else; it ends after web.handshake_timeout
-        # with a ConnectionError that handle_error logs at debug level.
-        web = self.web
-        if web is None or web.tls is None:
-            super().finish_request(request, client_address)
-            return
-        conn = web.accept(request)
-        try:
-            super().finish_request(conn, client_address)
-        finally:
-            conn.close()
-
-    def handle_error(self, request, client_address) -> None:
-        # socketserver would print the traceback to stderr; clients hanging up mid-response
-        # are routine, anything else is a bug worth a log line.
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            log.debug("connection from %s ended: %s", client_address, exc)
-        else:
-            log.error("error handling a request from %s", client_address, exc_info=exc)
-
-    def server_bind(self) -> None:
-        if self.dual_stack:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        # HTTPServer.server_bind would call socket.getfqdn() (a reverse DNS lookup) for
-        # server_name, which nothing here uses; skip it.
-        if self.allow_reuse_address:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind(self.server_address)
-        self.server_address = self.socket.getsockname()
-        self.server_name = str(self.server_address[0])
-        self.server_port = self.server_address[1]
-
-
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class MetricsServer:
-    """Serves `registry` (a PollExposition or a CollectorRegistry) on
-    http://host:port/metrics from a daemon thread.
-
-    host "" listens on all addresses: dual-stack "::" when IPv6 is available, else
-    0.0.0.0. Use port 0 for an ephemeral port and read `.port` after start().
-    """
-
-    handler_class: type[BaseHTTPRequestHandler] = MetricsRequestHandler
-
-    def __init__(self, registry, host: str, port: int, web=None) -> None:
-        self._registry = registry
-        self._web = web  # webconfig.WebConfig or None (plain HTTP, no auth)
-        self.host = host
-        self._port = port
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port once started (the requested one before)."""
-        return self._httpd.server_port if self._httpd is not None else self._port
-
-    @property
-    def registry(self) -> CollectorRegistry:
-        return self._registry
-
-    @registry.setter
-    def registry(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-        if self._httpd is not None:
-            self._httpd.registry = registry
-
-    @property
-    def web(self):
-        """The webconfig.WebConfig in force (None: plain HTTP, no auth)."""
-        return self._web
-
-    @web.setter
-    def web(self, web) -> None:
-        # One reference swap: each new connection and request reads it once.
-        self._web = web
-        if self._httpd is not None:
-            self._httpd.web = web
-
-    @property
-    def address(self) -> str:
-        """host:port as bound ([v6]:port for IPv6), or as requested before start()."""
-        if self._httpd is not None:
-            return _format_address(self._httpd.server_name, self._httpd.server_port)
-        return _format_address(self.host or "*", self._port)
-
-    def _resolve(self) -> tuple[int, str, bool]:
-        host = self.host.strip("[]")
-        if host == "":
-            if _dual_stack_available():
-                return socket.AF_INET6, "::", True
-            return socket.AF_INET, "0.0.0.0", False
-        try:
-            infos = socket.getaddrinfo(host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise OSError(errno.EADDRNOTAVAIL,
-                          f"cannot listen on {_format_address(host, self._port)}: {exc.strerror}") from exc
-        family, _, _, _, sockaddr = infos[0]
-        return family, sockaddr[0], False
-
-    def start(self) -> None:
-        if self._httpd is not None:
-            raise RuntimeError("MetricsServer already started")
-        family, host, dual_stack = self._resolve()
-        where = _format_address(host, self._port)
-        try:
-            httpd = _HTTPServer((host, self._port), self.handler_class, self.registry, family, dual_stack)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot create a socket for {where}: {exc.strerror or exc}") from exc
-        try:
-            httpd.server_bind()
-            httpd.server_activate()
-        except OSError as exc:
-            httpd.server_close()
-            raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from exc
-        httpd.web = self._web
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
-            name=f"metrics-http-{httpd.server_port}", daemon=True,
-        )
-        self._thread.start()
-        log.debug("serving metrics on http://%s/metrics", self.address)
-
-    def stop(self) -> None:
-        """Stop accepting, close the listening socket; in-flight requests finish in their threads."""
-        httpd, thread = self._httpd, self._thread
-        if httpd is None:
-            return
-        httpd.shutdown()
-        httpd.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-        self._httpd = self._thread = None
-
-    def __enter__(self) -> MetricsServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
+def metrics_server(source, host: str, port: int, *, web=None, limits: Limits = Limits()) -> HTTPServer:
+    """The /metrics HTTP server for `source` (a PollExposition or a registry); not started."""
+    return HTTPServer(MetricsApp(source), host, port, web=web, limits=limits,
+                      server_header=f"sockscope/{__version__}")

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from . import __version__
 from .aggregate import Rules
@@ -22,7 +23,7 @@ from .config import Config
 from .kernelstats import KernelStatsReader
 from .netlink import Reader
 from .peaks import PeakTracker
-from .poller import Poller
+from .poller import ConsumerError, Poller
 from .snapshot import PollStatus
 
 log = logging.getLogger("sockscope")
@@ -37,6 +38,13 @@ def make_reader(cfg: Config) -> Reader:
         timeout=cfg.poll.timeout,
         dump_retries=cfg.poll.dump_retries,
     )
+
+
+def _consumer_name(callback: Callable) -> str:
+    """"Pusher.on_poll" for a bound method, the function's name otherwise."""
+    owner = getattr(callback, "__self__", None)
+    name = getattr(callback, "__name__", type(callback).__name__)
+    return f"{type(owner).__name__}.{name}" if owner is not None else name
 
 
 class Service:
@@ -72,12 +80,18 @@ class Service:
             self._subscribers = [*self._subscribers, callback]
 
     def _dispatch(self, status: PollStatus) -> None:
+        """Every consumer gets the poll even if another raised; then one ConsumerError
+        names the failures, and the poller counts and logs it (once per distinct message)."""
+        failures: list[tuple[Callable, Exception]] = []
         with self._dispatch_lock:
             for callback in self._subscribers:
                 try:
                     callback(status)
-                except Exception:  # noqa: BLE001 - one consumer must not stop the poller
-                    log.exception("poll consumer %r failed", callback)
+                except Exception as e:  # noqa: BLE001 - one consumer must not stop the others
+                    failures.append((callback, e))
+        if failures:
+            text = "; ".join(f"{_consumer_name(cb)}: {e or type(e).__name__}" for cb, e in failures)
+            raise ConsumerError(text) from failures[0][1]
 
     def start(self) -> None:
         """Bind the HTTP port (raises OSError), then start polling."""
@@ -96,29 +110,42 @@ class Service:
         self.poller.start()
 
     def _exposition(self, cfg: Config):
-        from .prometheus import GraphiteCollector, PollExposition
+        from .prometheus import GraphiteCollector, HTTPCollector, PollExposition
 
-        # The Graphite collector reads self.graphite at each scrape (nothing while Graphite
-        # is off): a reload swaps, adds or removes the pusher underneath (counters carried
-        # over) without a new registry.
+        # The Graphite and HTTP collectors read self.graphite / self.server at each scrape
+        # (nothing while Graphite is off): a reload swaps, adds or removes them underneath
+        # (counters carried over) without a new registry.
         return PollExposition(self.poller.status, cfg.poll.stale_after,
-                              GraphiteCollector(self._graphite_stats), poll_interval=cfg.poll.interval)
+                              GraphiteCollector(self._graphite_stats), HTTPCollector(self._http_stats),
+                              poll_interval=cfg.poll.interval)
 
     def _graphite_stats(self):
         pusher = self.graphite
         return None if pusher is None else pusher.stats()
 
-    def _metrics_server(self, cfg: Config):
-        from .prometheus import MetricsServer
+    def _http_stats(self):
+        server = self.server
+        return None if server is None else server.stats()
 
-        return MetricsServer(self._exposition(cfg), cfg.prometheus.host, cfg.prometheus.port, web=self.web)
+    def _metrics_server(self, cfg: Config):
+        from .httpserver import Limits
+        from .prometheus import metrics_server
+
+        p = cfg.prometheus
+        limits = Limits(max_connections=p.max_connections, workers=p.workers,
+                        request_timeout=p.request_timeout, idle_timeout=p.idle_timeout,
+                        write_timeout=p.write_timeout)
+        return metrics_server(self._exposition(cfg), p.host, p.port, web=self.web, limits=limits)
 
     def _log_serving(self, cfg: Config) -> None:
         web = self.web
         scheme = "http" if web is None else web.scheme
         auth = ", basic auth" if web is not None and web.users else ""
-        log.info("serving /metrics on %s://%s (port %d%s)", scheme, cfg.prometheus.listen_address,
-                 self.server.port, auth)
+        host = cfg.prometheus.host
+        where = "all addresses" if host == "" else "this address"
+        url_host = "localhost" if host in ("", "0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
+        log.info("serving %s://%s:%d/metrics (listening on %s, %s%s)", scheme, url_host, self.server.port,
+                 self.server.address, where, auth)
 
     def reload(self, cfg: Config, web=None) -> None:
         """Apply a new Config (and web config) to the running service, all or nothing.
@@ -205,9 +232,9 @@ class Service:
                 self.server = None
                 log.info("stopped serving /metrics (prometheus.enabled is false)")
             return
-        same_address = (old.prometheus.host, old.prometheus.port) == (cfg.prometheus.host, cfg.prometheus.port)
-        if server is not None and same_address:
-            server.registry = self._exposition(cfg)  # poll.stale_after may have changed
+        same_server = replace(old.prometheus, listen_address="") == replace(cfg.prometheus, listen_address="")
+        if server is not None and same_server:
+            server.app.source = self._exposition(cfg)  # poll.stale_after may have changed
             server.web = self.web
             return
         new = self._metrics_server(cfg)

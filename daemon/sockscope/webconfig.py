@@ -17,9 +17,9 @@ The only module that imports ssl and bcrypt. `load(path)` validates the whole fi
 reports every problem at once (ConfigError, like the main config); unknown keys are
 errors, and the exporter-toolkit keys sockscope does not implement are named as such.
 
-Serving: `WebConfig.accept(sock)` runs in the connection's worker thread, never in the
-accept loop, so a client that connects and says nothing ties up only its own thread
-until `handshake_timeout`. `WebConfig.authorized(header)` checks an Authorization header.
+Serving: the HTTP server (httpserver.py) handshakes with `WebConfig.tls` itself, without
+blocking, and checks an Authorization header with `auth_quick` (cache only) and
+`authorized` (bcrypt, in one thread of its own).
 """
 
 from __future__ import annotations
@@ -28,25 +28,23 @@ import base64
 import binascii
 import difflib
 import hashlib
-import hmac
 import logging
 import os
-import socket
+import re
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import bcrypt
 
-from .config import ConfigError, read_yaml
+from .config import ConfigError, file_problem, key_text, read_yaml, show_value
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WebConfig", "TLSHandshakeError", "load", "from_mapping", "HANDSHAKE_TIMEOUT"]
-
-HANDSHAKE_TIMEOUT = 10.0  # seconds a connection may take to complete the TLS handshake
+__all__ = ["WebConfig", "load", "from_mapping", "FAIL_CACHE_SECONDS"]
 
 _TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -71,96 +69,110 @@ _TLS_UNSUPPORTED = (
     "prefer_server_cipher_suites", "client_allowed_sans",
 )
 
-# A TLS record starts with content type 22 (handshake); anything else on the TLS port is
-# most likely plain HTTP, answered like Go's net/http does.
-_TLS_HANDSHAKE_RECORD = 0x16
-_PLAIN_HTTP_REPLY = (
-    b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Connection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
-)
 _CACHE_MAX = 256  # successful (user, password) pairs remembered
-
-
-class TLSHandshakeError(ConnectionError):
-    """A connection that did not complete the TLS handshake (timeout, plain HTTP, bad cert).
-
-    A ConnectionError, so the HTTP server files it with clients hanging up (debug log)."""
+_FAIL_CACHE_MAX = 4096  # failed pairs remembered (each for FAIL_CACHE_SECONDS)
+FAIL_CACHE_SECONDS = 10.0
 
 
 @dataclass(frozen=True, eq=False)
 class WebConfig:
-    """A validated web config. `tls` None = plain HTTP; `users` empty = no authentication."""
+    """A validated web config. `tls` None = plain HTTP; `users` empty = no authentication.
+
+    The HTTP server (httpserver.py) does the TLS handshake itself with `tls`, and checks
+    credentials in two steps: `auth_quick` in its I/O thread (cache lookups only) and, when
+    that cannot decide, `authorized` in its single bcrypt thread.
+    """
 
     source: str
     tls: ssl.SSLContext | None = None
     users: dict[str, bytes] = field(default_factory=dict)  # user -> bcrypt hash
-    handshake_timeout: float = HANDSHAKE_TIMEOUT
     checkpw: Callable[[bytes, bytes], bool] = bcrypt.checkpw
+    monotonic: Callable[[], float] = time.monotonic
     # sha256(user NUL password NUL hash) of pairs that passed bcrypt once: bcrypt at cost
     # 10-12 takes 50-250 ms of CPU, which every scrape would otherwise pay.
-    _cache: set = field(default_factory=set, repr=False)
+    _ok: set = field(default_factory=set, repr=False)
+    # The same for pairs that failed, with their expiry: a client retrying one wrong
+    # password (a mistyped scrape config, a script in a loop) costs one bcrypt per
+    # FAIL_CACHE_SECONDS, not one per request.
+    _failed: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Checked for unknown user names, at the highest cost among the configured hashes, so
+    # a wrong user name takes as long as a wrong password (no user enumeration by timing).
+    _dummy: bytes = field(default=b"", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.users and not self._dummy:
+            object.__setattr__(self, "_dummy", _dummy_hash(max(_cost(h) for h in self.users.values())))
 
     @property
     def scheme(self) -> str:
         return "https" if self.tls is not None else "http"
 
-    # -- connection ---------------------------------------------------------------------
-
-    def accept(self, sock: socket.socket) -> socket.socket:
-        """The socket to speak HTTP on: `sock` itself, or its TLS wrapper after the handshake.
-
-        Runs in the worker thread. Raises TLSHandshakeError (after answering plain HTTP
-        with a 400) when the handshake fails or takes longer than handshake_timeout.
-        """
-        if self.tls is None:
-            return sock
-        sock.settimeout(self.handshake_timeout)
-        try:
-            first = sock.recv(1, socket.MSG_PEEK)
-            if not first:
-                raise TLSHandshakeError("closed before the TLS handshake")
-            if first[0] != _TLS_HANDSHAKE_RECORD:
-                try:
-                    sock.sendall(_PLAIN_HTTP_REPLY)
-                except OSError:
-                    pass
-                raise TLSHandshakeError("plain HTTP sent to the HTTPS port")
-            tls_sock = self.tls.wrap_socket(sock, server_side=True)  # handshakes here
-        except TimeoutError as e:
-            raise TLSHandshakeError(f"no TLS handshake within {self.handshake_timeout:g} s") from e
-        except (ssl.SSLError, OSError) as e:
-            raise TLSHandshakeError(f"TLS handshake failed: {e}") from e
-        tls_sock.settimeout(None)
-        return tls_sock
-
     # -- basic auth ---------------------------------------------------------------------
 
-    def authorized(self, header: str | None) -> bool:
-        """True if no users are configured or `header` carries a valid user and password."""
-        if not self.users:
-            return True
+    def _key(self, header: str | None) -> tuple[bytes, bytes | None, bytes] | None:
+        """(cache key, stored hash or None, password); None for a malformed header."""
         user, password = _parse_basic(header)
         if user is None:
-            return False
+            return None
         hashed = self.users.get(user)
-        key = hashlib.sha256(b"\0".join((user.encode(), password, hashed or b""))).digest()
+        key = hashlib.sha256(b"\0".join((user.encode("utf-8", "surrogateescape"), password,
+                                          hashed or b""))).digest()
+        return key, hashed, password
+
+    def auth_quick(self, header: str | None) -> bool | None:
+        """True/False when no bcrypt check is needed to decide; None when one is."""
+        if not self.users:
+            return True
+        parsed = self._key(header)
+        if parsed is None:
+            return False
+        key, hashed, _ = parsed
         with self._lock:
-            if hashed is not None and key in self._cache:
+            if hashed is not None and key in self._ok:
                 return True
-        # An unknown user still costs one bcrypt check, so timing does not tell which
-        # user names exist.
-        ok = self.checkpw(password, hashed or _DUMMY_HASH) and hashed is not None
-        if ok:
-            with self._lock:
-                if len(self._cache) >= _CACHE_MAX:
-                    self._cache.clear()
-                self._cache.add(key)
+            expiry = self._failed.get(key)
+            if expiry is not None:
+                if expiry > self.monotonic():
+                    return False
+                del self._failed[key]
+        return None
+
+    def authorized(self, header: str | None) -> bool:
+        """True if no users are configured or `header` carries a valid user and password.
+
+        Never raises: a password bcrypt cannot take (over 72 bytes: bcrypt >= 4.1 raises
+        ValueError) or a hash it cannot use is simply not a match."""
+        quick = self.auth_quick(header)
+        if quick is not None:
+            return quick
+        key, hashed, password = self._key(header)
+        try:
+            ok = self.checkpw(password, hashed or self._dummy) and hashed is not None
+        except (ValueError, TypeError):
+            ok = False
+        with self._lock:
+            if ok:
+                if len(self._ok) >= _CACHE_MAX:
+                    self._ok.clear()
+                self._ok.add(key)
+            else:
+                if len(self._failed) >= _FAIL_CACHE_MAX:
+                    self._failed.clear()
+                self._failed[key] = self.monotonic() + FAIL_CACHE_SECONDS
         return ok
 
 
-# bcrypt("sockscope", cost 10): checked against for unknown users.
-_DUMMY_HASH = b"$2b$10$t9V08ygodNQIq.QZoioVH.lroJAGEZ4OiZbBD1Ayd65wN9OzyVgjq"
+def _cost(hashed: bytes) -> int:
+    return int(hashed[4:6])
+
+
+def _dummy_hash(cost: int) -> bytes:
+    """A well-formed bcrypt hash of a random password at `cost`, matched by nothing: a
+    cost-4 hash (made in ~1 ms) with its cost field rewritten, so checking against it
+    takes as long as checking against a real hash of that cost."""
+    real = bcrypt.hashpw(os.urandom(16).hex().encode(), bcrypt.gensalt(rounds=4))
+    return real[:4] + b"%02d" % cost + real[6:]
 
 
 def _parse_basic(header: str | None) -> tuple[str | None, bytes]:
@@ -183,21 +195,33 @@ def _parse_basic(header: str | None) -> tuple[str | None, bytes]:
 
 
 def load(path: str) -> WebConfig:
-    """The web config at path, fully validated (certificates loaded). Raises ConfigError."""
-    return from_mapping(read_yaml(path), path, base_dir=os.path.dirname(os.path.abspath(path)))
+    """The web config at path, fully validated (certificates loaded). Raises ConfigError only:
+    the file rules of the main config apply (regular file, size, YAML limits), and so do
+    they to the certificate and key files."""
+    data = read_yaml(path)
+    try:
+        return from_mapping(data, path, base_dir=os.path.dirname(os.path.abspath(path)))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a reload must survive whatever ssl or bcrypt raise
+        raise ConfigError(f"cannot load: {type(e).__name__}: {show_value(str(e))}", path) from None
 
 
 def _unknown(mapping: dict, known: tuple[str, ...], unsupported: tuple[str, ...], prefix: str,
              problems: list[str]) -> None:
+    hints = 0
     for key in mapping:
         if key in known:
             continue
         if key in unsupported:
             problems.append(f"{prefix}{key}: not supported by sockscope (an exporter-toolkit key)")
             continue
-        close = difflib.get_close_matches(str(key), known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        problems.append(f"{prefix}{key}: unknown key{hint}")
+        hint = ""
+        if isinstance(key, str) and len(key) <= 60 and hints < 20:  # difflib is slow on thousands
+            hints += 1
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"{prefix}{key_text(key)}: unknown key{hint}")
 
 
 def _string(raw: dict, key: str, prefix: str, problems: list[str]) -> str | None:
@@ -210,8 +234,7 @@ def _string(raw: dict, key: str, prefix: str, problems: list[str]) -> str | None
     return value
 
 
-def from_mapping(data: Any, source: str = "<web config>", *, base_dir: str = ".",
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> WebConfig:
+def from_mapping(data: Any, source: str = "<web config>", *, base_dir: str = ".") -> WebConfig:
     """A WebConfig from a parsed YAML document (None = empty: plain HTTP, no auth)."""
     problems: list[str] = []
     if data is None:
@@ -225,7 +248,7 @@ def from_mapping(data: Any, source: str = "<web config>", *, base_dir: str = "."
     users = _users(data.get("basic_auth_users"), problems)
     if problems:
         raise ConfigError(problems, source)
-    return WebConfig(source, tls, users, handshake_timeout)
+    return WebConfig(source, tls, users)
 
 
 def _tls_context(raw: Any, base_dir: str, problems: list[str]) -> ssl.SSLContext | None:
@@ -249,7 +272,7 @@ def _tls_context(raw: Any, base_dir: str, problems: list[str]) -> ssl.SSLContext
                             "request a client certificate without verifying it); use "
                             "VerifyClientCertIfGiven or RequireAndVerifyClientCert")
         else:
-            problems.append(f"{p}client_auth_type: {auth_name!r} is not one of {', '.join(_CLIENT_AUTH)}")
+            problems.append(f"{p}client_auth_type: {show_value(auth_name)} is not one of {', '.join(_CLIENT_AUTH)}")
     elif verify != ssl.CERT_NONE and files["client_ca_file"] is None:
         problems.append(f"{p}client_auth_type: {auth_name} needs client_ca_file")
     elif verify == ssl.CERT_NONE and files["client_ca_file"] is not None:
@@ -260,27 +283,45 @@ def _tls_context(raw: Any, base_dir: str, problems: list[str]) -> ssl.SSLContext
     for key, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
         name = _string(raw, key, p, problems) or default
         if name not in _TLS_VERSIONS:
-            problems.append(f"{p}{key}: {name!r} is not one of {', '.join(_TLS_VERSIONS)}")
+            problems.append(f"{p}{key}: {show_value(name)} is not one of {', '.join(_TLS_VERSIONS)}")
         versions[key] = _TLS_VERSIONS.get(name)
     if None not in versions.values() and versions["min_version"] > versions["max_version"]:
         problems.append(f"{p}min_version: {raw.get('min_version', 'TLS12')} is above max_version")
+    # OpenSSL would block on a FIFO and read /dev/zero until memory runs out: only regular
+    # files of at most 1 MiB are handed to it.
+    for key, path in files.items():
+        problem = None if path is None else file_problem(path)
+        if problem:
+            problems.append(f"{p}{key}: {show_value(path)}: {problem}")
     if len(problems) > before:
         return None
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = versions["min_version"]
     ctx.maximum_version = versions["max_version"]
+    asked: list[bool] = []
+
+    def no_passphrase() -> bytes:
+        # Without a callback OpenSSL prompts on the terminal for an encrypted key's
+        # passphrase, which would hang a reload.
+        asked.append(True)
+        return b""
+
     try:
-        ctx.load_cert_chain(files["cert_file"], files["key_file"])
-    except (OSError, ssl.SSLError) as e:
-        problems.append(f"{p}cert_file/key_file: cannot load {files['cert_file']} with "
-                        f"{files['key_file']}: {getattr(e, 'strerror', None) or e}")
+        ctx.load_cert_chain(files["cert_file"], files["key_file"], password=no_passphrase)
+    except (OSError, ssl.SSLError, ValueError) as e:
+        if asked:
+            problems.append(f"{p}key_file: {show_value(files['key_file'])} is encrypted; sockscope cannot "
+                            "ask for a passphrase (write it decrypted: openssl pkey -in KEY -out PLAIN)")
+        else:
+            problems.append(f"{p}cert_file/key_file: cannot load {show_value(files['cert_file'])} with "
+                            f"{show_value(files['key_file'])}: {getattr(e, 'strerror', None) or e}")
         return None
     if files["client_ca_file"] is not None:
         try:
             ctx.load_verify_locations(cafile=files["client_ca_file"])
-        except (OSError, ssl.SSLError) as e:
-            problems.append(f"{p}client_ca_file: cannot load {files['client_ca_file']}: "
+        except (OSError, ssl.SSLError, ValueError) as e:
+            problems.append(f"{p}client_ca_file: cannot load {show_value(files['client_ca_file'])}: "
                             f"{getattr(e, 'strerror', None) or e}")
             return None
     ctx.verify_mode = verify
@@ -295,17 +336,33 @@ def _users(raw: Any, problems: list[str]) -> dict[str, bytes]:
         return {}
     users = {}
     for user, hashed in raw.items():
-        path = f"basic_auth_users.{user}"
-        if not isinstance(user, str) or not user or ":" in user:
-            problems.append(f"{path}: a user name must be a non-empty string without ':'")
+        path = f"basic_auth_users.{key_text(user)}"
+        if not isinstance(user, str) or not user or ":" in user or not user.isprintable():
+            problems.append(f"{path}: a user name must be a non-empty string of printable characters "
+                            "without ':'")
             continue
-        if not isinstance(hashed, str) or not _is_bcrypt(hashed):
-            problems.append(f"{path}: not a bcrypt hash ($2a$, $2b$ or $2y$, 60 characters)")
+        problem = _bcrypt_problem(hashed)
+        if problem:
+            problems.append(f"{path}: {problem}")
             continue
         users[user] = hashed.encode()
     return users
 
 
-def _is_bcrypt(value: str) -> bool:
-    return (len(value) == 60 and value[:4] in ("$2a$", "$2b$", "$2y$") and value[4:6].isdigit()
-            and value[6] == "$")
+# $2a$/$2b$/$2y$, a two-digit cost, '$', 22 characters of salt and 31 of hash in bcrypt's
+# base64 alphabet (./A-Za-z0-9): the modular crypt format htpasswd -B writes.
+_BCRYPT = re.compile(r"\$2[aby]\$([0-9]{2})\$[./A-Za-z0-9]{53}")
+_BCRYPT_FORM = "$2a$, $2b$ or $2y$, a cost 04-31, '$', then 53 characters of ./A-Za-z0-9"
+
+
+def _bcrypt_problem(value: Any) -> str | None:
+    """Why value is not a bcrypt hash that bcrypt.checkpw accepts, or None."""
+    if not isinstance(value, str):
+        return f"expected a bcrypt hash ({_BCRYPT_FORM}), got {show_value(value)}"
+    match = _BCRYPT.fullmatch(value)
+    if match is None:
+        return f"not a bcrypt hash ({_BCRYPT_FORM})"
+    if not 4 <= int(match[1]) <= 31:
+        # bcrypt refuses such a hash at every check: every login would fail.
+        return f"bcrypt cost {match[1]} is outside 04-31"
+    return None
