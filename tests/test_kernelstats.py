@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -26,6 +27,7 @@ from sockscope.kernelstats import (
     parse_sockstat,
     parse_tcp_mem,
 )
+from sockscope.netlink import NetlinkError
 from sockscope.poller import Poller
 from test_peaks import OneSocketReader
 
@@ -223,6 +225,12 @@ def exposition(status) -> str:
     return generate_latest(registry).decode()
 
 
+def family_names(status) -> set[str]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {fam.name for fam in text_string_to_metric_families(exposition(status))}
+
+
 def test_tcp_mem_limits_are_exported_in_bytes_per_level(tmp_path):
     proc = fake_proc(tmp_path)
     (proc / "sys/net/ipv4/tcp_mem").write_text("1000\t2000\t3000\n")  # as in the initial namespace
@@ -236,6 +244,72 @@ def test_tcp_mem_limits_are_exported_in_bytes_per_level(tmp_path):
         (("level", "pressure"),): 2000 * 16384.0,
         (("level", "max"),): 3000 * 16384.0,
     }
+
+
+class FailingReader:
+    def poll(self, start):
+        raise NetlinkError("netlink dump AF_INET failed: EPERM")
+
+    def close(self):
+        pass
+
+
+def metrics_md_section(heading: str) -> str:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start:] if end < 0 else text[start:end]
+
+
+def test_before_the_first_successful_poll_exactly_what_metrics_md_lists(tmp_path):
+    """docs/metrics.md, "Before the first successful poll", against a real daemon whose polls
+    all fail (its namespace does not exist, so neither the dump nor the kernel sources can be
+    read). Families that never depend on polls are documented in their own sections."""
+    doc = metrics_md_section("Before the first successful poll").split("\n\n")[0]
+    listed = {re.sub(r"_total$", "", n) for n in re.findall(r"`(sockscope_\w+)", doc)}
+
+    absent = f"/run/netns/sockscope-test-absent-{os.getpid()}"
+    assert not os.path.exists(absent)
+    daemon = start_daemon(tmp_path, "poll:\n  interval: 200ms\n", netns=absent, wait_up=False)
+    try:
+        text, deadline = "", time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                text = daemon.scrape(timeout=2)
+            except OSError:
+                text = ""
+            if samples(text).get(("sockscope_poll_errors_total", ()), 0) >= 2:
+                break
+            time.sleep(0.1)
+        s = samples(text)
+        assert s[("sockscope_poll_errors_total", ())] == s[("sockscope_polls_total", ())] >= 2, daemon.log()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    # process_*, python_* (process and runtime), sockscope_graphite_* and the /metrics
+    # server's sockscope_http_* do not depend on polls.
+    exported = {fam.name for fam in text_string_to_metric_families(text)
+                if not fam.name.startswith(("process_", "python_", "sockscope_graphite_", "sockscope_http_"))}
+    assert exported == listed, "docs/metrics.md's list is not what is exported"
+    assert s[("sockscope_up", ())] == 0.0
+    assert {v for (name, _), v in s.items() if name == "sockscope_kernel_stats_up"} == {0.0}
+
+
+def test_a_failed_poll_still_exports_the_kernel_series_it_read(tmp_path):
+    """The kernel counters are read even when the socket dump fails; whatever a failed poll
+    adds is in the kernel section of docs/metrics.md."""
+    poller = Poller(FailingReader(), Rules(), 1.0, kernel=KernelStatsReader(proc=str(fake_proc(tmp_path))))
+    before = family_names(poller.status())  # no poll yet
+    failed = poller.poll()
+    poller.kernel.close()
+    assert failed.snapshot is None and failed.errors == 1
+    after = family_names(failed)
+    assert "sockscope_tcp_sockets" not in after  # no socket series without a good poll
+    assert after - before >= {"sockscope_kernel_stats_up", "sockscope_tcp_listen_overflows",
+                               "sockscope_tcp_in_segments"}
+    kernel_doc = metrics_md_section("## Kernel TCP counters")
+    assert [n for n in after - before if f"`{n}" not in kernel_doc] == []
 
 
 def nstat(ns) -> dict[str, int]:
