@@ -4,6 +4,8 @@ import logging
 import socket
 import time
 
+import pytest
+
 from sockscope.aggregate import Rules
 from sockscope.netlink import DumpStats, NetlinkError
 from sockscope.poller import Poller
@@ -25,7 +27,7 @@ class FakeReader:
         outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
         if self.delay:
             time.sleep(self.delay)
-        if isinstance(outcome, Exception):
+        if isinstance(outcome, BaseException):
             raise outcome
         sink = start()
         sink([(socket.AF_INET, 1, 80, 40000 + i, LO4, LO4, 0, 0, 0, 1) for i in range(outcome)])
@@ -101,3 +103,154 @@ def test_run_keeps_the_interval():
     time.sleep(0.5)
     p.stop(timeout=2)
     assert 8 <= len(reader.starts) <= 12
+
+
+# -- nothing in a poll may kill the poller (issue 9, defect 6) -----------------------------
+
+
+class BrokenPeaks:
+    """A PeakTracker stand-in whose apply() raises while `broken`."""
+
+    def __init__(self):
+        self.broken = True
+
+    def apply(self, snapshot, now):
+        if self.broken:
+            raise RuntimeError("peaks exploded")
+        return snapshot
+
+
+class BrokenKernel:
+    def read(self):
+        raise OSError("kernel counters exploded")
+
+    def close(self):
+        pass
+
+
+def errors_logged(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_raising_peak_tracker_is_a_counted_poll_error(caplog):
+    # Before: peaks.apply ran outside the poll's try; the exception ended the poller thread.
+    peaks = BrokenPeaks()
+    p = Poller(FakeReader([1, 2, 3, 4]), Rules(), 5.0, peaks=peaks)
+    caplog.set_level(logging.INFO, logger="sockscope")
+    for _ in range(3):
+        st = p.poll()
+    assert (st.polls, st.errors, st.snapshot, st.last_error) == (3, 3, None, "peaks exploded")
+    assert errors_logged(caplog) == ["poll failed: peaks exploded"]  # once, with its traceback
+    assert "Traceback" in caplog.text
+    peaks.broken = False
+    st = p.poll()
+    assert (st.errors, st.snapshot.sockets, st.last_error) == (3, 4, None)
+    assert caplog.text.count("poll recovered after 3 failed polls") == 1
+
+
+def test_a_raising_kernel_reader_is_a_counted_poll_error(caplog):
+    p = Poller(FakeReader([1]), Rules(), 5.0, kernel=BrokenKernel())
+    caplog.set_level(logging.INFO, logger="sockscope")
+    assert (p.poll().errors, p.poll().errors) == (1, 2)
+    assert errors_logged(caplog) == ["poll failed: kernel counters exploded"]
+
+
+def test_a_raising_consumer_is_counted_and_the_new_snapshot_kept(caplog):
+    seen = []
+
+    def consumer(status):
+        seen.append(status)
+        if len(seen) <= 2:
+            raise ValueError("consumer exploded")
+
+    p = Poller(FakeReader([1, 2, 3]), Rules(), 5.0, on_poll=consumer)
+    caplog.set_level(logging.INFO, logger="sockscope")
+    first, second, third = p.poll(), p.poll(), p.poll()
+    assert [s.snapshot.sockets for s in seen] == [1, 2, 3]  # consumers had every good snapshot
+    assert (first.errors, first.last_error) == (1, "poll consumer failed: consumer exploded")
+    assert (second.errors, third.errors, third.last_error) == (2, 2, None)
+    assert p.status() is third and third.snapshot.sockets == 3
+    assert errors_logged(caplog) == ["poll consumer failed: consumer exploded"]
+    assert "poll recovered after 2 failed polls" in caplog.text
+
+
+def test_a_failed_poll_whose_consumer_fails_too_counts_once(caplog):
+    def consumer(status):
+        raise RuntimeError("consumer exploded")
+
+    p = Poller(FakeReader([NetlinkError("dump failed")]), Rules(), 5.0, on_poll=consumer)
+    caplog.set_level(logging.INFO, logger="sockscope")
+    for _ in range(4):
+        st = p.poll()
+    assert (st.polls, st.errors, st.last_error) == (4, 4, "dump failed")
+    # Two distinct messages, alternating every poll: each logged once, not once per poll.
+    assert errors_logged(caplog) == ["poll failed: dump failed", "poll consumer failed: consumer exploded"]
+
+
+def test_service_dispatch_hands_the_poll_to_every_consumer_then_raises():
+    from sockscope import config
+    from sockscope.poller import ConsumerError
+    from sockscope.service import Service
+
+    service = Service(config.from_mapping({"poll": {"kernel_stats": False}}), reader_factory=lambda c: FakeReader([1]))
+    got = []
+
+    def bad(status):
+        raise KeyError("boom")
+
+    service.on_poll(bad)
+    service.on_poll(got.append)
+    st = service.poller.poll()
+    assert [s.snapshot.sockets for s in got] == [1]  # the consumer after the failing one ran
+    assert st.errors == 1 and st.last_error == "poll consumer failed: bad: 'boom'"
+    try:
+        service._dispatch(st)
+    except ConsumerError as e:
+        assert isinstance(e.__cause__, KeyError)
+    else:
+        raise AssertionError("no ConsumerError")
+
+
+def test_the_loop_survives_a_broken_schedule(caplog):
+    reader = FakeReader([1])
+    p = Poller(reader, Rules(), 0.05)
+    caplog.set_level(logging.INFO, logger="sockscope")
+    p.start()
+    try:
+        time.sleep(0.2)
+        p.reconfigure(interval=0)  # ZeroDivisionError in the slot arithmetic
+        time.sleep(0.3)
+        assert p._thread.is_alive() and not p.ended_unexpectedly
+        assert "poll loop failed" in caplog.text
+        p.reconfigure(interval=0.05)  # wakes the loop at once
+        before = len(reader.starts)
+        time.sleep(0.3)
+        assert len(reader.starts) >= before + 3
+    finally:
+        p.stop(timeout=2)
+    assert not p.ended_unexpectedly and reader.closed
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_only_a_base_exception_ends_the_thread_and_it_is_reported(caplog):
+    reader = FakeReader([1, 1, SystemExit(3)])
+    p = Poller(reader, Rules(), 0.02)
+    assert not p.ended_unexpectedly  # not started
+    p.start()
+    p._thread.join(2)
+    assert p.ended_unexpectedly and reader.closed
+    assert p.status().polls == 2
+    assert "the poll loop ended on SystemExit: 3" in caplog.text
+
+
+def test_a_failing_close_of_a_replaced_reader_loses_no_other_change(caplog):
+    class BadClose(FakeReader):
+        def close(self):
+            raise OSError("close exploded")
+
+    p = Poller(BadClose([1]), Rules(), 5.0)
+    new_rules = Rules(local=(80,))
+    p.reconfigure(reader=FakeReader([2]), rules=new_rules, interval=7.0)
+    st = p.poll()
+    assert (p.rules, p.interval, st.snapshot.sockets, st.errors) == (new_rules, 7.0, 2, 0)
+    assert "closing BadClose failed" in caplog.text

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from .aggregate import Accumulator, Rules
 from .kernelstats import KernelStatsReader
@@ -46,12 +47,29 @@ def poll_once(
     return snapshot, stats.retries
 
 
+class ConsumerError(Exception):
+    """Raised by an on_poll callback after it handed the poll to every consumer, when some
+    of them raised (Service._dispatch). The poller counts it as a failed poll."""
+
+
+_MAX_MESSAGE = 500  # characters of an error message kept in PollStatus.last_error and logs
+_MAX_REMEMBERED = 64  # distinct error messages remembered as logged (then forgotten, relogged)
+_LOOP_RETRY = 1.0  # seconds the loop waits after a failure of its own schedule
+
+
 class Poller:
     """Polls every `interval` seconds in its own thread and publishes a PollStatus.
 
-    A failed poll keeps the last good Snapshot and counts the error; each distinct error
-    message is logged once (at ERROR), and recovery is logged once (at INFO). Missed
-    slots are skipped, never caught up in a burst.
+    A poll is: the kernel counters, the dump, the window peaks, then the consumers
+    (on_poll). Any exception in it is a failed poll, counted in PollStatus.errors: a failure
+    before the consumers keeps the last good Snapshot; a consumer's failure is counted
+    after the consumers had the new one. Each distinct error message is logged once (at
+    ERROR; unexpected exceptions with their traceback) until a poll succeeds again, and
+    recovery is logged once (at INFO). Missed slots are skipped, never caught up in a burst.
+
+    The loop itself survives any Exception; only a BaseException (SystemExit raised by a
+    callee) can end the thread, and `ended_unexpectedly` then says so: the daemon's main
+    loop checks it every second and exits with status 1 (docs/service.md).
     """
 
     def __init__(
@@ -80,28 +98,28 @@ class Poller:
         self._pending: dict[str, object] = {}  # attribute -> new value, see reconfigure()
         self._pending_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._logged_error: str | None = None
+        self._logged: set[str] = set()  # error messages logged since the last good poll
         self._failures = 0
 
     def status(self) -> PollStatus:
         return self._status
 
     def poll(self) -> PollStatus:
-        """Run one poll now (in the caller's thread) and publish its outcome."""
-        self._apply_pending()
+        """Run one poll now (in the caller's thread), publish its outcome, hand it to
+        on_poll. Never raises an Exception."""
         old = self._status
-        # Never raises: a failed source is flagged in the result and logged by the reader.
-        kernel = self.kernel.read() if self.kernel is not None else None
+        kernel = None
         try:
+            self._apply_pending()
+            if self.kernel is not None:
+                kernel = self.kernel.read()  # flags a failed source itself; raising is a bug
             snapshot, retries = poll_once(
                 self.reader, self.rules, clock=self._clock, monotonic=self._monotonic
             )
+            if self.peaks is not None:
+                snapshot = self.peaks.apply(snapshot, self._monotonic())
         except Exception as e:  # noqa: BLE001 - any failure keeps the daemon serving
-            message = str(e) or type(e).__name__
-            if message != self._logged_error:
-                log.error("poll failed: %s", message, exc_info=not isinstance(e, NetlinkError))
-                self._logged_error = message
-            self._failures += 1
+            message = self._failed("poll failed", e)
             new = PollStatus(
                 snapshot=old.snapshot,
                 last_success_monotonic=old.last_success_monotonic,
@@ -113,12 +131,6 @@ class Poller:
                 kernel=kernel,
             )
         else:
-            if self.peaks is not None:
-                snapshot = self.peaks.apply(snapshot, self._monotonic())
-            if self._failures:
-                log.info("poll recovered after %d failed polls", self._failures)
-                self._failures = 0
-                self._logged_error = None
             new = PollStatus(
                 snapshot=snapshot,
                 last_success_monotonic=self._monotonic(),
@@ -130,29 +142,88 @@ class Poller:
                 kernel=kernel,
             )
         self._status = new
+        consumed = True
         if self._on_poll is not None:
-            self._on_poll(new)
+            try:
+                self._on_poll(new)
+            except Exception as e:  # noqa: BLE001 - see ConsumerError
+                consumed = False
+                message = self._failed("poll consumer failed", e)
+                if new.last_error is None:  # a failed poll is counted once
+                    new = replace(new, errors=new.errors + 1, last_error=message)
+                    self._status = new
+        if consumed and new.last_error is None and self._failures:
+            log.info("poll recovered after %d failed polls", self._failures)
+            self._failures = 0
+            self._logged.clear()
         return new
 
+    def _failed(self, what: str, e: Exception) -> str:
+        """Count a failure, log its message once; the message for PollStatus.last_error."""
+        text = str(e) or type(e).__name__
+        message = text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+        if what != "poll failed":
+            message = f"{what}: {message}"
+        self._failures += 1
+        if message not in self._logged:
+            if len(self._logged) >= _MAX_REMEMBERED:
+                self._logged.clear()
+            self._logged.add(message)
+            expected = isinstance(e, NetlinkError) or (isinstance(e, ConsumerError) and e.__cause__ is None)
+            shown = message if what != "poll failed" else f"poll failed: {message}"
+            log.error("%s", shown, exc_info=None if expected else e)
+        return message
+
     def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:
+            log.critical("the poll loop ended on %s: %s", type(e).__name__, e)
+            raise
+        finally:
+            self._close(self.reader)
+            self._close(self.kernel)
+
+    def _loop(self) -> None:
         next_slot = self._monotonic()
+        loop_error: str | None = None
         while not self._stop.is_set():
-            self.poll()
-            next_slot += self.interval
-            now = self._monotonic()
-            if now >= next_slot:  # the poll overran: skip the missed slots
-                missed = int((now - next_slot) // self.interval) + 1
-                next_slot += missed * self.interval
-            if self._wake.wait(next_slot - now):  # reconfigured or stopping: poll at once
+            try:
+                self.poll()
+                next_slot += self.interval
+                now = self._monotonic()
+                if now >= next_slot:  # the poll overran: skip the missed slots
+                    missed = int((now - next_slot) // self.interval) + 1
+                    next_slot += missed * self.interval
+                wait = next_slot - now
+                loop_error = None
+            except Exception as e:  # noqa: BLE001 - poll() never raises: the schedule failed
+                if str(e) != loop_error:
+                    loop_error = str(e)
+                    log.error("poll loop failed: %s; polling again in %gs", e, _LOOP_RETRY, exc_info=e)
+                wait = _LOOP_RETRY
+                next_slot = self._monotonic() + wait
+            if self._wake.wait(wait):  # reconfigured or stopping: poll at once
                 self._wake.clear()
                 next_slot = self._monotonic()
-        self.reader.close()
-        if self.kernel is not None:
-            self.kernel.close()
+
+    @staticmethod
+    def _close(resource: object) -> None:
+        try:
+            if resource is not None:
+                resource.close()
+        except Exception:  # noqa: BLE001 - closing at exit must not hide why the loop ended
+            log.warning("closing %s failed", type(resource).__name__, exc_info=True)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="sockscope-poller", daemon=True)
         self._thread.start()
+
+    @property
+    def ended_unexpectedly(self) -> bool:
+        """True when the poll thread ended without stop() being called."""
+        thread = self._thread
+        return thread is not None and not thread.is_alive() and not self._stop.is_set()
 
     def reconfigure(self, **changes: object) -> None:
         """Replace attributes (reader, rules, interval, ...) at the top of the next poll.
@@ -170,11 +241,14 @@ class Poller:
     def _apply_pending(self) -> None:
         with self._pending_lock:
             changes, self._pending = self._pending, {}
+        replaced = []
         for name, value in changes.items():
             old = getattr(self, name)
             setattr(self, name, value)
             if old is not None and old is not value and callable(getattr(old, "close", None)):
-                old.close()
+                replaced.append(old)
+        for old in replaced:  # every change is in place before any close can fail
+            self._close(old)
 
     def stop(self, timeout: float | None = None) -> None:
         self._stop.set()
