@@ -211,7 +211,8 @@ class SnapshotCollector:
 
         counters = (
             ("sockscope_polls", "Polls attempted since start, successful or not.", "polls"),
-            ("sockscope_poll_errors", "Polls that failed since start (the previous snapshot is kept).", "errors"),
+            ("sockscope_poll_errors", "Polls that failed since start: the table, kernel counters or peaks "
+             "could not be read (the previous snapshot is kept) or a consumer of the poll raised.", "errors"),
             ("sockscope_netlink_dump_retries", "sock_diag dumps restarted because the kernel flagged them "
              "inconsistent (NLM_F_DUMP_INTR).", "dump_retries"),
             ("sockscope_netlink_dump_interrupted", "sock_diag dumps accepted while still flagged inconsistent "
