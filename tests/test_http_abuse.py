@@ -9,18 +9,21 @@ sending one header line every few seconds was never dropped.
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import socket
 import ssl
+import threading
 import time
+import urllib.error
 from pathlib import Path
 
 import bcrypt
 import pytest
 
 from conftest import require, require_root
-from daemon_helpers import start_daemon
+from daemon_helpers import scrape, start_daemon
 from prom_server import RealPrometheus
 from service_helpers import client_context, have_openssl, make_certs
 
@@ -196,3 +199,54 @@ def test_scrapes_succeed_while_hostile_connections_are_held(limited_daemon, tmp_
                if k[0] == "sockscope_http_dropped_connections_total"}
     assert dropped["evicted"] > 1000, dropped
     assert samples[("sockscope_http_open_connections", ())] <= samples[("sockscope_http_max_connections", ())]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_password_guessing_costs_at_most_one_core_and_scrapes_go_on(tmp_path):
+    # Regression (issue 9 defect 11): 3 clients sending wrong passwords pinned both cores
+    # (one bcrypt per request, in as many threads as requests).
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    d = start_daemon(tmp_path, "poll:\n  interval: 500ms\n", extra_args=("--web.config.file", str(web)),
+                     auth=("prometheus", PASSWORD))
+    try:
+        stop = time.monotonic() + 6.0
+        counts = {"401": 0, "503": 0, "other": 0}
+
+        def guess(who: int) -> None:
+            n = 0
+            while time.monotonic() < stop:
+                n += 1
+                try:
+                    scrape(d.url, timeout=10, auth=("prometheus", f"guess-{who}-{n}"))
+                    counts["other"] += 1
+                except urllib.error.HTTPError as e:
+                    counts[str(e.code) if str(e.code) in counts else "other"] += 1
+
+        polls0 = d.value("sockscope_polls_total")
+        threads = [threading.Thread(target=guess, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        cpu0, t0 = _cpu_seconds(d.pid), time.monotonic()
+        worst = 0.0
+        while time.monotonic() < stop - 0.5:
+            started = time.monotonic()
+            assert "sockscope_up 1.0" in d.scrape(timeout=5)  # cached credentials: no bcrypt
+            worst = max(worst, time.monotonic() - started)
+            time.sleep(0.2)
+        cores = (_cpu_seconds(d.pid) - cpu0) / (time.monotonic() - t0)
+        for t in threads:
+            t.join(15)
+        polls = d.value("sockscope_polls_total") - polls0
+    finally:
+        assert d.stop() == 0, d.log()[-3000:]
+    assert counts["401"] >= 10 and counts["other"] == 0, counts
+    assert cores < 1.3, f"the daemon used {cores:.2f} cores under password guessing"
+    assert worst < 1.0, f"a legitimate scrape took {worst:.2f}s"
+    assert polls >= 8, polls  # ~6 s at 500 ms: the poller kept its cadence

@@ -312,3 +312,46 @@ def test_out_of_file_descriptors_evicts_or_pauses_instead_of_spinning(serve):
     finally:
         listener.failing = False
         idle.close()
+
+
+# -- deferring to the poller's dump -----------------------------------------------------------
+
+def test_requests_wait_while_a_dump_holds_the_gate_at_most_its_hold(serve):
+    from sockscope.poller import DumpGate
+
+    gate = DumpGate(hold=0.8)
+    srv = HTTPServer(ok_app, "127.0.0.1", 0, yield_to=gate.wait)
+    srv.start()
+    try:
+        assert get(srv.port)[0] == 200
+        # A short dump: the request is answered right after it.
+        with gate.dumping():
+            started = time.monotonic()
+            result = []
+            client = threading.Thread(target=lambda: result.append(get(srv.port)[0]))
+            client.start()
+            time.sleep(0.3)
+            assert not result  # still waiting for the dump
+        client.join(TIMEOUT)
+        assert result == [200] and 0.25 <= time.monotonic() - started < 1.2
+        # A dump that outlasts its hold: scrapes go on after `hold` seconds.
+        with gate.dumping():
+            started = time.monotonic()
+            assert get(srv.port)[0] == 200
+            took = time.monotonic() - started
+            assert 0.5 <= took <= 1.5, took
+    finally:
+        srv.stop()
+
+
+def test_many_pipelined_requests_answered_at_once_do_not_recurse(serve):
+    # 700 pipelined POSTs, each answered 405 without a worker, plus stray empty lines.
+    srv = serve()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as s:
+        s.sendall((b"\r\n\r\n" * 50 + b"POST / HTTP/1.1\r\n\r\n" * 700)[:16000])
+        s.sendall(b"GET /last HTTP/1.1\r\nConnection: close\r\n\r\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.count(b"HTTP/1.1 405") >= 500
+    assert out.endswith(b"GET /last \n")

@@ -242,12 +242,15 @@ class ServerStats:
 
 
 # Connection states
-_PEEK, _HANDSHAKE, _READ, _BUSY, _WRITE = range(5)
+_PEEK, _HANDSHAKE, _READ, _BUSY, _WRITE, _LINGER = range(6)
+_LINGER_SECONDS = 1.0  # after an error reply: read and discard what the client still sends...
+_LINGER_BYTES = 256 * 1024  # ...at most this much, so the reply is not lost to a reset
 
 
 class _Conn:
     __slots__ = ("sock", "client", "state", "buf", "deadline", "out", "out_pos", "keep_alive",
-                 "served", "tls", "first_request", "head_only", "http10", "registered", "closed")
+                 "served", "tls", "first_request", "head_only", "http10", "linger", "registered",
+                 "closed")
 
     def __init__(self, sock: socket.socket, client: str, tls: ssl.SSLContext | None) -> None:
         self.sock: socket.socket = sock
@@ -263,6 +266,7 @@ class _Conn:
         self.first_request = True
         self.head_only = False  # the request being answered is a HEAD
         self.http10 = False
+        self.linger = 0  # > 0: close gracefully (bytes still to discard), see _linger()
         self.registered = 0  # selector events currently registered (0 = none)
         self.closed = False
 
@@ -297,6 +301,8 @@ class HTTPServer:
         self._wake_fd = -1
         self._done: collections.deque[tuple[_Conn, Response]] = collections.deque()
         self._auth_done: collections.deque[tuple[_Conn, Request, bool]] = collections.deque()
+        # Connections with a complete pipelined request in their buffer (never recursion).
+        self._pipelined: collections.deque[_Conn] = collections.deque()
         self._work: queue.Queue = queue.Queue(maxsize=limits.queue)
         self._auth: queue.Queue = queue.Queue(maxsize=limits.auth_queue)
         self._threads: list[threading.Thread] = []
@@ -477,6 +483,8 @@ class HTTPServer:
                 while self._done:
                     conn, resp = self._done.popleft()
                     self._guard(self._respond, conn, resp)
+                while self._pipelined:
+                    self._guard(self._next_request, self._pipelined.popleft())
                 now = self._monotonic()
                 if now >= next_tick:
                     next_tick = now + _TICK
@@ -582,6 +590,9 @@ class HTTPServer:
             self._accept_paused_until = 0.0
             self._sel.register(self._listener, selectors.EVENT_READ, self)
         for conn in [c for c in self._conns.values() if c.state != _BUSY and c.deadline <= now]:
+            if conn.state == _LINGER:
+                self._close(conn)
+                continue
             if conn.state == _WRITE:
                 reason = "write_timeout"
             elif conn.state in (_PEEK, _HANDSHAKE):
@@ -605,6 +616,8 @@ class HTTPServer:
             self._read(conn)
         elif conn.state == _WRITE:
             self._write(conn)
+        elif conn.state == _LINGER:
+            self._discard(conn)
 
     def _peek(self, conn: _Conn) -> None:
         try:
@@ -655,7 +668,7 @@ class HTTPServer:
     def _recv(self, conn: _Conn) -> bytes | None:
         """Bytes from the client; b"" at its end of stream; None: nothing yet."""
         try:
-            return conn.sock.recv(65536)
+            return conn.sock.recv(self.limits.max_header_bytes)  # a buffer holds at most ~2 heads
         except (BlockingIOError, ssl.SSLWantReadError):
             return None
         except ssl.SSLWantWriteError:
@@ -684,6 +697,9 @@ class HTTPServer:
     def _next_request(self, conn: _Conn) -> None:
         """Parse and dispatch the next complete request head in conn.buf, if any."""
         buf = conn.buf
+        skip = len(buf) - len(buf.lstrip(b"\r\n"))  # empty lines before a request (RFC 9112 2.2)
+        if skip:
+            del buf[:skip]
         end, sep = buf.find(b"\r\n\r\n"), 4
         lf = buf.find(b"\n\n")
         if lf >= 0 and (end < 0 or lf < end):
@@ -697,17 +713,15 @@ class HTTPServer:
             return
         head = bytes(buf[:end])
         del buf[: end + sep]
-        if not head.strip():  # stray CRLFs between requests (RFC 9112 2.2)
-            if buf:
-                self._next_request(conn)
-            return
         try:
-            req = parse_head(head.lstrip(b"\r\n"), conn.client, self.limits.max_headers)
+            req = parse_head(head, conn.client, self.limits.max_headers)
         except HTTPError as e:
             self._error(conn, e)
             return
         conn.first_request = False
         conn.served += 1
+        if _has_body(req):
+            conn.linger = _LINGER_BYTES  # the body is never read
         conn.keep_alive = (_wants_keep_alive(req) and not _has_body(req)
                            and conn.served < self.limits.max_requests and not self._stopping.is_set())
         conn.head_only = req.method == "HEAD"
@@ -749,6 +763,7 @@ class HTTPServer:
     def _error(self, conn: _Conn, e: HTTPError) -> None:
         log.debug("bad request from %s: %s", conn.client, e)
         conn.keep_alive = False
+        conn.linger = _LINGER_BYTES
         conn.head_only = False
         conn.state = _BUSY
         self._waiting.pop(id(conn), None)
@@ -806,17 +821,45 @@ class HTTPServer:
                 conn.out[0] = part[sent:]
         # Response complete.
         if not conn.keep_alive:
-            self._close(conn)
+            if conn.linger or conn.buf:
+                self._linger(conn)
+            else:
+                self._close(conn)
             return
         conn.state = _READ
         conn.deadline = self._monotonic() + self.limits.idle_timeout
         self._waiting[id(conn)] = conn  # waits again: the newest in eviction order
         self._watch(conn, selectors.EVENT_READ)
-        if conn.buf:  # a pipelined request already arrived
+        if conn.buf:  # a pipelined request already arrived: next round of the loop
             conn.deadline = self._monotonic() + self.limits.request_timeout
-            self._next_request(conn)
+            self._pipelined.append(conn)
         elif conn.tls is not None and conn.sock.pending():
             self._read(conn)
+
+
+    def _linger(self, conn: _Conn) -> None:
+        """Close gracefully: end our side, then read and discard what the client still
+        sends (bounded in time and bytes) before closing. Closing with unread input makes
+        the kernel send a reset, which can destroy the reply before the client reads it."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.state = _LINGER
+        conn.linger = conn.linger or _LINGER_BYTES
+        conn.buf.clear()
+        conn.deadline = self._monotonic() + _LINGER_SECONDS
+        self._watch(conn, selectors.EVENT_READ)
+
+    def _discard(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        conn.linger -= len(data)
+        if not data or conn.linger <= 0:
+            self._close(conn)
 
 
 def _UNAUTHORIZED() -> Response:

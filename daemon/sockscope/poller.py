@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 from .aggregate import Accumulator, Rules
@@ -47,6 +48,52 @@ def poll_once(
     return snapshot, stats.retries
 
 
+MAX_DUMP_PRIORITY = 5.0  # seconds; see DumpGate
+
+
+class DumpGate:
+    """Gives the poller's dump the GIL to itself for a bounded time.
+
+    A dump reads thousands of ~32 KiB netlink datagrams (~4,000 at 1M sockets) and releases
+    the GIL around each read; while HTTP threads are busy with scrapes, each read then
+    waits up to the interpreter's switch interval (5 ms) to get the GIL back: the dump
+    took 2-5x longer under 50 closed-loop scrapers and the poll cadence slipped
+    (docs/performance.md). The HTTP server calls `wait()` before each round of work: while
+    a dump runs it blocks, at most until `hold` seconds after the dump began (then the
+    server carries on, so a slow or stuck dump delays a scrape by at most `hold`:
+    min(poll.interval / 2, MAX_DUMP_PRIORITY)). Requests meanwhile wait in the kernel's
+    socket buffers, not in our memory.
+    """
+
+    def __init__(self, hold: float = MAX_DUMP_PRIORITY, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._hold = hold
+        self._monotonic = monotonic
+        self._idle = threading.Event()
+        self._idle.set()
+        self._until = 0.0
+
+    @contextmanager
+    def dumping(self, hold: float | None = None) -> Iterator[None]:
+        hold = self._hold if hold is None else min(hold, self._hold)
+        if hold <= 0:
+            yield
+            return
+        self._until = self._monotonic() + hold
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._idle.set()
+
+    def wait(self) -> None:
+        """Return at once unless a dump is running; then when it ends or its hold expires."""
+        if self._idle.is_set():
+            return
+        left = self._until - self._monotonic()
+        if left > 0:
+            self._idle.wait(left)
+
+
 class ConsumerError(Exception):
     """Raised by an on_poll callback after it handed the poll to every consumer, when some
     of them raised (Service._dispatch). The poller counts it as a failed poll."""
@@ -83,8 +130,10 @@ class Poller:
         on_poll: Callable[[PollStatus], None] | None = None,
         peaks: PeakTracker | None = None,
         kernel: KernelStatsReader | None = None,
+        gate: DumpGate | None = None,
     ):
         self.reader = reader
+        self.gate = gate or DumpGate(0.0)  # the HTTP server defers to the dump through it
         self.rules = rules
         self.interval = interval
         self._clock = clock
@@ -113,9 +162,10 @@ class Poller:
             self._apply_pending()
             if self.kernel is not None:
                 kernel = self.kernel.read()  # flags a failed source itself; raising is a bug
-            snapshot, retries = poll_once(
-                self.reader, self.rules, clock=self._clock, monotonic=self._monotonic
-            )
+            with self.gate.dumping(min(self.interval / 2, MAX_DUMP_PRIORITY)):
+                snapshot, retries = poll_once(
+                    self.reader, self.rules, clock=self._clock, monotonic=self._monotonic
+                )
             if self.peaks is not None:
                 snapshot = self.peaks.apply(snapshot, self._monotonic())
         except Exception as e:  # noqa: BLE001 - any failure keeps the daemon serving

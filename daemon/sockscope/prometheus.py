@@ -731,7 +731,8 @@ class MetricsApp:
         return Response(200, headers, body)
 
 
-def metrics_server(source, host: str, port: int, *, web=None, limits: Limits = Limits()) -> HTTPServer:
+def metrics_server(source, host: str, port: int, *, web=None, limits: Limits = Limits(),
+                   yield_to: Callable[[], None] | None = None) -> HTTPServer:
     """The /metrics HTTP server for `source` (a PollExposition or a registry); not started."""
     return HTTPServer(MetricsApp(source), host, port, web=web, limits=limits,
-                      server_header=f"sockscope/{__version__}")
+                      server_header=f"sockscope/{__version__}", yield_to=yield_to)

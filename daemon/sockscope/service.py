@@ -23,7 +23,7 @@ from .config import Config
 from .kernelstats import KernelStatsReader
 from .netlink import Reader
 from .peaks import PeakTracker
-from .poller import ConsumerError, Poller
+from .poller import ConsumerError, DumpGate, Poller
 from .snapshot import PollStatus
 
 log = logging.getLogger("sockscope")
@@ -64,6 +64,7 @@ class Service:
             on_poll=self._dispatch,
             peaks=PeakTracker(cfg.poll.peak_window) if cfg.poll.peak_window else None,
             kernel=KernelStatsReader(cfg.poll.netns) if cfg.poll.kernel_stats else None,
+            gate=DumpGate(),
         )
         self.server = None
         self.graphite = None  # graphite.Pusher when graphite.enabled
@@ -135,7 +136,8 @@ class Service:
         limits = Limits(max_connections=p.max_connections, workers=p.workers,
                         request_timeout=p.request_timeout, idle_timeout=p.idle_timeout,
                         write_timeout=p.write_timeout)
-        return metrics_server(self._exposition(cfg), p.host, p.port, web=self.web, limits=limits)
+        return metrics_server(self._exposition(cfg), p.host, p.port, web=self.web, limits=limits,
+                              yield_to=self.poller.gate.wait)
 
     def _log_serving(self, cfg: Config) -> None:
         web = self.web
