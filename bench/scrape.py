@@ -119,17 +119,19 @@ def free_port() -> int:
 class Daemon:
     """`sockscope run --netns NS` in this (host) namespace, default config unless told."""
 
-    def __init__(self, ns_name: str, conf: str = ""):
+    def __init__(self, ns_name: str, conf: str = "", src: Path | None = None):
+        """src: the daemon/ directory to run (another checkout's, for --baseline)."""
         global PORT
         PORT = free_port()  # never a fixed port: another run's daemon would answer for us
         self.dir = tempfile.mkdtemp(prefix="sockscope-bench-scrape-")
         path = os.path.join(self.dir, "sockscope.yaml")
         with open(path, "w") as f:
             f.write(conf)
+        env = _env() if src is None else {**os.environ, "PYTHONPATH": str(src)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sockscope", "run", "--config.file", path, "--netns", ns_name,
              "--web.listen-address", f"127.0.0.1:{PORT}", "--log.level", "warning"],
-            env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "log"), "w"))
+            env=env, cwd=self.dir if src is not None else REPO, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "log"), "w"))
         end = time.monotonic() + 300
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -479,17 +481,33 @@ def cadence_summary(polls: list[dict], interval: float) -> dict:
     }
 
 
-def measure_size(ns_name: str, size: int, args) -> dict:
+def measure_size(ns_name: str, size: int, args, baseline: Path | None = None) -> dict:
+    """Render and cadence figures at one table size; with `baseline` (another checkout's
+    daemon/ directory) that daemon is measured first on the same table, then ours."""
     holder = Holder(ns_name, size)
-    daemon = None
     try:
         print(f"[{size}] table built in {holder.info['build_seconds']:.1f} s", flush=True)
-        daemon = Daemon(ns_name)
+        out = {"size": size, "build_seconds": holder.info["build_seconds"], "daemons": {}}
+        daemons = ([("baseline", baseline)] if baseline is not None else []) + [("current", None)]
+        for name, src in daemons:
+            out["daemons"][name] = measure_daemon(ns_name, size, args, holder, src, name)
+        current = out["daemons"]["current"]
+        for key in ("poll_at_render", "render", "periods", "cadence_ratio", "duration_ratio", "daemon_memory"):
+            out[key] = current[key]  # the figures of the daemon under test, at the top level
+        return out
+    finally:
+        holder.close()
+
+
+def measure_daemon(ns_name: str, size: int, args, holder: Holder, src: Path | None, name: str) -> dict:
+    daemon = None
+    tag = f"[{size} {name}]"
+    try:
+        daemon = Daemon(ns_name, src=src)
         time.sleep(5.5)  # one regular poll after the first
-        out = {"size": size, "build_seconds": holder.info["build_seconds"],
-               "poll_at_render": poll_metrics(), "render": render(args.render_scrapes)}
+        out = {"poll_at_render": poll_metrics(), "render": render(args.render_scrapes)}
         r = out["render"]["text"]
-        print(f"[{size}] render median {r['median_ms']:.1f} ms, {r['bytes']} bytes, "
+        print(f"{tag} render median {r['median_ms']:.1f} ms, {r['bytes']} bytes, "
               f"{r['series']} series", flush=True)
         interval = 5.0
         monitor = Monitor()
@@ -511,7 +529,7 @@ def measure_size(ns_name: str, size: int, args) -> dict:
             time.sleep(0.5)
             periods[kind] = {**cadence_summary(monitor.between(t0, t1), interval),
                              "daemon_cpu_s": process_cpu(daemon.proc.pid) - c0, "scrape_load": load}
-            print(f"[{size}] {kind}: {json.dumps(periods[kind])}", flush=True)
+            print(f"{tag} {kind}: {json.dumps(periods[kind])}", flush=True)
         monitor.halt.set()
         monitor.join(5)
         out["periods"] = periods
@@ -529,7 +547,16 @@ def measure_size(ns_name: str, size: int, args) -> dict:
     finally:
         if daemon is not None:
             daemon.close()
-        holder.close()
+
+
+def checkout(ref: str) -> tuple[Path, str]:
+    """daemon/ of git ref `ref` extracted into a temporary directory, and the commit."""
+    commit = subprocess.run(["git", "rev-parse", "--short", ref], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    where = Path(tempfile.mkdtemp(prefix="sockscope-bench-baseline-"))
+    archive = subprocess.run(["git", "archive", commit, "daemon"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    return where / "daemon", commit
 
 
 def soak(ns_name: str, args) -> dict:
@@ -628,26 +655,30 @@ def markdown(result: dict) -> str:
         how = (f"each pausing {a['scrape_pause']:g} s between scrapes" if a.get("scrape_pause")
                else "closed-loop (no pause)")
         env = " ".join(f"{k}={v}" for k, v in result.get("daemon_env", {}).items())
+        base = (f" \"baseline\" is the daemon of commit {result['baseline_commit']}, measured first on the "
+                "same table; \"current\" is this checkout's." if result.get("baseline_commit") else "")
         lines += ["", f"Poll cadence (poll.interval 5 s) for {a['duration']:.0f} s without scrapers, then "
                   f"{a['duration']:.0f} s per pattern with {a['scrapers']} scrapers {how} in "
                   f"{a['client_procs']} client processes (churn: a new connection per scrape; keepalive: "
                   "one connection per scraper; gzip: keep-alive with Prometheus' Accept and gzip)"
-                  + (f"; daemon environment {env}" if env else "") + ":", "",
+                  + (f"; daemon environment {env}" if env else "") + "." + base, "",
                   "| sockets | period | polls | mean spacing of poll starts (ratio to without) "
                   "| poll duration median (max) | scrapes (failed) | scrape latency median / p99 | daemon CPU |",
                   "|---|---|---|---|---|---|---|---|"]
         def f(v, spec: str, scale: float = 1, unit: str = "") -> str:
             return "–" if v is None else f"{v * scale:{spec}}{unit}"
 
-        for s in result["sizes"]:
-            for kind, p in s["periods"].items():
+        rows = [(s, name, d) for s in result["sizes"] for name, d in s.get("daemons", {"current": s}).items()]
+        for s, daemon_name, d in rows:
+            for kind, p in d["periods"].items():
                 load = p["scrape_load"]
                 sc = "–" if load is None else f"{load['scrapes']:,} ({load['failures']})"
                 lat = "–" if load is None else (f"{f(load['latency_median_ms'], '.1f')} / "
                                                 f"{f(load['latency_p99_ms'], '.0f')} ms")
-                cr = s["cadence_ratio"].get(kind)
+                cr = d["cadence_ratio"].get(kind)
                 ratio = "" if cr is None else f" ({cr:.3f} {'✓' if cr <= 1.1 else '✗'})"
-                lines.append(f"| {int(p['sockets_median'] or 0):,} | {kind} | {p['polls']} | "
+                label = kind if len(s.get("daemons", {})) < 2 else f"{daemon_name}: {kind}"
+                lines.append(f"| {int(p['sockets_median'] or 0):,} | {label} | {p['polls']} | "
                              f"{f(p['spacing_mean_s'], '.3f', 1, ' s')}{ratio} | "
                              f"{f(p['duration_median_s'], '.0f', 1e3, ' ms')} "
                              f"({f(p['duration_max_s'], '.0f', 1e3, ' ms')}) | {sc} | {lat} | "
@@ -695,6 +726,9 @@ def parse_args(argv):
                    help=f"scrape patterns, one loaded period each ({', '.join(PATTERNS)})")
     p.add_argument("--client-procs", type=int, default=5,
                    help="client processes the scrapers are spread over")
+    p.add_argument("--baseline", metavar="REF",
+                   help="also measure the daemon of this git ref (e.g. a commit before a change) "
+                        "on the same table, first")
     p.add_argument("--hold", type=int, help=argparse.SUPPRESS)
     p.add_argument("--load", help=argparse.SUPPRESS)
     p.add_argument("--churn-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -723,8 +757,11 @@ def main(argv=None) -> int:
         if sizes:
             result = {"machine": machine(), "args": vars(args), "sizes": [],
                       "daemon_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+            baseline = None
+            if args.baseline:
+                baseline, result["baseline_commit"] = checkout(args.baseline)
             for size in sizes:
-                result["sizes"].append(measure_size(name, size, args))
+                result["sizes"].append(measure_size(name, size, args, baseline))
             (out / "scrape-latest.json").write_text(json.dumps(result, indent=1))
             (out / f"scrape-{stamp}.json").write_text(json.dumps(result, indent=1))
             md = markdown(result)
