@@ -13,23 +13,31 @@ DEB_PACKAGES += graphite-carbon python3-whisper
 # curl (scrapes from inside a test namespace), openssl (test certificates), time (GNU
 # time: the bench sanity test measures ss's own peak RSS with it).
 DEB_PACKAGES += systemd curl openssl time
+# python3-venv: ensurepip for Debian's python3, which `make install` builds its venv from
+# (tests/test_packaging.py installs into a staging directory).
+DEB_PACKAGES += python3-venv
 
-.PHONY: run test venv venv-test system-deps clean install bench bench-1m bench-scrape bench-soak
+.PHONY: run test venv venv-test system-deps clean install uninstall bench bench-1m bench-scrape bench-soak
 
-# `make install` as root: a venv under $(PREFIX), the config in $(CONFDIR) (an existing one
-# is kept), the unit in $(UNITDIR). Then: systemctl daemon-reload; systemctl enable --now
-# sockscope. docs/service.md explains each step and the unit's settings.
+# `make install` as root: a venv in $(PREFIX) built from a system interpreter (refused if
+# it lives under /home, /root or /run/user, which the unit's ProtectHome=yes hides), the
+# config in $(CONFDIR) (a changed one is kept), the unit in $(UNITDIR). With DESTDIR the
+# tree is staged there and names only $(PREFIX), ready to package or move. Then:
+# systemctl daemon-reload; systemctl enable --now sockscope. `make uninstall` removes it
+# all but a changed config. docs/service.md explains each step.
 PREFIX ?= /opt/sockscope
 CONFDIR ?= /etc/sockscope
 UNITDIR ?= /etc/systemd/system
+INSTALL_PYTHON ?= /usr/bin/python3
+# extra pip arguments, e.g. --no-index --find-links DIR to build offline
+PIP_INSTALL_ARGS ?=
+INSTALL_ENV = DESTDIR='$(DESTDIR)' PREFIX='$(PREFIX)' CONFDIR='$(CONFDIR)' UNITDIR='$(UNITDIR)'
 
 install:
-	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
-	$(DESTDIR)$(PREFIX)/bin/pip install --quiet --disable-pip-version-check .
-	install -d -m 0755 $(DESTDIR)$(CONFDIR)
-	[ -e $(DESTDIR)$(CONFDIR)/sockscope.yaml ] || install -m 0644 config/sockscope.yaml $(DESTDIR)$(CONFDIR)/sockscope.yaml
-	install -D -m 0644 systemd/sockscope.service $(DESTDIR)$(UNITDIR)/sockscope.service
-	@echo "installed; now: systemctl daemon-reload && systemctl enable --now sockscope"
+	@$(INSTALL_ENV) INSTALL_PYTHON='$(INSTALL_PYTHON)' PIP_INSTALL_ARGS='$(PIP_INSTALL_ARGS)' sh scripts/install.sh
+
+uninstall:
+	@$(INSTALL_ENV) sh scripts/uninstall.sh
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +61,7 @@ run: venv
 system-deps:
 	@sh scripts/deb-install.sh $(DEB_PACKAGES)
 
-test: venv-test system-deps
+test: system-deps venv-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Side-by-side benchmark (root: its own network namespace; docs/performance.md). Installs
