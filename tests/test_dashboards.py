@@ -1,8 +1,9 @@
-"""Grafana dashboards (dashboards/grafana): JSON structure, every PromQL expression of
-the Prometheus dashboard returning data from a real Prometheus that scrapes a real
-sockscope watching a test namespace (with the recording rules loaded), and every series
-of every Graphite dashboard target existing as a whisper file in a real carbon fed by a
-real sockscope watching the same namespace."""
+"""Grafana dashboards (dashboards/grafana): JSON structure, links into the docs, thresholds
+equal to the alerts'; every PromQL expression of the Prometheus dashboard returning data for
+two instances at once from a real Prometheus that scrapes two real sockscopes watching a test
+namespace (with the recording rules loaded); and every series of every target of the two
+Graphite dashboards (naming sockscope, at two prefix depths and with several hosts, and
+naming collectd) existing as a whisper file in a real carbon fed by real sockscopes."""
 
 from __future__ import annotations
 
@@ -10,28 +11,29 @@ import fnmatch
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from carbon import Carbon, prerequisites_missing
 from conftest import require
-from daemon_helpers import free_port, start_daemon
-from sockscope.graphite import sanitize
+from daemon_helpers import start_daemon
+from prom_server import RealPrometheus
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "dashboards" / "grafana"
 PROM_DASH = GRAFANA / "sockscope-prometheus.json"
 GRAPHITE_DASH = GRAFANA / "sockscope-graphite.json"
+COLLECTD_DASH = GRAFANA / "sockscope-collectd.json"
+DASHBOARDS = [PROM_DASH, GRAPHITE_DASH, COLLECTD_DASH]
 RULES = [ROOT / "dashboards" / "prometheus" / "sockscope-rules.yml",
          ROOT / "dashboards" / "prometheus" / "sockscope-alerts.yml"]
 MIN_SCHEMA_VERSION = 36  # Grafana 9+; the dashboards carry 39 (Grafana 10.4/11)
+# Grafana's $__rate_interval is max($__interval + scrape interval, 4 x scrape interval); the
+# test Prometheus scrapes every second.
+RATE_INTERVAL = "4s"
 
 
 def load(path: Path) -> dict:
@@ -44,15 +46,30 @@ def all_panels(dash: dict):
         yield from p.get("panels", [])
 
 
+def variables(dash: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in dash["templating"]["list"]}
+
+
 def datasource_var(dash: dict) -> dict:
     (ds,) = [v for v in dash["templating"]["list"] if v["type"] == "datasource"]
     return ds
 
 
+def alert_rules() -> dict[str, dict]:
+    doc = yaml.safe_load(RULES[1].read_text())
+    return {r["alert"]: r for g in doc["groups"] for r in g["rules"]}
+
+
+def github_anchors(markdown: str) -> set[str]:
+    anchors = set()
+    for line in markdown.splitlines():
+        m = re.match(r"#{1,6} (.+)", line)
+        if m:
+            anchors.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return anchors
+
+
 # -- structure -----------------------------------------------------------------------------------
-
-
-DASHBOARDS = [p for p in (PROM_DASH, GRAPHITE_DASH) if p.exists()]
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=[p.name for p in DASHBOARDS])
@@ -70,6 +87,7 @@ def test_dashboard_structure(path):
         assert {"x", "y", "w", "h"} <= set(p["gridPos"]), p["title"]
         if p["type"] == "row":
             continue
+        assert p.get("description", "").strip(), f"panel {p['id']} {p['title']!r} has no description"
         assert p["datasource"]["uid"] == "${" + ds["name"] + "}", p["title"]
         assert p["targets"], p["title"]
         for t in p["targets"]:
@@ -78,88 +96,140 @@ def test_dashboard_structure(path):
     text = path.read_text()
     for uid in re.findall(r'"uid":\s*"([^"]*)"', text):
         assert uid in (dash["uid"], "${" + ds["name"] + "}"), uid
+    assert len({load(p)["uid"] for p in DASHBOARDS}) == len(DASHBOARDS)
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=[p.name for p in DASHBOARDS])
+def test_links_lead_to_doc_sections_that_exist(path):
+    """Dashboard and panel links are ${docs}/FILE.md[#anchor]; `docs` is a hidden constant
+    (docs/alerting.md says how to point it at the published docs)."""
+    dash = load(path)
+    docs = variables(dash)["docs"]
+    assert docs["type"] == "constant" and docs["query"] == "docs"
+    links = [(link["title"], link["url"]) for link in dash["links"]]
+    links += [(f"panel {p['id']}: {link['title']}", link["url"])
+              for p in all_panels(dash) for link in p.get("links", [])]
+    assert len(dash["links"]) >= 2 and len(links) >= 4
+    for title, url in links:
+        m = re.fullmatch(r"\$\{docs\}/([\w.-]+\.md)(?:#([\w-]+))?", url)
+        assert m, (title, url)
+        doc = ROOT / "docs" / m.group(1)
+        assert doc.exists(), (title, url)
+        if m.group(2):
+            assert m.group(2) in github_anchors(doc.read_text()), (title, url)
 
 
 def test_prometheus_dashboard_variables_and_coverage():
     dash = load(PROM_DASH)
-    names = [v["name"] for v in dash["templating"]["list"]]
-    assert names == ["datasource", "job", "instance", "port"]
+    var = variables(dash)
+    assert list(var) == ["datasource", "job", "instance", "port", "remote_port", "docs"]
     assert datasource_var(dash)["query"] == "prometheus"
-    exprs = " ".join(t["expr"] for p in all_panels(dash) for t in p.get("targets", []))
-    for needed in ("close_wait", "_peak", "receive_queue_bytes", "listen_queue_fill",
-                   "listen_overflows", "out_resets", "sockscope_up", "snapshot_age"):
-        assert needed in exprs, needed
+    for name in ("instance", "port", "remote_port"):  # several selectable, "All" included
+        assert var[name]["multi"] and var[name]["includeAll"], name
+    assert "sockscope_tcp_remote_port_sockets" in var["remote_port"]["query"]["query"]
+    exprs = [t["expr"] for p in all_panels(dash) for t in p.get("targets", [])]
+    for expr in exprs:
+        # A multi-value variable is a regex: `=` would match only a single selection.
+        assert 'instance=~"$instance"' in expr and 'instance="' not in expr, expr
+        assert 'port="$' not in expr, expr
+        # Ranges follow the zoom and the scrape interval, never a fixed [5m].
+        for rng in re.findall(r"\[([^\]]*)\]", expr):
+            assert rng == "$__rate_interval", expr
+    # Several instances on one panel: each series says which.
+    no_instance = [t["expr"] for p in all_panels(dash) for t in p.get("targets", [])
+                   if "{{instance}}" not in t["legendFormat"]]
+    assert not no_instance, no_instance
+    joined = " ".join(exprs)
+    assert 'port=~"$remote_port"' in joined
+    for needed in ("close_wait", "_peak", "receive_queue_bytes", "listen_queue_length_per_limit",
+                   "listen_overflows", "out_resets", "sockscope_up", "snapshot_age",
+                   "sockscope_poll_interval_seconds", "out_segments"):
+        assert needed in joined, needed
+
+
+def threshold_steps(panel: dict) -> list[float]:
+    steps = panel["fieldConfig"]["defaults"].get("thresholds", {}).get("steps", [])
+    return [s["value"] for s in steps if s["value"] is not None]
+
+
+def panel_by_expr(dash: dict, fragment: str) -> list[dict]:
+    return [p for p in all_panels(dash)
+            if any(fragment in t.get("expr", t.get("target", "")) for t in p.get("targets", []))]
+
+
+def test_thresholds_are_the_alerts():
+    """Accept-queue fill at 0.8 and the 1 MiB receive backlog: the same literals as the
+    alerts, read from the rule file (change one, this fails until the other follows)."""
+    rules = alert_rules()
+    fill = float(re.search(r">= ([\d.]+)", rules["SockscopeAcceptQueueNearFull"]["expr"]).group(1))
+    backlog = float(re.search(r"> (\d+)", rules["SockscopeReceiveQueueBacklogGrowing"]["expr"]).group(1))
+    overflows = float(re.search(r"> ([\d.]+)", rules["SockscopeListenOverflows"]["expr"]).group(1))
+    tw = float(re.search(r"> ([\d.]+)", rules["SockscopeTimeWaitNearLimit"]["expr"]).group(1))
+    assert (fill, backlog) == (0.8, 1048576)
+    prom = load(PROM_DASH)
+    for fragment, value in (("listen_queue_length_per_limit:ratio", fill),
+                            ("local_port_receive_queue_bytes", backlog), ("listen_overflows", overflows),
+                            ("time_wait_sockets_per_limit", tw)):
+        (panel,) = panel_by_expr(prom, fragment)
+        assert threshold_steps(panel) == [value], (panel["title"], threshold_steps(panel))
+    graphite = load(GRAPHITE_DASH)
+    (panel,) = panel_by_expr(graphite, "asPercent(")
+    assert threshold_steps(panel) == [fill * 100] and panel["fieldConfig"]["defaults"]["unit"] == "percent"
+    (panel,) = panel_by_expr(graphite, "receive_queue_bytes")
+    assert threshold_steps(panel) == [backlog]
+
+
+def test_a_panel_never_mixes_a_ratio_with_counts():
+    """One unit per panel: a 0-1 ratio (recording rule `:ratio` or a division) only in
+    percentunit panels, and nothing else there (panel 24 mixed the port range with the
+    TIME-WAIT ratio)."""
+    dash = load(PROM_DASH)
+    for p in all_panels(dash):
+        if p["type"] == "row":
+            continue
+        ratios = [(":ratio" in t["expr"] or " / " in t["expr"]) for t in p["targets"]]
+        unit = p["fieldConfig"]["defaults"]["unit"]
+        assert all(ratios) if unit == "percentunit" else not any(ratios), (p["id"], p["title"], unit)
+    (ports,) = [p for p in all_panels(dash) if p["id"] == 24]
+    assert len(ports["targets"]) == 1 and ports["fieldConfig"]["defaults"]["unit"] == "none"
 
 
 # -- against a real Prometheus ------------------------------------------------------------------
 
 
-def prom_query(base: str, expr: str) -> list:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=10) as r:
-        body = json.load(r)
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
-def label_values(base: str, label: str, match: str) -> list[str]:
-    url = f"{base}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": match})
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.load(r)["data"]
-
-
 @pytest.fixture(scope="module")
-def prometheus_binary():
-    path = shutil.which("prometheus")
-    require(path is not None, "needs prometheus (Debian package prometheus; make system-deps)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def stack(netns, sockmix, prometheus_binary, tmp_path_factory):
-    """sockscope watching `netns` (with the full sockmix), scraped every 1 s by Prometheus."""
+def stack(netns, sockmix, tmp_path_factory):
+    """Two sockscopes watching `netns` (with the full sockmix), scraped every 1 s by one
+    Prometheus with the recording and alert rules loaded."""
     work = tmp_path_factory.mktemp("prom")
-    daemon = start_daemon(work, "poll:\n  interval: 500ms\n  peak_window: 5s\n", netns=netns.name)
-    port = free_port()
-    (work / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"rule_files: [{', '.join(json.dumps(str(r)) for r in RULES)}]\n"
-        "scrape_configs:\n  - job_name: sockscope\n"
-        f"    static_configs: [{{targets: ['{daemon.address}']}}]\n")
-    log = open(work / "prometheus.log", "wb")
-    proc = subprocess.Popen(
-        [prometheus_binary, f"--config.file={work / 'prometheus.yml'}",
-         f"--storage.tsdb.path={work / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    config = "poll:\n  interval: 500ms\n  peak_window: 5s\nports:\n  remote: [18080, 18084]\n"
+    daemons = []
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (work / "prometheus.log").read_text()
-            try:
-                if prom_query(base, 'up{job="sockscope"} == 1'):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("Prometheus never scraped sockscope:\n" + (work / "prometheus.log").read_text())
-        yield base, daemon
+        for _ in range(2):
+            daemons.append(start_daemon(work, config, netns=netns.name))
+        prom = RealPrometheus(
+            work / "prometheus",
+            [{"job_name": "sockscope", "static_configs": [{"targets": [d.address for d in daemons]}]}],
+            rule_files=[str(r) for r in RULES])
+        with prom:
+            prom.wait_value('count(up{job="sockscope"} == 1) == 2')
+            yield prom, daemons
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-        daemon.stop()
+        for d in daemons:
+            d.stop()
 
 
-def test_every_prometheus_dashboard_query_returns_data(stack):
-    base, daemon = stack
+def label_values(prom: RealPrometheus, label: str, match: str) -> list[str]:
+    return prom.get(f"label/{label}/values", **{"match[]": match})
+
+
+def test_every_prometheus_dashboard_query_returns_data_for_every_instance(stack):
+    prom, daemons = stack
     dash = load(PROM_DASH)
-    variables = {"job": "sockscope", "instance": daemon.address}
+    instances = {d.address for d in daemons}
+    # Several instances selected: Grafana renders a multi-value variable as a regex.
+    values = {"job": "sockscope", "instance": "|".join(sorted(instances)),
+              "__rate_interval": RATE_INTERVAL}
     # Template variable queries: label_values(selector, label) must list values.
     for v in dash["templating"]["list"]:
         if v["type"] != "query":
@@ -167,56 +237,49 @@ def test_every_prometheus_dashboard_query_returns_data(stack):
         m = re.fullmatch(r"label_values\((.*), (\w+)\)", v["query"]["query"])
         assert m, v["query"]
         selector = m.group(1)
-        for name, value in variables.items():
+        for name, value in values.items():
             selector = selector.replace("$" + name, value)
-        values = label_values(base, m.group(2), selector)
-        assert values, v["name"]
+        listed = label_values(prom, m.group(2), selector)
+        assert listed, v["name"]
         if v["name"] == "job":
-            assert "sockscope" in values
+            assert "sockscope" in listed
+        if v["name"] == "instance":
+            assert set(listed) == instances
         if v["name"] == "port":
-            assert "18084" in values and "other" in values  # the sockmix CLOSE-WAIT port
-            variables["port"] = "|".join(values)  # "All" selected, as a multi-value regex
+            assert {"18084", "other"} <= set(listed)  # the sockmix CLOSE-WAIT port
+        if v["name"] == "remote_port":
+            assert set(listed) == {"18080", "18084", "other"}
+        if v["name"] in ("port", "remote_port"):
+            values[v["name"]] = "|".join(listed)  # "All" selected, as a multi-value regex
     exprs = {}
     for p in all_panels(dash):
         for t in p.get("targets", []):
             expr = t["expr"]
-            for name, value in variables.items():
-                expr = expr.replace("$" + name, value)
+            for name in sorted(values, key=len, reverse=True):  # $remote_port before $port
+                expr = expr.replace("$" + name, values[name])
             assert "$" not in expr, expr
             exprs[expr] = p["title"]
     pending = dict(exprs)
     deadline = time.monotonic() + 30  # recording rules and rate() need a few samples
     while pending and time.monotonic() < deadline:
         for expr in list(pending):
-            if prom_query(base, expr):
+            seen = {s["metric"].get("instance") for s in prom.query(expr)}
+            if seen == instances:
                 del pending[expr]
         if pending:
             time.sleep(1)
-    assert not pending, f"no data for: {json.dumps(pending, indent=1)}"
-    assert len(exprs) >= 30
+    assert not pending, f"no data for both instances: {json.dumps(pending, indent=1)}"
+    assert len(exprs) >= 35
     # And the data is the namespace's: the sockmix's CLOSE-WAIT sockets and full queue.
-    cw = prom_query(base, 'sockscope_tcp_local_port_sockets_peak{port="18084",state="close_wait"}')
-    assert float(cw[0]["value"][1]) == 3
-    fill = prom_query(base, 'sockscope:tcp_listen_queue_fill:ratio{port="18090"}')
-    assert float(fill[0]["value"][1]) == pytest.approx(5 / 4)
+    cw = prom.query('sockscope_tcp_local_port_sockets_peak{port="18084",state="close_wait"}')
+    assert [float(s["value"][1]) for s in cw] == [3, 3]
+    fill = prom.query('instance_address_port:sockscope_tcp_listen_queue_length_per_limit:ratio{port="18090"}')
+    assert [float(s["value"][1]) for s in fill] == [pytest.approx(5 / 4)] * 2
+    interval = prom.query("sockscope_poll_interval_seconds")
+    assert [float(s["value"][1]) for s in interval] == [0.5, 0.5]
 
 
-def test_graphite_dashboard_uses_the_default_graphite_paths():
-    """Every target is built on sockscope.<host> (graphite.py's default prefix) and names
-    only path families graphite.py writes (the real-carbon check is below)."""
-    dash = load(GRAPHITE_DASH)
-    assert [v["name"] for v in dash["templating"]["list"]] == ["datasource", "host", "port"]
-    assert datasource_var(dash)["query"] == "graphite"
-    known = re.compile(r"sockscope\.\$host\.(tcp\.(states|local_port|remote_port|listen)|sockscope\.(poll|graphite))\.")
-    for p in all_panels(dash):
-        for t in p["targets"]:
-            paths = re.findall(r"sockscope\.\$host\.[\w.${},*]+", t["target"])
-            assert paths, t["target"]
-            for path in paths:
-                assert known.match(path + "."), path
-
-
-# -- Graphite dashboard against a real carbon -------------------------------------------------
+# -- Graphite dashboards against a real carbon ------------------------------------------------
 #
 # Each target is parsed (a small parser for Graphite's function syntax), its template
 # variables substituted, and every series argument (path expression) globbed against the
@@ -290,8 +353,12 @@ class GraphiteTargetParser:
         return ("path", tok)
 
 
+# Functions whose numeric arguments are node indexes of their series: where they sit.
+_NODE_ARGS = {"aliasByNode": slice(1, None), "groupByNode": slice(1, 2), "groupByNodes": slice(2, None)}
+
+
 def series_arguments(tree) -> list[tuple[str, list[int]]]:
-    """Every path expression in the tree, each with the aliasByNode nodes applied to it."""
+    """Every path expression in the tree, each with the node indexes applied to it."""
     out: list[tuple[str, list[int]]] = []
 
     def walk(node, nodes):
@@ -299,8 +366,9 @@ def series_arguments(tree) -> list[tuple[str, list[int]]]:
             out.append((node[1], nodes))
         elif node[0] == "call":
             name, args = node[1], node[2]
-            if name == "aliasByNode":
-                walk(args[0], nodes + [int(a[1]) for a in args[1:]])
+            if name in _NODE_ARGS:
+                extra = [int(a[1]) for a in args[_NODE_ARGS[name]] if a[0] == "num"]
+                walk(args[0], nodes + extra)
             else:
                 for a in args:
                     walk(a, nodes)
@@ -341,12 +409,27 @@ def whisper_tree(root: Path) -> tuple[set, set]:
     return series, nodes
 
 
-def substitute(text: str, variables: dict[str, str]) -> str:
-    for name, value in variables.items():
+def substitute(text: str, values: dict[str, str]) -> str:
+    for name in sorted(values, key=len, reverse=True):  # $remote_port before $port
+        value = values[name]
         text = text.replace("${" + name + "}", value).replace("[[" + name + "]]", value)
         text = re.sub(r"\$" + name + r"\b", lambda _m: value, text)
     assert "$" not in text, f"unsubstituted variable in {text!r}"
     return text
+
+
+def split_path(pattern: str) -> list[str]:
+    """Dot-separated components, dots inside {a,b} kept."""
+    parts, depth, cur = [], 0, ""
+    for c in pattern:
+        if c == "." and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += c == "{"
+        depth -= c == "}"
+        cur += c
+    return [*parts, cur]
 
 
 def test_target_parser():
@@ -354,69 +437,143 @@ def test_target_parser():
         "alias(sumSeries(a.$h.b.*.c, x.{d,e}.f), 'all, ports')")
     assert tree == ("call", "alias", [("call", "sumSeries", [("path", "a.$h.b.*.c"), ("path", "x.{d,e}.f")]),
                                       ("str", "all, ports")])
-    assert series_arguments(GraphiteTargetParser.parse("aliasByNode(asPercent(a.*.q, a.*.l), 2)")) == \
-        [("a.*.q", [2]), ("a.*.l", [2])]
+    assert series_arguments(GraphiteTargetParser.parse("aliasByNode(asPercent(a.*.q, a.*.l), -2)")) == \
+        [("a.*.q", [-2]), ("a.*.l", [-2])]
+    assert series_arguments(GraphiteTargetParser.parse("aliasSub(groupByNode(a.*.q, -3, 'sum'), '(.+)', 'x')")) \
+        == [("a.*.q", [-3])]
     assert expand_braces("a.{b,c}.{d,e}") == ["a.b.d", "a.b.e", "a.c.d", "a.c.e"]
+    assert split_path("${p}$h.x-{A,B}.y") == ["${p}$h", "x-{A,B}", "y"]
     files = {("a", "1", "q"), ("a", "2", "l")}
     assert glob("a.*.q", files) == [("a", "1", "q")]
     assert glob("a.{1,2}.[lq]", files) and not glob("a.*", files) and not glob("a.3.q", files)
 
 
-@pytest.fixture
+@pytest.mark.parametrize("path", [GRAPHITE_DASH, COLLECTD_DASH], ids=["sockscope", "collectd"])
+def test_graphite_node_indexes_count_from_the_end_and_name_a_varying_component(path):
+    """The prefix is a variable of any depth: a node index from the start would shift with
+    it. Each index counts from the end and lands on a component that varies (the host, a
+    port, a state), never on a fixed word such as `tcp`."""
+    dash = load(path)
+    assert variables(dash)["prefix"]["type"] == "textbox"
+    for p in all_panels(dash):
+        for t in p["targets"]:
+            assert "${prefix}$host." in t["target"] or "$prefix.$host." in t["target"], t["target"]
+            for pattern, nodes in series_arguments(GraphiteTargetParser.parse(t["target"])):
+                parts = split_path(pattern)
+                assert nodes, f"{p['title']}: {pattern} is not aliased by node"
+                for n in nodes:
+                    assert -len(parts) <= n < 0, (p["title"], pattern, n)
+                    varying = parts[n].replace("${prefix}", "").replace("$prefix", "")
+                    assert re.search(r"[$*{\[]", varying), (p["title"], pattern, n, parts[n])
+
+
+# Four sockscopes push to one carbon: naming sockscope for two hosts under one prefix and a
+# third under a deeper prefix, and naming collectd (collectd's write_graphite "Prefix").
+PUSHERS = {
+    "hosta": "  prefix: sockscope.hosta\n",
+    "hostb": "  prefix: sockscope.hostb\n",
+    "hostc": "  prefix: ops.dc1.sockscope.hostc\n",
+    "hostd_example_com": "  naming: collectd\n  prefix: collectd.\n  host: hostd.example.com\n",
+}
+
+
+@pytest.fixture(scope="module")
 def carbon_fed(sockmix, netns, tmp_path_factory):
-    """A real carbon-cache fed by sockscope (default naming and prefix) watching `netns`."""
+    """A real carbon-cache fed by the PUSHERS, each a sockscope watching `netns`."""
     require(prerequisites_missing() is None, prerequisites_missing() or "")
     carbon = Carbon.start(tmp_path_factory.mktemp("carbon"))
+    daemons = []
     try:
         work = tmp_path_factory.mktemp("graphite-dash")
-        daemon = start_daemon(work, "poll:\n  interval: 1s\n  kernel_stats: false\n"
-                              f"graphite:\n  enabled: true\n  address: 127.0.0.1:{carbon.port}\n",
-                              netns=netns.name)
-        try:
-            yield carbon, daemon
-        finally:
-            assert daemon.stop() == 0, daemon.log()
+        for graphite in PUSHERS.values():
+            daemons.append(start_daemon(
+                work, "poll:\n  interval: 1s\n  kernel_stats: false\nports:\n  remote: [18080, 18084]\n"
+                f"graphite:\n  enabled: true\n  address: 127.0.0.1:{carbon.port}\n{graphite}",
+                netns=netns.name))
+        yield carbon
     finally:
+        for d in daemons:
+            assert d.stop() == 0, d.log()
         carbon.close()
 
 
-def test_every_graphite_dashboard_target_exists_in_carbon(carbon_fed, sockmix):
-    carbon, daemon = carbon_fed
-    dash = load(GRAPHITE_DASH)
-    host = sanitize(socket.gethostname())
-    close_wait_port = str(sockmix.group("close_wait")["port"])
-    full_port = str(sockmix.group("full_queue")["port"])
-    targets = [(p["title"], t["target"]) for p in all_panels(dash) for t in p.get("targets", [])]
-    assert len(targets) >= 10
-    variables = {v["name"]: v for v in dash["templating"]["list"]}
-    # $port as Grafana renders it for Graphite: "All" (allValue), one port, several ports.
-    port_choices = [variables["port"].get("allValue") or "*", close_wait_port,
-                    "{" + close_wait_port + "," + full_port + "}"]
+def variable_values(var: dict, values: dict[str, str], nodes: set) -> set[str]:
+    """What a Graphite query variable lists: the last component of every node its query
+    matches, through its regex (first group) when it has one."""
+    listed = {n[-1] for n in glob(substitute(var["query"], values), nodes)}
+    if var.get("regex"):
+        rx = re.compile(var["regex"].strip("/"))
+        listed = {m.group(1) for m in map(rx.match, listed) if m}
+    return listed
 
-    def problems() -> list[str]:
-        series, nodes = whisper_tree(carbon.whisper_dir)
-        found: list[str] = []
-        # The template variables' own queries list the values we substitute.
-        hosts = {n[-1] for n in glob(variables["host"]["query"], nodes)}
-        if host not in hosts:
-            found.append(f"$host query {variables['host']['query']!r} lists {sorted(hosts)}, not {host!r}")
-        ports = {n[-1] for n in glob(substitute(variables["port"]["query"], {"host": host}), nodes)}
-        if not {close_wait_port, full_port, "other"} <= ports:
-            found.append(f"$port query lists {sorted(ports)}")
-        for title, target in targets:
-            for port in port_choices:
-                tree = GraphiteTargetParser.parse(substitute(target, {"host": host, "port": port}))
-                args = series_arguments(tree)
-                if not args:
-                    found.append(f"{title}: no series in {target!r}")
-                for path, alias_nodes in args:
-                    # every {a,b} alternative on its own: a typo in one must not hide
-                    for alt in expand_braces(path):
+
+def dashboard_problems(dash: dict, prefix: str, hosts: list[str], series: set, nodes: set,
+                       ports: set[str], remote_ports: set[str]) -> tuple[list[str], dict]:
+    """Check every target of `dash` with $prefix set and $host/$port/$remote_port as a
+    single value, several ({a,b}) and "All"; returns (problems, the aliases each target
+    gives for one host and all ports)."""
+    found: list[str] = []
+    var = variables(dash)
+    values = {"prefix": prefix}
+    listed_hosts = variable_values(var["host"], values, nodes)
+    if set(hosts) != listed_hosts:
+        found.append(f"$host lists {sorted(listed_hosts)} under {prefix!r}, not {hosts}")
+    values["host"] = hosts[0]
+    for name, want in (("port", ports), ("remote_port", remote_ports)):
+        listed = variable_values(var[name], values, nodes)
+        if not want <= listed:
+            found.append(f"${name} lists {sorted(listed)} under {prefix!r}")
+    p1, p2 = sorted(ports)[:2]
+    r1, r2 = sorted(remote_ports)[:2]
+    host_choices = [hosts[0], "{" + ",".join(hosts) + "}", "*"]
+    choices = [{"host": h, "port": p, "remote_port": r}
+               for h in host_choices for p, r in ((p1, r1), (f"{{{p1},{p2}}}", f"{{{r1},{r2}}}"), ("*", "*"))]
+    aliases = {}
+    for p in all_panels(dash):
+        for t in p["targets"]:
+            for choice in choices:
+                tree = GraphiteTargetParser.parse(substitute(t["target"], {**values, **choice}))
+                for pattern, alias_nodes in series_arguments(tree):
+                    for alt in expand_braces(pattern):  # a typo in one alternative must not hide
                         matched = glob(alt, series)
                         if not matched:
-                            found.append(f"{title}: {alt!r} matches no whisper file ($port={port})")
-                        elif alias_nodes and max(alias_nodes) >= len(alt.split(".")):
-                            found.append(f"{title}: aliasByNode{tuple(alias_nodes)} beyond {alt!r}")
+                            found.append(f"{p['title']}: {alt!r} matches no whisper file ({choice})")
+                        elif choice == choices[2]:
+                            aliases.setdefault(t["target"], set()).update(
+                                tuple(m[n] for n in alias_nodes) for m in matched)
+    return found, aliases
+
+
+def test_every_graphite_dashboard_target_exists_in_carbon(carbon_fed, sockmix):
+    carbon = carbon_fed
+    sockscope_dash, collectd_dash = load(GRAPHITE_DASH), load(COLLECTD_DASH)
+    for dash in (sockscope_dash, collectd_dash):
+        assert datasource_var(dash)["query"] == "graphite"
+        assert [v["name"] for v in dash["templating"]["list"]] == \
+            ["datasource", "prefix", "host", "port", "remote_port", "docs"]
+        assert all(variables(dash)[v]["multi"] for v in ("host", "port", "remote_port"))
+    close_wait_port = str(sockmix.group("close_wait")["port"])
+    full_port = str(sockmix.group("full_queue")["port"])
+    ports, remote_ports = {close_wait_port, full_port}, {"18080", "18084"}
+    assert variables(sockscope_dash)["prefix"]["query"] == "sockscope"   # the default prefix
+    assert variables(collectd_dash)["prefix"]["query"] == "collectd."    # collectd's usual one
+
+    def problems():
+        series, nodes = whisper_tree(carbon.whisper_dir)
+        found, two, three = [], {}, {}
+        for dash, prefix, hosts, want_ports, sink in (
+                (sockscope_dash, "sockscope", ["hosta", "hostb"], ports | {"other"}, two),
+                (sockscope_dash, "ops.dc1.sockscope", ["hostc"], ports | {"other"}, three),
+                (collectd_dash, "collectd.", ["hostd_example_com"], ports, {})):
+            f, aliases = dashboard_problems(dash, prefix, hosts, series, nodes, want_ports, remote_ports)
+            found += f
+            sink.update(aliases)
+        # The same aliases under a 2- and a 4-component prefix, the host name aside.
+        for target in two:
+            a = {tuple("HOST" if c == "hosta" else c for c in x) for x in two[target]}
+            b = {tuple("HOST" if c == "hostc" else c for c in x) for x in three.get(target, ())}
+            if a != b:
+                found.append(f"{target}: aliases depend on the prefix: {sorted(a)[:3]} vs {sorted(b)[:3]}")
         return found
 
     deadline = time.monotonic() + 30  # carbon creates the files as the first pushes arrive
@@ -426,6 +583,11 @@ def test_every_graphite_dashboard_target_exists_in_carbon(carbon_fed, sockmix):
         left = problems()
     assert not left, "\n".join(dict.fromkeys(left))
     # And the values are the namespace's: the mix's CLOSE-WAIT sockets on their port.
-    cw = carbon.fetch(f"sockscope.{host}.tcp.local_port.{close_wait_port}.close_wait")
-    assert cw and list(cw.values())[-1] == sockmix.group("close_wait")["n"]
-    print(f"\n{len(targets)} targets x {len(port_choices)} $port values: every series in whisper")
+    n = sockmix.group("close_wait")["n"]
+    for path in (f"sockscope.hosta.tcp.local_port.{close_wait_port}.close_wait",
+                 f"ops.dc1.sockscope.hostc.tcp.local_port.{close_wait_port}.close_wait",
+                 f"collectd.hostd_example_com.tcpconns-{close_wait_port}-local.tcp_connections-CLOSE_WAIT"):
+        points = carbon.fetch(path)
+        assert points and list(points.values())[-1] == n, path
+    targets = sum(len(p["targets"]) for d in (sockscope_dash, collectd_dash) for p in all_panels(d))
+    print(f"\n{targets} targets x 9 host/port choices x 3 prefixes: every series in whisper")
