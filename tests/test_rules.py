@@ -294,6 +294,7 @@ def run_command(description: str) -> str:
 
 
 def test_close_wait_spike_on_a_new_listener_alerts_end_to_end(netns_factory, tmp_path):
+    require(shutil.which("nsenter") is not None, "needs nsenter (util-linux) for the alerts' commands")
     ns = netns_factory()
     daemon = start_daemon(tmp_path, f"poll:\n  interval: {POLL_INTERVAL}s\n", netns=ns.name)
     prom = RealPrometheus(
