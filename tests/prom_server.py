@@ -5,7 +5,7 @@
         prom.query("up")                      # -> the API's result list
 
 Started with its own config, TSDB directory and a free port; stopped by PID.
-Facts (FIELD_NOTES): ready in ~0.1 s, the first sample queryable ~6.5 s after start,
+Prometheus 2.42 is ready in ~0.1 s; the first sample is queryable ~6.5 s after start;
 SIGTERM takes 1-4 s.
 """
 

@@ -59,8 +59,9 @@ def test_every_problem_is_reported_at_once():
         "cannot request a client certificate without verifying it); use VerifyClientCertIfGiven "
         "or RequireAndVerifyClientCert",
         "tls_server_config.min_version: 'TLS14' is not one of TLS10, TLS11, TLS12, TLS13",
-        "basic_auth_users.bob: not a bcrypt hash ($2a$, $2b$ or $2y$, 60 characters)",
-        "basic_auth_users.a:b: a user name must be a non-empty string without ':'",
+        "basic_auth_users.bob: not a bcrypt hash ($2a$, $2b$ or $2y$, a cost 04-31, '$', then 53 "
+        "characters of ./A-Za-z0-9)",
+        "basic_auth_users.a:b: a user name must be a non-empty string of printable characters without ':'",
     ]
 
 
@@ -96,6 +97,88 @@ def test_yaml_errors_are_config_errors(tmp_path):
     path.write_text("basic_auth_users:\n  a: x\n  a: y\n")
     with pytest.raises(ConfigError, match="appears twice"):
         webconfig.load(str(path))
+
+
+@pytest.mark.parametrize(("hashed", "fragment"), [
+    ("$2b$99$" + HASH[7:], "bcrypt cost 99 is outside 04-31"),  # passed before, then failed every login
+    ("$2b$03$" + HASH[7:], "bcrypt cost 03 is outside 04-31"),
+    ("$2b$4$" + HASH[7:], "not a bcrypt hash"),
+    (HASH[:-1] + "!", "not a bcrypt hash"),  # outside bcrypt's base64 alphabet
+    (HASH[:-1] + "\u0665", "not a bcrypt hash"),
+    ("$2b$\u0661\u0662" + HASH[6:], "not a bcrypt hash"),  # non-ASCII digits in the cost
+    (HASH + "x", "not a bcrypt hash"),
+    ("$2x$" + HASH[4:], "not a bcrypt hash"),
+    (12, "expected a bcrypt hash"),
+    (None, "expected a bcrypt hash"),
+], ids=["cost-99", "cost-03", "short-cost", "alphabet", "non-ascii", "non-ascii-cost", "long", "2x", "int", "null"])
+def test_bcrypt_hashes_are_checked_when_loading(hashed, fragment):
+    (problem,) = problems({"basic_auth_users": {"prometheus": hashed}})
+    assert problem.startswith("basic_auth_users.prometheus: "), problem
+    assert fragment in problem
+
+
+def test_cost_limits_inclusive():
+    for cost in ("04", "31"):
+        web = webconfig.from_mapping({"basic_auth_users": {"u": HASH[:4] + cost + HASH[6:]}})
+        assert set(web.users) == {"u"}
+
+
+def test_user_names_are_shown_safely():
+    got = problems({"basic_auth_users": {"a\nb": HASH, "u" * 5000: 5}})
+    assert got[0] == "basic_auth_users.'a\\nb': a user name must be a non-empty string of printable " \
+        "characters without ':'"
+    assert got[1].startswith("basic_auth_users.'uuuu") and len(got[1]) < 200
+
+
+def write_web(tmp_path, text: str):
+    path = tmp_path / "web.yml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("basic_auth_users:\n  u: !!binary 'zz!'\n", "basic_auth_users.u: line 2, column 6: invalid YAML"),
+    ("tls_server_config: !!bool maybe\n", "tls_server_config: line 1, column 20: invalid YAML: cannot read 'maybe'"),
+    ("basic_auth_users: " + "[" * 1000 + "]" * 1000 + "\n", "YAML syntax error"),
+    ("x: &a [a, a, a, a, a, a, a, a, a, a]\n" + "".join(
+        f"x{i}: &{'b' * i} [{', '.join(['*' + ('b' * (i - 1) or 'a')] * 10)}]\n" for i in range(1, 6))
+     + "basic_auth_users: *bbbbb\n", "YAML refused: the document expands to more than 20,000 nodes"),
+], ids=["binary", "bool-maybe", "deep", "alias-bomb"])
+def test_hostile_web_config_files_are_config_errors(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as e:
+        webconfig.load(write_web(tmp_path, text))
+    assert any(fragment in p for p in e.value.problems), e.value.problems
+
+
+def test_files_are_regular_and_bounded(tmp_path, certs):
+    import os
+    import time
+
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.crt"
+    big.write_bytes(b"#" * ((1 << 20) + 1))
+    started = time.monotonic()
+    for key, path, fragment in (("key_file", fifo, "a FIFO, not a regular file"),
+                                ("cert_file", "/dev/zero", "a character device, not a regular file"),
+                                ("cert_file", big, "larger than the limit")):
+        tls = {"cert_file": str(certs.cert), "key_file": str(certs.key), key: str(path)}
+        (problem,) = problems({"tls_server_config": tls})
+        assert problem.startswith(f"tls_server_config.{key}: '{path}': "), problem
+        assert fragment in problem
+    assert time.monotonic() - started < 1  # nothing waited for a writer or read /dev/zero
+    with pytest.raises(ConfigError, match="a FIFO, not a regular file"):
+        webconfig.load(str(fifo))
+
+
+def test_an_encrypted_key_is_refused_without_prompting(tmp_path, certs):
+    import subprocess
+
+    encrypted = tmp_path / "enc.key"
+    subprocess.run(["openssl", "pkey", "-in", str(certs.key), "-out", str(encrypted), "-aes256",
+                    "-passout", "pass:secret"], check=True, capture_output=True, timeout=30)
+    (problem,) = problems({"tls_server_config": {"cert_file": str(certs.cert), "key_file": str(encrypted)}})
+    assert problem.startswith("tls_server_config.key_file: ") and "is encrypted" in problem, problem
 
 
 def test_basic_auth_answers():
@@ -160,22 +243,18 @@ def test_passwords_bcrypt_cannot_take_are_refused_not_raised():
     assert web.authorized(basic("prometheus", "s3cret"))
 
 
-def _median_check_time(web, user: str, rounds: int) -> float:
-    times = []
-    for i in range(rounds):
-        header = basic(user, f"wrong-{user}-{i}")  # a new password each time: never cached
-        started = time.perf_counter()
-        assert not web.authorized(header)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def test_unknown_user_takes_as_long_as_a_wrong_password():
     # Regression (issue 9 defect 4): the dummy hash had cost 10 whatever the users' cost,
     # so with cost-12 hashes a wrong user answered 4x faster than a wrong password.
+    # Interleaved rounds, so load from elsewhere hits both kinds alike.
     hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=11)).decode()
     web = webconfig.from_mapping({"basic_auth_users": {"prometheus": hashed, "cheap": HASH}})
-    wrong_user = _median_check_time(web, "nobody", 5)
-    wrong_password = _median_check_time(web, "prometheus", 5)
-    ratio = wrong_user / wrong_password
-    assert 0.9 <= ratio <= 1.1, (wrong_user, wrong_password)
+    times: dict[str, list[float]] = {"nobody": [], "prometheus": []}
+    for i in range(7):
+        for user in times:
+            header = basic(user, f"wrong-{user}-{i}")  # a new password each time: never cached
+            started = time.perf_counter()
+            assert not web.authorized(header)
+            times[user].append(time.perf_counter() - started)
+    ratio = statistics.median(times["nobody"]) / statistics.median(times["prometheus"])
+    assert 0.9 <= ratio <= 1.1, times
