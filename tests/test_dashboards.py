@@ -354,7 +354,8 @@ class GraphiteTargetParser:
 
 
 # Functions whose numeric arguments are node indexes of their series: where they sit.
-_NODE_ARGS = {"aliasByNode": slice(1, None), "groupByNode": slice(1, 2), "groupByNodes": slice(2, None)}
+_NODE_ARGS = {"aliasByNode": slice(1, None), "groupByNode": slice(1, 2), "groupByNodes": slice(2, None),
+              "asPercent": slice(2, None)}
 
 
 def series_arguments(tree) -> list[tuple[str, list[int]]]:
@@ -366,12 +367,9 @@ def series_arguments(tree) -> list[tuple[str, list[int]]]:
             out.append((node[1], nodes))
         elif node[0] == "call":
             name, args = node[1], node[2]
-            if name in _NODE_ARGS:
-                extra = [int(a[1]) for a in args[_NODE_ARGS[name]] if a[0] == "num"]
-                walk(args[0], nodes + extra)
-            else:
-                for a in args:
-                    walk(a, nodes)
+            extra = [int(a[1]) for a in args[_NODE_ARGS[name]] if a[0] == "num"] if name in _NODE_ARGS else []
+            for a in args:
+                walk(a, nodes + extra)
 
     walk(tree, [])
     return out
@@ -441,6 +439,8 @@ def test_target_parser():
         [("a.*.q", [-2]), ("a.*.l", [-2])]
     assert series_arguments(GraphiteTargetParser.parse("aliasSub(groupByNode(a.*.q, -3, 'sum'), '(.+)', 'x')")) \
         == [("a.*.q", [-3])]
+    assert series_arguments(GraphiteTargetParser.parse("aliasByNode(asPercent(a.*.q, a.*.l, -2), -1)")) == \
+        [("a.*.q", [-1, -2]), ("a.*.l", [-1, -2])]
     assert expand_braces("a.{b,c}.{d,e}") == ["a.b.d", "a.b.e", "a.c.d", "a.c.e"]
     assert split_path("${p}$h.x-{A,B}.y") == ["${p}$h", "x-{A,B}", "y"]
     files = {("a", "1", "q"), ("a", "2", "l")}
