@@ -9,10 +9,15 @@ BIN := $(VENV)/bin
 DEB_PACKAGES := iproute2 prometheus
 # carbon-cache and whisper (python3-whisper: whisper-fetch + the module) for the Graphite tests.
 DEB_PACKAGES += graphite-carbon python3-whisper
+# collectd-core: the real collectd 5.12 (tcpconns + write_graphite) that must write the same host
+# name as sockscope's collectd naming (tests/test_graphite_e2e.py).
+DEB_PACKAGES += collectd-core
 # systemd-analyze (verify/security of systemd/sockscope.service; systemd need not be PID 1),
 # curl (scrapes from inside a test namespace), openssl (test certificates), time (GNU
 # time: the bench sanity test measures ss's own peak RSS with it).
 DEB_PACKAGES += systemd curl openssl time
+# tmux: `sockscope snapshot --watch` is tested in a real terminal (tests/test_cli.py).
+DEB_PACKAGES += tmux
 # python3-venv: ensurepip for Debian's python3, which `make install` builds its venv from
 # (tests/test_packaging.py installs into a staging directory).
 DEB_PACKAGES += python3-venv

@@ -9,21 +9,21 @@ import pwd
 import re
 import socket
 import traceback
-from typing import NamedTuple
 
+import numpy as np
 import pytest
 from conftest import require
 
-from sockscope import owners as owners_mod
 from sockscope.owners import (
     PRIVILEGE_NOTE,
     Owner,
     effective_capabilities,
     find_owners,
     has_owner_privileges,
-    owners_for,
+    port_owners,
 )
-from sockscope.snapshot import OTHER
+from sockscope.snapshot import STATES
+from sockscope.survey import SocketIndex
 
 ALL_CAPS = (1 << 41) - 1
 NOBODY = 65534
@@ -277,33 +277,19 @@ def test_capability_bits(tmp_path):
     assert effective_capabilities(str(tmp_path / "missing")) is None
 
 
-# --- owners_for ---------------------------------------------------------------------
+# --- port_owners -------------------------------------------------------------------
+
+S = {name: i for i, name in enumerate(STATES)}
 
 
-class Rec(NamedTuple):
-    family: int
-    state: int
-    sport: int
-    dport: int
-    src: bytes
-    dst: bytes
-    rqueue: int
-    wqueue: int
-    uid: int
-    inode: int
+def index(*rows):
+    """SocketIndex from (inode, sport, dport, state name) rows."""
+    inode, sport, dport, slot = zip(*rows)
+    return SocketIndex(np.array(inode, np.uint32), np.array(sport, np.uint16),
+                       np.array(dport, np.uint16), np.array([S[s] for s in slot], np.uint8))
 
 
-def addr(family, text):
-    raw = socket.inet_pton(family, text)
-    return raw + bytes(16 - len(raw))
-
-
-V4, V6 = socket.AF_INET, socket.AF_INET6
-ANY4, PEER4, LO6 = addr(V4, "0.0.0.0"), addr(V4, "10.0.0.9"), addr(V6, "::1")
-LISTEN, CLOSE_WAIT, ESTAB = 10, 8, 1
-
-
-def test_owners_for_listeners_and_close_wait(tmp_path):
+def test_port_owners_by_port_listener_and_close_wait(tmp_path):
     proc = make_proc(
         tmp_path,
         {
@@ -311,23 +297,23 @@ def test_owners_for_listeners_and_close_wait(tmp_path):
                                                    5: "socket:[21]", 6: "socket:[22]",
                                                    7: "socket:[26]"}},
             101: {"comm": "web", "uid": 0, "fds": {3: "socket:[12]", 5: "socket:[23]"}},
-            102: {"comm": "api", "uid": 4242424, "fds": {3: "socket:[13]", 4: "socket:[25]"}},
-            103: {"comm": "client", "uid": 0, "fds": {3: "socket:[26]"}},
+            102: {"comm": "api", "uid": 4242424, "fds": {3: "socket:[13]", 4: "socket:[25]",
+                                                         5: "socket:[31]", 6: "socket:[32]"}},
+            103: {"comm": "other", "uid": 0, "fds": {3: "socket:[99]"}},
         },
     )
-    records = [
-        Rec(V4, LISTEN, 80, 0, ANY4, bytes(16), 0, 128, 0, 11),  # two reuseport members
-        Rec(V4, LISTEN, 80, 0, ANY4, bytes(16), 0, 128, 0, 12),
-        (V6, LISTEN, 8080, 0, LO6, bytes(16), 0, 4096, 0, 13),  # plain tuple
-        Rec(V4, LISTEN, 9090, 0, ANY4, bytes(16), 0, 5, 0, 14),  # holder not visible
-        Rec(V4, CLOSE_WAIT, 80, 5000, ANY4, PEER4, 0, 0, 0, 21),
-        Rec(V4, CLOSE_WAIT, 80, 5001, ANY4, PEER4, 0, 0, 0, 22),
-        Rec(V4, CLOSE_WAIT, 80, 5002, ANY4, PEER4, 0, 0, 0, 23),
-        Rec(V4, CLOSE_WAIT, 80, 5003, ANY4, PEER4, 1, 0, 0, 0),  # not accepted yet
-        Rec(V4, CLOSE_WAIT, 80, 5004, ANY4, PEER4, 0, 0, 0, 24),  # holder not visible
-        Rec(V4, CLOSE_WAIT, 5555, 5005, ANY4, PEER4, 0, 0, 0, 25),  # untracked port
-        Rec(V4, ESTAB, 80, 5006, ANY4, PEER4, 0, 0, 0, 26),  # not a wanted state
-    ]
+    idx = index(
+        (11, 80, 0, "listen"), (12, 80, 0, "listen"),  # two reuseport members
+        (13, 8080, 0, "listen"),
+        (14, 9090, 0, "listen"),  # holder not visible
+        (21, 80, 5000, "close_wait"), (22, 80, 5001, "close_wait"), (23, 80, 5002, "close_wait"),
+        (24, 80, 5004, "close_wait"),  # holder not visible
+        (25, 51000, 5432, "close_wait"),  # a client's leak: not a shown local port
+        (26, 80, 5006, "established"),
+        (31, 51001, 5432, "established"), (32, 51002, 5432, "established"),
+        (99, 40000, 7, "established"),  # on no shown port
+    )
+    listener_inodes = {("0.0.0.0", 80): {11, 12}, ("::1", 8080): {13}, ("0.0.0.0", 9090): {14}}
     root_scans = []
 
     def listdir(path):
@@ -335,25 +321,33 @@ def test_owners_for_listeners_and_close_wait(tmp_path):
             root_scans.append(path)
         return os.listdir(path)
 
-    info = owners_for(iter(records), {80, 8080}, proc, caps=ALL_CAPS, listdir=listdir)
+    info, scan = port_owners(idx, listener_inodes, [80, 8080], [5432], proc, caps=ALL_CAPS,
+                             listdir=listdir)
 
     root = root_name()
     web100, web101 = Owner(100, "web", root), Owner(101, "web", root)
     api = Owner(102, "api", "4242424")
     assert len(root_scans) == 1  # one /proc walk for everything
-    assert info.listeners == {
-        ("0.0.0.0", 80): (web100, web101),
-        ("::1", 8080): (api,),
-        ("0.0.0.0", 9090): (),
-    }
-    assert info.close_wait == {80: ((web100, 2), (web101, 1)), OTHER: ((api, 1),)}
-    assert info.unowned == {80: 2}
-    assert info.complete is True
-    assert info.note is None
-    assert all(o.pid != 103 for cw in info.close_wait.values() for o, _ in cw)
+    assert info.listeners == {("0.0.0.0", 80): (web100, web101), ("::1", 8080): (api,),
+                              ("0.0.0.0", 9090): ()}
+    # every socket on the port, listeners included; shared sockets count for each holder
+    assert info.local == {80: ((web100, 5), (web101, 2)), 8080: ((api, 1),)}
+    assert info.remote == {5432: ((api, 3),)}
+    assert info.close_wait == {80: ((web100, 2), (web101, 1)), 51000: ((api, 1),)}
+    assert info.close_wait_owned == {80: 3, 51000: 1}
+    assert info.complete is True and info.note is None
+    assert all(o.pid != 103 for owners in info.local.values() for o, _ in owners)
+
+    # The same scan again, without scanning: a socket opened since has no known owner.
+    later = index(*zip(idx.inode.tolist(), idx.sport.tolist(), idx.dport.tolist(),
+                       [STATES[i] for i in idx.slot.tolist()]), (33, 80, 5007, "established"))
+    again, same = port_owners(later, listener_inodes, [80, 8080], [5432], proc, scan=scan,
+                              listdir=lambda path: pytest.fail("scanned again"))
+    assert same is scan and again.scanned_at == info.scanned_at
+    assert again.local == info.local
 
 
-def test_owners_for_passes_incompleteness_through(tmp_path):
+def test_port_owners_passes_incompleteness_through(tmp_path):
     proc = make_proc(tmp_path, {100: {"comm": "web", "uid": 0, "fds": {3: "socket:[11]"}}})
 
     def listdir(path):
@@ -361,16 +355,9 @@ def test_owners_for_passes_incompleteness_through(tmp_path):
             raise PermissionError(13, "Permission denied", path)
         return os.listdir(path)
 
-    info = owners_for(
-        [Rec(V4, LISTEN, 80, 0, ANY4, bytes(16), 0, 128, 0, 11)], set(), proc,
-        caps=ALL_CAPS, listdir=listdir,
-    )
+    info, _ = port_owners(index((11, 80, 0, "listen")), {("0.0.0.0", 80): {11}}, [80], [], proc,
+                          caps=ALL_CAPS, listdir=listdir)
     assert info.listeners == {("0.0.0.0", 80): ()}
+    assert info.local == {}
     assert info.complete is False
     assert info.note.endswith("1 process could not be read")
-
-
-def test_listener_address_formats():
-    assert owners_mod.listener_address(V4, addr(V4, "127.0.0.1")) == "127.0.0.1"
-    assert owners_mod.listener_address(V6, addr(V6, "::")) == "::"
-    assert owners_mod.listener_address(V6, addr(V6, "fe80::1")) == "fe80::1"

@@ -1,100 +1,54 @@
-"""report.py: the JSON report of a Snapshot and its text table."""
+"""report.py: the rows a person sees, the JSON report and its text view (pure).
+
+Surveys are built from hand-made records through survey.Tally (tests/test_survey.py);
+owners and kernel counters are hand-made values.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
+import socket
 
 import pytest
+from test_survey import CLOSE_WAIT, EST, LISTEN, RECORDS, TIME_WAIT, a4, rec, survey_of
 
-from sockscope.owners import Owner, OwnerInfo
+from sockscope.kernelstats import KernelStats
+from sockscope.owners import Owner, PortOwners
 from sockscope.report import (
+    Frame,
+    View,
     build_report,
+    choose_ports,
     endpoint,
     fill_percent,
     format_bytes,
     render_text,
 )
-from sockscope.snapshot import OTHER, STATES, Listener, PortTable, QueueStats, Snapshot
-
-NOTE = "process owners need root (CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE): 3 processes could not be read"
-
-
-def counts(**kw):
-    assert set(kw) <= set(STATES)
-    return tuple(kw.get(s, 0) for s in STATES)
-
-
-def zero_states(**kw):
-    return {s: kw.get(s, 0) for s in STATES}
-
+from sockscope.snapshot import STATES
+from sockscope.survey import Filter
 
 WEB = [Owner(100 + i, "nginx", "www-data") for i in range(5)]
 API = Owner(200, "api", "4242424")
-
-
-def make_snapshot(**overrides):
-    states = {(f, s): 0 for f in ("ipv4", "ipv6") for s in STATES}
-    states |= {
-        ("ipv4", "established"): 100,
-        ("ipv6", "established"): 23,
-        ("ipv4", "time_wait"): 301,
-        ("ipv4", "close_wait"): 7,
-        ("ipv4", "syn_recv"): 2,
-        ("ipv4", "listen"): 2,
-        ("ipv6", "listen"): 2,
-    }
-    local = PortTable(
-        ports=(80, 8080, OTHER),
-        counts=(
-            counts(established=120, close_wait=7, time_wait=300, syn_recv=2, listen=2),
-            counts(listen=1),
-            counts(established=3, time_wait=1, listen=1),
-        ),
-        queues=(QueueStats(1536, 10 * 1024 * 1024, 1024, 9_000_000, 3, 2), QueueStats(), QueueStats()),
-        folded=2,
-    )
-    remote = PortTable(
-        ports=(5432, OTHER),
-        counts=(
-            counts(established=10),
-            counts(established=113, close_wait=7, time_wait=301, syn_recv=2, listen=4),
-        ),
-        queues=(QueueStats(), QueueStats(0, 512, 0, 512, 0, 1)),
-    )
-    listeners = (  # deliberately not in display order
-        Listener("ipv6", "::1", 8080, 0, 4096, 1),
-        Listener("ipv4", "127.0.0.1", 9090, 5, 5, 1),
-        Listener("ipv6", "::", 80, 0, 128, 1),
-        Listener("ipv4", "0.0.0.0", 80, 110, 128, 4),
-    )
-    fields = dict(
-        timestamp=1714564800.25,
-        duration=0.0123,
-        families=("ipv4", "ipv6"),
-        states=states,
-        local=local,
-        remote=remote,
-        listeners=listeners,
-    )
-    return Snapshot(**(fields | overrides))
+NOTE = "process owners need root (CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE): 3 processes could not be read"
+SGR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def make_owners(**overrides):
     fields = dict(
-        listeners={
-            ("0.0.0.0", 80): tuple(WEB),
-            ("::", 80): (WEB[0],),
-            ("::1", 8080): (API,),
-            ("127.0.0.1", 9090): (),
-        },
-        close_wait={80: ((WEB[0], 4), (WEB[1], 2)), OTHER: ((API, 1),)},
-        unowned={80: 1},
+        local={80: ((WEB[0], 5), (WEB[1], 2)), 9000: ((API, 1),)},
+        remote={5432: ((API, 4),)},
+        listeners={("0.0.0.0", 80): tuple(WEB), ("::", 80): (WEB[0],), ("127.0.0.1", 9000): ()},
+        close_wait={80: ((WEB[0], 2),), 51003: ((API, 1),)},
+        close_wait_owned={80: 2, 51003: 1},
         complete=True,
         note=None,
     )
-    return OwnerInfo(**(fields | overrides))
+    return PortOwners(**(fields | overrides))
+
+
+def frame(records=RECORDS, owners="default", kernel=None, flt=Filter()):
+    return Frame(survey_of(records, flt), make_owners() if owners == "default" else owners, kernel)
 
 
 def section(text, title):
@@ -106,10 +60,7 @@ def section(text, title):
 
 
 def assert_aligned(table, columns):
-    """Every row's cells sit under their header: left columns start, right columns end there.
-
-    columns: [(header label, "l" or "r")], in order.
-    """
+    """Every row's cells sit under their header: left columns start, right columns end there."""
     header, rows = table[0], table[1:]
     assert rows
     pos = 0
@@ -124,93 +75,170 @@ def assert_aligned(table, columns):
                 assert len(row) == end or row[end] == " ", (label, row)
 
 
-# --- build_report -------------------------------------------------------------------
+# --- which rows ------------------------------------------------------------------------
 
 
-def test_build_report_values():
-    report = build_report(make_snapshot(), make_owners())
-
-    assert report["timestamp"] == "2024-05-01T12:00:00.250Z"
-    assert report["poll_duration_seconds"] == pytest.approx(0.0123)
-    assert report["families"] == ["ipv4", "ipv6"]
-    assert report["sockets"] == 437
-    assert report["totals"] == zero_states(
-        established=123, time_wait=301, close_wait=7, syn_recv=2, listen=4
-    )
-    assert report["totals_by_family"] == {
-        "ipv4": zero_states(established=100, time_wait=301, close_wait=7, syn_recv=2, listen=2),
-        "ipv6": zero_states(established=23, listen=2),
-    }
-    assert report["local_ports"][0] == {
-        "port": 80,
-        "total": 431,
-        "states": zero_states(established=120, close_wait=7, time_wait=300, syn_recv=2, listen=2),
-        "queues": {
-            "receive_bytes": 1536,
-            "send_bytes": 10485760,
-            "receive_max_bytes": 1024,
-            "send_max_bytes": 9_000_000,
-            "receive_backlogged": 3,
-            "send_backlogged": 2,
-        },
-    }
-    assert [p["port"] for p in report["local_ports"]] == [80, 8080, OTHER]
-    assert [p["port"] for p in report["remote_ports"]] == [5432, OTHER]
-    assert report["remote_ports"][1]["queues"]["send_bytes"] == 512
-    for side in ("local_ports", "remote_ports"):
-        for port in report[side]:
-            assert list(port["states"]) == list(STATES)  # every key, zeros included
-
-    web = [{"pid": o.pid, "name": "nginx", "user": "www-data"} for o in WEB]
-    api = {"pid": 200, "name": "api", "user": "4242424"}
-    assert report["listeners"] == [
-        {"family": "ipv4", "address": "0.0.0.0", "port": 80, "queue_length": 110,
-         "queue_limit": 128, "fill_percent": 85.9, "members": 4, "owners": web},
-        {"family": "ipv6", "address": "::", "port": 80, "queue_length": 0,
-         "queue_limit": 128, "fill_percent": 0.0, "members": 1, "owners": web[:1]},
-        {"family": "ipv6", "address": "::1", "port": 8080, "queue_length": 0,
-         "queue_limit": 4096, "fill_percent": 0.0, "members": 1, "owners": [api]},
-        {"family": "ipv4", "address": "127.0.0.1", "port": 9090, "queue_length": 5,
-         "queue_limit": 5, "fill_percent": 100.0, "members": 1, "owners": []},
-    ]
-    assert report["close_wait_owners"] == [
-        {"port": 80, "owners": [web[0] | {"sockets": 4}, web[1] | {"sockets": 2}], "unowned": 1},
-        {"port": OTHER, "owners": [api | {"sockets": 1}], "unowned": 0},
-    ]
-    assert report["folded"] == {"local_ports": 2, "remote_ports": 0, "listeners": 0}
-    assert report["dump_interrupted"] == 0
-    assert report["owners"] == {"collected": True, "complete": True, "note": None}
+def test_rows_are_listening_local_ports_and_the_remote_ports_clients_use():
+    survey = survey_of(RECORDS)
+    local, remote = choose_ports(survey, View())
+    assert local == [80, 9000]  # ephemeral client ports (51000...) are not rows
+    assert remote == [5432, 6379, 443]  # most sockets first; the server's peers' ports are not
 
 
-def test_report_is_json():
-    report = build_report(make_snapshot(), make_owners())
+def test_configured_ports_are_candidates_even_without_sockets():
+    local, remote = choose_ports(survey_of(RECORDS), View(local=(7777,), remote=(3306,)))
+    assert local == [80, 9000, 7777]
+    assert remote == [5432, 6379, 443, 3306]
+
+
+@pytest.mark.parametrize(("sort", "top", "local", "remote"), [
+    ("port", 10, [80, 9000], [443, 5432, 6379]),
+    ("close-wait", 10, [80, 9000], [5432, 443, 6379]),
+    ("time-wait", 2, [80, 9000], [6379, 443]),
+    ("send-q", 1, [80], [5432]),
+    ("sockets", 1, [80], [5432]),
+])
+def test_sort_and_top(sort, top, local, remote):
+    assert choose_ports(survey_of(RECORDS), View(sort=sort, top=top)) == (local, remote)
+
+
+def test_a_port_asked_for_gets_its_row():
+    survey = survey_of(RECORDS, Filter.of(ports=[51003]))
+    assert choose_ports(survey, View()) == ([51003], [5432])
+
+
+# --- build_report ----------------------------------------------------------------------
+
+
+def test_json_types_are_fixed_and_rows_add_up():
+    report = build_report(frame(), View())
     assert json.loads(json.dumps(report)) == report
+    for side in ("local_ports", "remote_ports"):
+        rows, other = report[side], report[side + "_other"]
+        assert all(type(r["port"]) is int for r in rows)
+        assert "port" not in other and type(other["ports"]) is int
+        for state in STATES:
+            assert sum(r["states"][state] for r in rows) + other["states"][state] == \
+                report["totals"][state]
+        assert sum(r["total"] for r in rows) + other["total"] == report["sockets"]
+        for r in [*rows, other]:
+            assert list(r["states"]) == list(STATES)  # every key, zeros included
+    assert all(type(l["port"]) is int for l in report["listeners"])
+    assert all(type(c["port"]) is int for c in report["close_wait_owners"])
 
 
-def test_report_without_owners():
-    report = build_report(make_snapshot(), None)
-    assert [l["owners"] for l in report["listeners"]] == [None] * 4
+def test_report_values():
+    report = build_report(frame(), View())
+    assert report["timestamp"] == "1970-01-01T00:01:40.000Z"
+    assert report["sockets"] == len(RECORDS)
+    assert report["totals"]["close_wait"] == 4
+    assert report["totals_by_family"]["ipv6"]["established"] == 1
+    port80 = report["local_ports"][0]
+    assert port80["port"] == 80
+    assert port80["states"]["established"] == 3 and port80["states"]["syn_recv"] == 1
+    assert port80["queues"] == {"receive_bytes": 103, "send_bytes": 50, "receive_max_bytes": 100,
+                                "send_max_bytes": 50, "receive_backlogged": 4,
+                                "send_backlogged": 1}
+    assert port80["owners"] == [{"pid": 100, "name": "nginx", "user": "www-data", "sockets": 5},
+                                {"pid": 101, "name": "nginx", "user": "www-data", "sockets": 2}]
+    assert report["local_ports_other"]["ports"] == 7  # 51000..51006
+    assert report["remote_ports"][0]["owners"] == [{"pid": 200, "name": "api",
+                                                    "user": "4242424", "sockets": 4}]
+    assert report["listeners"] == [
+        {"family": "ipv4", "address": "0.0.0.0", "port": 80, "queue_length": 3,
+         "queue_limit": 128, "fill_percent": 2.3, "members": 1,
+         "owners": [{"pid": o.pid, "name": "nginx", "user": "www-data"} for o in WEB]},
+        {"family": "ipv6", "address": "::", "port": 80, "queue_length": 0, "queue_limit": 128,
+         "fill_percent": 0.0, "members": 1,
+         "owners": [{"pid": 100, "name": "nginx", "user": "www-data"}]},
+        {"family": "ipv4", "address": "127.0.0.1", "port": 9000, "queue_length": 0,
+         "queue_limit": 16, "fill_percent": 0.0, "members": 1, "owners": []},
+    ]
+    assert report["close_wait_peers"] == [
+        {"family": "ipv4", "address": "10.0.0.7", "sockets": 2},
+        {"family": "ipv4", "address": "10.0.0.5", "sockets": 1},
+        {"family": "ipv4", "address": "10.0.0.8", "sockets": 1},
+    ]
+    assert report["close_wait_peers_other"] == {"peers": 0, "sockets": 0}
+    assert [p["address"] for p in report["time_wait_peers"]] == ["10.0.0.6", "10.0.0.8", "fd00::6"]
+    # port 80: 3 CLOSE-WAIT, 2 held by nginx, 1 not accepted; the client pool's leak on 51003
+    assert report["close_wait_owners"] == [
+        {"port": 80, "owners": [{"pid": 100, "name": "nginx", "user": "www-data", "sockets": 2}],
+         "unowned": 1},
+        {"port": 51003, "owners": [{"pid": 200, "name": "api", "user": "4242424", "sockets": 1}],
+         "unowned": 0},
+    ]
+    assert report["owners"] == {"collected": True, "complete": True, "note": None,
+                                "scanned_at": None}
+    assert report["filter"] == {"ports": [], "states": []}
+    assert "since_last" not in report
+
+
+def test_top_folds_rows_peers_and_close_wait_ports_into_other():
+    report = build_report(frame(), View(top=1))
+    assert [r["port"] for r in report["remote_ports"]] == [5432]
+    assert report["remote_ports_other"]["states"]["time_wait"] == 3
+    assert report["close_wait_peers_other"] == {"peers": 2, "sockets": 2}
+    assert report["close_wait_owners_other"] == {"ports": 1, "sockets": 1}
+    assert len(report["listeners"]) == 3  # listeners are never cut
+
+
+def test_without_owners_and_with_an_incomplete_scan():
+    report = build_report(frame(owners=None), View())
+    assert [l["owners"] for l in report["listeners"]] == [None] * 3
+    assert report["local_ports"][0]["owners"] is None
     assert report["close_wait_owners"] == []
-    assert report["owners"] == {"collected": False, "complete": False, "note": None}
-    json.dumps(report)
+    assert report["owners"] == {"collected": False, "complete": False, "note": None,
+                                "scanned_at": None}
+    report = build_report(frame(owners=make_owners(complete=False, note=NOTE)), View())
+    assert report["owners"] == {"collected": True, "complete": False, "note": NOTE,
+                                "scanned_at": None}
+    assert report["local_ports"][1]["owners"][0]["pid"] == 200
 
 
-def test_report_with_incomplete_owners_keeps_what_was_found():
-    report = build_report(make_snapshot(), make_owners(complete=False, note=NOTE))
-    assert report["owners"] == {"collected": True, "complete": False, "note": NOTE}
-    assert report["listeners"][2]["owners"] == [{"pid": 200, "name": "api", "user": "4242424"}]
+def test_filter_is_reported():
+    report = build_report(frame(flt=Filter.of(ports=[5432], states=["close-wait", "listen"])))
+    assert report["filter"] == {"ports": [5432], "states": ["close-wait", "listening"]}
+    assert report["sockets"] == 1
 
 
-def test_single_family_totals():
-    snap = make_snapshot(
-        families=("ipv4",),
-        states={("ipv4", s): 0 for s in STATES} | {("ipv4", "established"): 5},
-    )
-    report = build_report(snap, None)
-    assert report["families"] == ["ipv4"]
-    assert list(report["totals_by_family"]) == ["ipv4"]
-    assert report["totals"]["established"] == 5
-    assert "ipv6 " not in render_text(report)
+MORE = [*RECORDS,
+        rec(CLOSE_WAIT, 80, 40100, dst=a4("10.0.0.7"), inode=41),
+        rec(EST, 51010, 5432, dst=a4("10.0.0.5"), inode=42),
+        *(rec(EST, 52000 + i, 11211, dst=a4("10.0.0.3"), inode=50 + i) for i in range(5))]
+
+
+def test_changes_since_last_and_since_start():
+    start, last, now = frame(), frame(RECORDS[:-3]), frame(MORE)
+    report = build_report(now, View(top=2), last=last, start=start)
+    assert report["since_start"]["sockets"] == len(MORE) - len(RECORDS)
+    assert report["since_last"]["sockets"] == len(MORE) - len(RECORDS) + 3
+    assert report["since_start"]["totals"]["close_wait"] == 1
+    by_port = {r["port"]: r for r in report["remote_ports"]}
+    # 11211 entered the top 2 with 5 sockets: its change is against the full Surveys.
+    assert set(by_port) == {11211, 5432}
+    assert by_port[11211]["since_start"] == {
+        "total": 5, "states": {s: 5 if s == "established" else 0 for s in STATES},
+        "queues": {"receive_bytes": 0, "send_bytes": 0, "receive_backlogged": 0,
+                   "send_backlogged": 0}}
+    assert by_port[5432]["since_last"]["total"] == 1
+    other = report["remote_ports_other"]
+    assert other["since_start"]["total"] == 1  # the new CLOSE-WAIT's peer port 40100
+    cw = {p["address"]: p for p in report["close_wait_peers"]}
+    assert cw["10.0.0.7"]["since_start"] == {"sockets": 1}
+    assert report["listeners"][0]["since_last"] == {"queue_length": 0}
+
+
+def test_kernel_counter_changes():
+    k0 = KernelStats(counters={"listen_overflows": 10, "out_resets": 5})
+    k1 = KernelStats(counters={"listen_overflows": 13, "out_resets": 5})
+    k2 = KernelStats(counters={"listen_overflows": 20, "out_resets": 9})
+    report = build_report(frame(kernel=k2), View(), last=frame(kernel=k1), start=frame(kernel=k0))
+    assert report["kernel_counters"] == {"listen_overflows": 20, "out_resets": 9}
+    assert report["since_last"]["kernel_counters"] == {"listen_overflows": 7, "out_resets": 4}
+    assert report["since_start"]["kernel_counters"] == {"listen_overflows": 10, "out_resets": 4}
+    text = render_text(report)
+    assert "kernel: listen overflows +7/+10  resets sent +4/+4" in text
 
 
 @pytest.mark.parametrize(
@@ -221,151 +249,166 @@ def test_fill_percent(length, limit, percent):
     assert fill_percent(length, limit) == percent
 
 
-# --- render_text --------------------------------------------------------------------
+# --- render_text -----------------------------------------------------------------------
 
 
 @pytest.fixture
 def text():
-    return render_text(build_report(make_snapshot(), make_owners()))
+    return render_text(build_report(frame(), View()))
 
 
 def test_header_and_totals_hide_zero_states(text):
-    first = text.split("\n")[0]
-    assert first == (
-        "sockscope snapshot  2024-05-01T12:00:00.250Z  sockets 437  poll 12.3 ms"
+    assert text.split("\n")[0] == (
+        f"sockscope snapshot  1970-01-01T00:01:40.000Z  sockets {len(RECORDS)}  poll 10.0 ms"
         "  families ipv4,ipv6"
     )
-    totals = section(text, "TOTALS")
     header = next(l for l in text.split("\n") if l.startswith("TOTALS"))
-    assert header.split() == ["TOTALS", "ESTAB", "SYN-RECV", "TIME-WAIT", "CLOSE-WAIT", "LISTEN"]
-    assert [row.split() for row in totals] == [
-        ["all", "123", "2", "301", "7", "4"],
-        ["ipv4", "100", "2", "301", "7", "2"],
-        ["ipv6", "23", "0", "0", "0", "2"],
+    assert header.split() == ["TOTALS", "ESTAB", "SYN-SENT", "SYN-RECV", "TIME-WAIT",
+                              "CLOSE-WAIT", "LISTEN"]
+    assert [row.split() for row in section(text, "TOTALS")] == [
+        ["all", "6", "1", "1", "3", "4", "3"],
+        ["ipv4", "5", "1", "1", "2", "4", "2"],
+        ["ipv6", "1", "0", "0", "1", "0", "1"],
     ]
-    for hidden in ("SYN-SENT", "FIN-WAIT-1", "FIN-WAIT-2", "LAST-ACK", "CLOSING"):
-        assert hidden not in text
+    assert "\x1b[" not in text
 
 
 def test_local_ports_table(text):
     table = section(text, "LOCAL PORTS")
-    assert table[0].split() == [
-        "PORT", "ESTAB", "CLOSE-WAIT", "TIME-WAIT", "OTHER", "STATES",
-        "RECV-Q", "SEND-Q", "BACKLOGGED(R/S)",
-    ]
-    assert table[1].split() == ["80", "120", "7", "300", "SYN-RECV:2", "LISTEN:2", "1.5K", "10M", "3/2"]
-    assert table[2].split() == ["8080", "0", "0", "0", "LISTEN:1", "0", "0", "0/0"]
-    assert table[3].split() == ["other", "3", "0", "1", "LISTEN:1", "0", "0", "0/0"]
-    assert_aligned(
-        table,
-        [("PORT", "r"), ("ESTAB", "r"), ("CLOSE-WAIT", "r"), ("TIME-WAIT", "r"),
-         ("OTHER STATES", "l"), ("RECV-Q", "r"), ("SEND-Q", "r"), ("BACKLOGGED(R/S)", "r")],
-    )
+    assert table[0].split() == ["PORT", "SOCKETS", "ESTAB", "CLOSE-WAIT", "TIME-WAIT", "OTHER",
+                                "STATES", "RECV-Q", "SEND-Q", "BACKLOGGED(R/S)", "PROCESS"]
+    assert table[1].split() == ["80", "10", "3", "3", "1", "SYN-RECV:1", "LISTEN:2", "103", "B",
+                                "50", "B", "4/1", "nginx[100,101]", "www-data"]
+    assert table[2].split() == ["9000", "1", "0", "0", "0", "LISTEN:1", "0", "B", "0", "B", "0/0",
+                                "api[200]", "4242424"]
+    assert table[3].split()[:3] == ["other", "7", "3"]
+    assert_aligned(table, [("PORT", "r"), ("SOCKETS", "r"), ("ESTAB", "r"), ("CLOSE-WAIT", "r"),
+                           ("OTHER STATES", "l"), ("RECV-Q", "r"), ("SEND-Q", "r"),
+                           ("BACKLOGGED(R/S)", "r")])
 
 
 def test_remote_ports_table(text):
     table = section(text, "REMOTE PORTS")
-    assert [row.split()[0] for row in table] == ["PORT", "5432", "other"]
-    assert table[1].split()[4] == "-"  # no other states
-    assert table[2].split()[-3:] == ["0", "512B", "0/1"]
-    assert_aligned(table, [("PORT", "r"), ("ESTAB", "r"), ("OTHER STATES", "l"), ("SEND-Q", "r")])
+    assert [row.split()[0] for row in table] == ["PORT", "5432", "6379", "443", "other"]
+    assert table[1].split()[5:9] == ["-", "0", "B", "7"]
+    assert table[2].split()[-1] == "-"  # no process found
 
 
-def test_listeners_table_marks_full_queues(text):
+def test_sizes_are_labelled():
+    big = [rec(EST, 80, 40000 + i, rq=1536 * 1024, inode=i + 1) for i in range(3)]
+    table = section(render_text(build_report(frame(big, owners=None))), "LOCAL PORTS")
+    assert "4.5 MiB" in table[1]
+
+
+def test_listeners_table_marks_full_queues():
+    records = [rec(LISTEN, 80, 0, 110, 128, src=a4("0.0.0.0"), inode=11),
+               rec(LISTEN, 9090, 0, 5, 5, inode=12), rec(LISTEN, 9091, 0, 79, 100, inode=13)]
+    text = render_text(build_report(frame(records), View()))
     title = next(l for l in text.split("\n") if l.startswith("LISTENERS"))
     assert "! = accept queue >= 80% full" in title
     table = section(text, "LISTENERS")
     assert table[0].split() == ["ADDRESS:PORT", "QUEUE", "FILL", "MEMBERS", "PROCESS"]
     rows = table[1:]
-    assert [r.split()[0] if r.startswith(" ") else r.split()[1] for r in rows] == [
-        "0.0.0.0:80", "[::]:80", "[::1]:8080", "127.0.0.1:9090",
-    ]
-    assert [r[0] for r in rows] == ["!", " ", " ", "!"]  # 85.9% and 100% marked
-    assert rows[0].split()[1:] == ["0.0.0.0:80", "110/128", "86%", "4", "nginx[100,101,102,+2]", "www-data"]
-    assert rows[2].split()[-2:] == ["api[200]", "4242424"]
-    assert rows[3].split()[-1] == "-"  # no process found
-    assert_aligned(
-        table,
-        [("ADDRESS:PORT", "l"), ("QUEUE", "r"), ("FILL", "r"), ("MEMBERS", "r"), ("PROCESS", "l")],
-    )
+    assert [r[0] for r in rows] == ["!", "!", " "]
+    assert rows[0].split()[1:] == ["0.0.0.0:80", "110/128", "86%", "1", "nginx[100,101,102,+2]",
+                                   "www-data"]
+    assert_aligned(table, [("ADDRESS:PORT", "l"), ("QUEUE", "r"), ("FILL", "r"),
+                           ("MEMBERS", "r"), ("PROCESS", "l")])
 
 
-def test_fill_mark_threshold():
-    snap = make_snapshot(
-        listeners=(Listener("ipv4", "10.0.0.1", 1, 79, 100, 1), Listener("ipv4", "10.0.0.1", 2, 80, 100, 1))
-    )
-    rows = section(render_text(build_report(snap, None)), "LISTENERS")[1:]
-    assert [r[0] for r in rows] == [" ", "!"]
+def test_peer_tables(text):
+    assert [r.split() for r in section(text, "CLOSE-WAIT BY PEER")] == [
+        ["PEER", "SOCKETS"], ["10.0.0.7", "2"], ["10.0.0.5", "1"], ["10.0.0.8", "1"]]
+    table = section(render_text(build_report(frame(), View(top=1))), "TIME-WAIT BY PEER")
+    assert [r.split() for r in table] == [["PEER", "SOCKETS"], ["10.0.0.6", "1"],
+                                          ["(2", "more", "peers)", "2"]]
 
 
 def test_close_wait_owners(text):
     table = section(text + "\n", "CLOSE-WAIT OWNERS")
     assert [re.split(r"\s{2,}", r.strip()) for r in table] == [
         ["PORT", "PROCESS (PID/NAME/USER)", "SOCKETS"],
-        ["80", "100/nginx/www-data", "4"],
-        ["80", "101/nginx/www-data", "2"],
+        ["80", "100/nginx/www-data", "2"],
         ["80", "(no process: not accepted or not visible)", "1"],
-        ["other", "200/api/4242424", "1"],
+        ["51003", "200/api/4242424", "1"],
     ]
-    assert_aligned(table, [("PORT", "r"), ("PROCESS (PID/NAME/USER)", "l"), ("SOCKETS", "r")])
     assert "owners:" not in text
 
 
-def test_close_wait_owners_are_capped_per_port():
-    many = tuple((Owner(300 + i, "w", "u"), 10 - i) for i in range(8))
-    report = build_report(make_snapshot(), make_owners(close_wait={80: many}, unowned={}))
-    table = section(render_text(report) + "\n", "CLOSE-WAIT OWNERS")
-    assert len(table) == 1 + 5 + 1
-    assert re.split(r"\s{2,}", table[-1].strip()) == ["80", "(3 more processes)", "12"]
-
-
-def test_incomplete_owners_show_what_was_found_and_the_note():
-    text = render_text(build_report(make_snapshot(), make_owners(complete=False, note=NOTE)))
+def test_owner_notes():
+    text = render_text(build_report(frame(owners=make_owners(complete=False, note=NOTE))))
     assert f"owners: {NOTE}\n" in text
     assert "PROCESS" in section(text, "LISTENERS")[0]
-    assert "nginx" in text
-    assert "CLOSE-WAIT OWNERS" in text
-
-
-def test_missing_owners_say_run_as_root():
-    text = render_text(build_report(make_snapshot(), None))
+    text = render_text(build_report(frame(owners=None)))
     assert text.rstrip("\n").split("\n")[-1] == "owners: run as root to see processes"
     assert "PROCESS" not in text
 
 
-def test_status_lines():
-    snap = make_snapshot(dump_interrupted=1, folded_listeners=3)
-    snap = dataclasses.replace(snap, remote=dataclasses.replace(snap.remote, folded=5))
-    lines = render_text(build_report(snap, None)).split("\n")
-    assert lines[1].startswith("warning: 1 dump(s) changed while being read")
-    assert lines[2] == "folded into 'other': 2 local ports, 5 remote ports"
-    assert lines[3] == "listeners not tracked: 3"
+def test_owners_from_an_earlier_scan_say_so():
+    fresh = render_text(build_report(frame(owners=make_owners(scanned_at=100.2))))
+    assert "owners:" not in fresh
+    report = build_report(frame(owners=make_owners(scanned_at=90.0)))
+    assert report["owners"]["scanned_at"] == "1970-01-01T00:01:30.000Z"
+    assert ("owners: processes as of 1970-01-01T00:01:30.000Z (a slow /proc scan is repeated "
+            "less often than frames)\n") in render_text(report)
 
 
-def test_empty_snapshot():
-    empty = PortTable(ports=(OTHER,), counts=(counts(),), queues=(QueueStats(),))
-    snap = make_snapshot(
-        states={("ipv4", s): 0 for s in STATES}, families=("ipv4",), local=empty, remote=empty,
-        listeners=(),
-    )
-    text = render_text(build_report(snap, make_owners(listeners={}, close_wait={}, unowned={})))
+def test_empty_survey():
+    text = render_text(build_report(frame([], owners=make_owners(
+        local={}, remote={}, listeners={}, close_wait={}, close_wait_owned={}))))
     assert "TOTALS  no sockets" in text
+    assert "LOCAL PORTS: none" in text and "REMOTE PORTS: none" in text
     assert "LISTENERS: none" in text
+    assert "CLOSE-WAIT BY PEER: none" in text
     assert "CLOSE-WAIT OWNERS: none" in text
 
 
-def test_text_is_deterministic():
-    a = render_text(build_report(make_snapshot(), make_owners()))
-    snap = make_snapshot()
-    shuffled = dataclasses.replace(snap, listeners=tuple(reversed(snap.listeners)))
-    b = render_text(build_report(shuffled, make_owners()))
-    assert a == b
-    assert a == render_text(build_report(make_snapshot(), make_owners()))
+def test_state_filter_narrows_the_port_columns():
+    report = build_report(frame(flt=Filter.of(states=["close-wait"])))
+    text = render_text(report)
+    assert "filter: state close-wait" in text
+    assert section(text, "LOCAL PORTS")[0].split()[:3] == ["PORT", "SOCKETS", "CLOSE-WAIT"]
+
+
+def test_watch_cells_show_both_changes():
+    report = build_report(frame(MORE), View(), last=frame(RECORDS[:-3]), start=frame(),
+                          frame_number=3, interval=2.0)
+    text = render_text(report)
+    lines = text.split("\n")
+    assert lines[0].split()[3:6] == ["sockets", f"{len(MORE)}", "+10/+7"]
+    assert lines[1].startswith("every 2s, frame 3; changes shown as +since last frame/+since start")
+    table = section(text, "REMOTE PORTS")
+    row = next(r for r in table if r.split()[0] == "11211")
+    assert row.split()[1:3] == ["5", "+5/+5"]
+    cw = section(text, "CLOSE-WAIT BY PEER")
+    assert cw[1].split() == ["10.0.0.7", "3", "+1/+1"]
+
+
+def test_colour_only_when_asked_and_never_changes_the_text():
+    report = build_report(frame(), View(), last=frame(RECORDS[:-3]), start=frame(),
+                          frame_number=2, interval=1.0)
+    plain = render_text(report)
+    coloured = render_text(report, colour=True)
+    assert "\x1b[" not in plain
+    assert "\x1b[1m" in coloured  # bold headers
+    assert SGR.sub("", coloured) == plain
+
+
+def test_text_is_deterministic(text):
+    assert text == render_text(build_report(frame(), View()))
 
 
 def test_format_helpers():
-    assert [format_bytes(n) for n in (0, 1, 1023, 1024, 1536, 10 * 1024, 5 * 1024**3)] == [
-        "0", "1B", "1023B", "1.0K", "1.5K", "10K", "5.0G",
+    assert [format_bytes(n) for n in (0, 1, 1023, 1024, 1536, 10 * 1024, 5 * 1024**3, -2048)] == [
+        "0 B", "1 B", "1023 B", "1.0 KiB", "1.5 KiB", "10 KiB", "5.0 GiB", "-2.0 KiB",
     ]
     assert endpoint("ipv6", "::1", 80) == "[::1]:80"
     assert endpoint("ipv4", "0.0.0.0", 80) == "0.0.0.0:80"
+
+
+def test_v4_mapped_peers_are_their_own_family():
+    mapped = socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.7")
+    records = [rec(TIME_WAIT, 80, 1, fam=socket.AF_INET6, dst=mapped)]
+    report = build_report(frame(records, owners=None))
+    assert report["time_wait_peers"] == [{"family": "ipv6", "address": "::ffff:10.0.0.7",
+                                          "sockets": 1}]

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
+from typing import TextIO
 
-from . import __version__, config
+from . import __version__, config, report, survey
 from .aggregate import Rules
 from .netlink import NetlinkError, Reader
-from .owners import owners_for
-from .poller import poll_once
-from .report import build_report, render_text
+from .owners import port_owners
 from .sdnotify import ServiceNotifier
 from .service import Service, make_reader
 
@@ -23,54 +26,185 @@ log = logging.getLogger("sockscope")
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
-LISTEN_AND_CLOSE_WAIT = (1 << 10) | (1 << 8)  # kernel state bits, tcp_states.h
+
+
+# (flag, dest, metavar, help) of the flags every command takes, before or after its name.
+_COMMON_FLAGS = (
+    ("--config.file", "config_file", "FILE", "YAML configuration (default: built-in defaults)"),
+    ("--web.listen-address", "listen_address", "ADDR",
+     "address of /metrics, e.g. :9393 or 127.0.0.1:9393 (overrides prometheus.listen_address)"),
+    ("--log.level", "log_level", "LEVEL", "debug, info, warning or error (overrides log.level)"),
+    ("--log.format", "log_format", "FORMAT",
+     "text, json or journal (text with sd-daemon <N> priority prefixes; automatic when "
+     "stderr is journald's stream, $JOURNAL_STREAM); overrides log.format"),
+    ("--web.config.file", "web_config_file", "FILE",
+     "TLS and basic auth for /metrics, in the exporter-toolkit web config format "
+     "(re-read on SIGHUP)"),
+    ("--netns", "netns", "NAME|PATH",
+     "read the sockets of this network namespace (overrides poll.netns; needs CAP_SYS_ADMIN)"),
+)
+
+def _add_common(parser: argparse.ArgumentParser, *, in_command: bool) -> None:
+    """The common flags. A command's copies default to SUPPRESS: argparse would otherwise
+    write their default (None) over a value given before the command's name, so
+    `sockscope --netns N snapshot` would read the host's table."""
+    for flag, dest, metavar, text in _COMMON_FLAGS:
+        parser.add_argument(flag, dest=dest, metavar=metavar, help=text,
+                            default=argparse.SUPPRESS if in_command else None)
+
+
+def _port_list(text: str) -> list[int]:
+    ports = []
+    for part in text.split(","):
+        try:
+            port = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a port number") from None
+        if not 1 <= port <= 65535:
+            raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+        ports.append(port)
+    return ports
+
+
+def _state_list(text: str) -> list[str]:
+    for name in text.split(","):
+        try:
+            survey.state_mask(name)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name!r} is not a state; one of {', '.join(survey.STATE_FILTERS)}")
+    return text.split(",")
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+        return value
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config.file", dest="config_file", metavar="FILE",
-                        help="YAML configuration (default: built-in defaults)")
-    common.add_argument("--web.listen-address", dest="listen_address", metavar="ADDR",
-                        help="address of /metrics, e.g. :9393 or 127.0.0.1:9393 "
-                             "(overrides prometheus.listen_address)")
-    common.add_argument("--log.level", dest="log_level", metavar="LEVEL",
-                        help="debug, info, warning or error (overrides log.level)")
-    common.add_argument("--log.format", dest="log_format", metavar="FORMAT",
-                        help="text or json (overrides log.format)")
-    common.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
-                        help="TLS and basic auth for /metrics, in the exporter-toolkit web "
-                             "config format (re-read on SIGHUP)")
-    common.add_argument("--netns", dest="netns", metavar="NAME|PATH",
-                        help="read the sockets of this network namespace "
-                             "(overrides poll.netns; needs CAP_SYS_ADMIN)")
-
     p = argparse.ArgumentParser(
         prog="sockscope",
         description="TCP socket states, queues and listen backlogs per port, from sock_diag.",
-        parents=[common],
+        epilog="Flags may come before or after the command: `sockscope --netns N snapshot` "
+               "and `sockscope snapshot --netns N` are the same.",
+        allow_abbrev=False,
     )
     p.add_argument("--version", action="version", version=f"sockscope {__version__}")
+    _add_common(p, in_command=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="run the daemon (default)")
-    snap = sub.add_parser("snapshot", parents=[common],
-                          help="poll once and print a per-port summary")
-    snap.add_argument("--json", action="store_true", help="print JSON for scripts")
-    chk = sub.add_parser("check-config", help="validate a configuration file and exit")
-    chk.add_argument("file")
+    run_cmd = sub.add_parser("run", help="run the daemon (default)", allow_abbrev=False)
+    _add_common(run_cmd, in_command=True)
+
+    snap = sub.add_parser(
+        "snapshot", allow_abbrev=False,
+        help="per-port summary of the socket table for a person, like a summarised `ss`",
+        description="One dump of the socket table as per-port tables: local ports "
+                    "(listening and configured), the busiest remote ports, listeners and "
+                    "their accept queues, CLOSE-WAIT and TIME-WAIT by peer, and the "
+                    "processes holding the sockets (as root).",
+    )
+    _add_common(snap, in_command=True)
+    snap.add_argument("--json", action="store_true", help="print JSON for scripts "
+                      "(with --watch: one JSON object per line per frame)")
+    snap.add_argument("--port", dest="ports", type=_port_list, action="append", default=[],
+                      metavar="PORT[,PORT]",
+                      help="only sockets with this local or remote port (repeatable), "
+                           "like ss '( sport = :PORT or dport = :PORT )'")
+    snap.add_argument("--state", dest="states", type=_state_list, action="append", default=[],
+                      metavar="STATE[,STATE]",
+                      help="only sockets in this state (repeatable; ss names: "
+                           f"{', '.join(survey.STATE_FILTERS)}); the kernel filters the dump")
+    snap.add_argument("--sort", choices=report.SORT_KEYS, default="sockets", metavar="KEY",
+                      help="order of the port rows: sockets (default), port, recv-q, send-q "
+                           "or a state name (most first)")
+    snap.add_argument("--top", type=_positive(int), default=report.DEFAULT_TOP, metavar="N",
+                      help="rows per port and peer table (default %(default)s); the rest is "
+                           "summed in an `other` row")
+    snap.add_argument("--watch", type=_positive(float), nargs="?", const=2.0, default=None,
+                      metavar="SECONDS",
+                      help="redraw every SECONDS (default 2) with the change since the last "
+                           "frame and since the start; Ctrl-C stops")
+    snap.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                      help="colour: auto (a terminal, unless NO_COLOR is set), always, never")
+
+    chk = sub.add_parser(
+        "check-config", allow_abbrev=False,
+        help="validate a configuration file and/or a web config file, and exit",
+        description="Validate the configuration FILE (or --config.file), the flags that "
+                    "override it and the --web.config.file; print every problem and exit "
+                    "with status 2 if there is any.",
+    )
+    _add_common(chk, in_command=True)
+    chk.add_argument("file", nargs="?", help="the configuration file (same as --config.file)")
     sub.add_parser("version", help="print the version")
     return p
 
 
-def setup_logging(level: str, fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        # journald adds the time and the unit; keep lines plain.
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+# sd-daemon(3) priority prefixes (syslog levels) that journald parses off each stdout/stderr
+# line of a service (SyslogLevelPrefix=yes, the default), by logging level.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+_DEBUG_PRIORITY = 7
+
+
+def priority(levelno: int) -> int:
+    """The syslog priority of a logging level: <3> error, <4> warning, <6> info, <7> debug."""
+    for level, prio in _PRIORITIES:
+        if levelno >= level:
+            return prio
+    return _DEBUG_PRIORITY
+
+
+def is_journal_stream(stream, environ: Mapping[str, str] | None = None) -> bool:
+    """True if `stream` is the journald stream systemd connected (JOURNAL_STREAM=DEV:INODE
+    names it, systemd.exec(5)); False when stderr was redirected elsewhere, e.g. to a file
+    by a wrapper, even though the variable was inherited."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
+def setup_logging(level: str, fmt: str = "text", *, stream=None,
+                  environ: Mapping[str, str] | None = None) -> None:
+    """Log to stderr as text or JSON. `journal` is text with a priority prefix on every
+    line; the prefix is also added to text and JSON when stderr is journald's stream."""
+    stream = sys.stderr if stream is None else stream
+    handler = logging.StreamHandler(stream)
+    # journald adds the time and the unit; keep lines plain.
+    formatter = _JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(levelname)s %(name)s: %(message)s")
+    if fmt == "journal" or is_journal_stream(stream, environ):
+        formatter = _JournalFormatter(formatter)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefixes EVERY line of a record (a traceback too) with the record's priority: journald
+    stores each line as its own entry, so an unprefixed traceback line would land at info
+    and `journalctl -p err` would show the error without its traceback."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -116,11 +250,9 @@ def main(
     if command == "version":
         print(f"sockscope {__version__}")
         return 0
+    if command == "check-config":
+        return check_config(args)
     try:
-        if command == "check-config":
-            cfg = config.load(args.file)
-            print(f"{args.file}: OK")
-            return 0
         cfg = _load(args)
         web = _load_web(args) if command == "run" else None
     except config.ConfigError as e:
@@ -128,30 +260,124 @@ def main(
         return EXIT_CONFIG
     setup_logging(cfg.log.level, cfg.log.format)
     if command == "snapshot":
-        return snapshot(cfg, as_json=args.json)
+        return snapshot(cfg, args)
     return run(cfg, web=web, reload_config=lambda: (_load(args), _load_web(args)),
                reader_factory=reader_factory, environ=environ)
 
 
-def snapshot(cfg: config.Config, *, as_json: bool) -> int:
-    rules = Rules.from_config(cfg)
-    with make_reader(cfg) as reader:
-        try:
-            snap, _ = poll_once(reader, rules)
-            # A second, small dump for the sockets whose owners we name.
-            records = list(reader.records(states=LISTEN_AND_CLOSE_WAIT))
-        except NetlinkError as e:
-            print(f"sockscope: {e}", file=sys.stderr)
-            return EXIT_RUNTIME
-    tracked = {p for p in snap.local.ports if isinstance(p, int)}
-    owners = owners_for(records, tracked)
-    report = build_report(snap, owners)
-    if as_json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(render_text(report))
+def check_config(args) -> int:
+    """`check-config [FILE] [--web.config.file W] [flags]`: every problem of the
+    configuration file, of the flags that override it and of the web config file, printed
+    all at once; exit status 2 if there is any."""
+    path = args.file or args.config_file
+    if args.file and args.config_file and args.file != args.config_file:
+        print(f"check-config: FILE ({args.file}) and --config.file ({args.config_file}) "
+              "name different files", file=sys.stderr)
+        return EXIT_CONFIG
+    if not path and not args.web_config_file:
+        print("check-config: nothing to check: give a configuration FILE and/or "
+              "--web.config.file FILE", file=sys.stderr)
+        return EXIT_CONFIG
+    errors: list[config.ConfigError] = []
+    ok: list[str] = []
+    try:
+        cfg = config.load(path)
+        if path:
+            ok.append(f"{path}: OK")
+    except config.ConfigError as e:
+        errors.append(e)
+        cfg = config.load(None)  # the flags are still checked, on the defaults
+    try:
+        config.override(cfg, listen_address=args.listen_address, log_level=args.log_level,
+                        netns=args.netns, log_format=args.log_format)
+    except config.ConfigError as e:
+        errors.append(e)
+    try:
+        if _load_web(args) is not None:
+            ok.append(f"{args.web_config_file}: OK (web config)")
+    except config.ConfigError as e:
+        errors.append(e)
+    for e in errors:
+        print(e, file=sys.stderr)
+    if errors:
+        return EXIT_CONFIG
+    print("\n".join(ok))
     return 0
+
+
+# In watch mode the /proc scan for process owners takes at most 1/SCAN_BUDGET of the time.
+SCAN_BUDGET = 5
+
+
+def snapshot(cfg: config.Config, args, *, environ: Mapping[str, str] | None = None,
+             out: TextIO | None = None) -> int:
+    """`sockscope snapshot`: one frame, or a frame every --watch seconds."""
+    from . import watch
+    from .kernelstats import KernelStatsReader
+
+    environ = os.environ if environ is None else environ
+    out = sys.stdout if out is None else out
+    flt = survey.Filter.of(ports=[p for group in args.ports for p in group],
+                           states=[s for group in args.states for s in group])
+    view = report.View(top=args.top, sort=args.sort, local=cfg.ports.local,
+                       remote=cfg.ports.remote, netns=cfg.poll.netns)
+    rules = Rules.from_config(cfg)
+    colour = not args.json and watch.use_colour(args.color, out, environ)
+    terminal = args.watch is not None and not args.json and watch.is_terminal(out)
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(make_reader(cfg))
+        kernel = None
+        if cfg.poll.kernel_stats:
+            kernel = stack.enter_context(KernelStatsReader(cfg.poll.netns))
+
+        last_scan: list = []  # [(OwnerScan, monotonic time it ended)]
+
+        def take() -> report.Frame:
+            s = survey.take(reader, flt, rules)
+            local, remote = report.choose_ports(s, view)
+            reuse = None
+            if last_scan and args.watch is not None:
+                scan, ended = last_scan[0]
+                # A /proc scan costs ~5 us per fd of the host (~10 s at 1M sockets): in
+                # watch mode it is repeated at most every SCAN_BUDGET x its own duration.
+                if time.monotonic() - ended < max(args.watch, SCAN_BUDGET * scan.seconds):
+                    reuse = scan
+            owners, scan = port_owners(s.sockets_index, s.listener_inodes, local, remote,
+                                       scan=reuse)
+            if reuse is None:
+                last_scan[:] = [(scan, time.monotonic())]
+            return report.Frame(s.without_index(), owners, kernel.read() if kernel else None)
+
+        def show(frame, last=None, start=None, number=None) -> str:
+            rep = report.build_report(frame, view, last=last, start=start, frame_number=number,
+                                      interval=args.watch)
+            if args.json:
+                return json.dumps(rep, indent=None if args.watch else 2)
+            return report.render_text(rep, colour=colour)
+
+        if args.watch is None:
+            try:
+                frame = take()
+            except NetlinkError as e:
+                print(f"sockscope: {e}", file=sys.stderr)
+                return EXIT_RUNTIME
+            text = show(frame)
+            out.write(text if text.endswith("\n") else text + "\n")
+            return 0
+
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, lambda *_: stop.set())
+
+        def failed(e: Exception) -> str | None:
+            if not isinstance(e, NetlinkError):
+                return None
+            if args.json:
+                return json.dumps({"error": str(e)})
+            return f"sockscope snapshot: {e}\n(retrying every {args.watch:g}s; Ctrl-C stops)"
+
+        return watch.run(take, show, interval=args.watch, out=out, terminal=terminal,
+                         stop=stop, failed=failed, gap="" if args.json else "\n")
 
 
 def run(

@@ -536,8 +536,11 @@ class Reader:
             and set(self.families) == {"ipv4", "ipv6"}
         )
 
-    def poll(self, start: Callable[[], Callable]) -> DumpStats:
+    def poll(self, start: Callable[[], Callable], states: int = ALL_STATES) -> DumpStats:
         """Dump every configured family into one sink, retrying interrupted dumps.
+
+        `states` is a kernel state bit mask (1 << state): the kernel sends only those
+        sockets (the CLI's `snapshot --state`); the daemon always asks for all.
 
         `start()` returns a fresh sink for an attempt; when a dump comes back with
         NLM_F_DUMP_INTR (the table changed under the walk) or a retryable error
@@ -555,7 +558,7 @@ class Reader:
             try:
                 if self._use_legacy():
                     try:
-                        messages, interrupted = self.dump_legacy(sink)
+                        messages, interrupted = self.dump_legacy(sink, states)
                     except NetlinkError as e:
                         if e.errno not in _LEGACY_REFUSED:
                             raise
@@ -571,7 +574,7 @@ class Reader:
                         if family in self._unavailable:
                             continue
                         try:
-                            n, intr = self.dump(family, sink)
+                            n, intr = self.dump(family, sink, states)
                         except NetlinkError as e:
                             if family == "ipv6" and e.errno in (errno.ENOENT, errno.EAFNOSUPPORT):
                                 log.warning(

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import os
 import pwd
-import socket
-from collections import Counter
+import time
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from sockscope.snapshot import OTHER
+import numpy as np
 
-TCP_CLOSE_WAIT = 8
-TCP_LISTEN = 10
+from sockscope.snapshot import STATES
+
+CLOSE_WAIT_SLOT = STATES.index("close_wait")
 
 CAP_DAC_READ_SEARCH = 2
 CAP_SYS_PTRACE = 19
@@ -39,29 +40,44 @@ class Owner:
 
 @dataclass(frozen=True, slots=True)
 class OwnerScan:
-    owners: dict[int, tuple[Owner, ...]]  # inode -> holders sorted by pid; found inodes only
+    held: dict[Owner, np.ndarray]  # process -> the wanted inodes it holds (int64)
     complete: bool  # every process's fd table was read
     note: str | None = None  # why the scan is incomplete
+    scanned_at: float | None = None  # wall clock when the scan started
+    seconds: float = 0.0  # what it took
+
+    @property
+    def owners(self) -> dict[int, tuple[Owner, ...]]:
+        """inode -> holders sorted by pid; found inodes only."""
+        out: dict[int, list[Owner]] = {}
+        for owner in sorted(self.held, key=lambda o: o.pid):
+            for inode in self.held[owner].tolist():
+                out.setdefault(inode, []).append(owner)
+        return {i: tuple(o) for i, o in out.items()}
 
 
 @dataclass(frozen=True, slots=True)
-class OwnerInfo:
-    """Owners of the listeners and of the CLOSE-WAIT sockets of one dump.
+class PortOwners:
+    """Processes holding the sockets of the ports a report shows, from one /proc scan.
 
+    local / remote: port -> ((Owner, sockets held), ...) over the sockets with that local
+      (remote) port, most sockets first, then by pid; only ports asked for.
     listeners: (address, port) -> holders of any member socket (SO_REUSEPORT members and
       pre-fork children are merged), sorted by pid; () when none was found.
-    close_wait: local port (tracked) or OTHER -> ((Owner, sockets held), ...) sorted by
-      count descending then pid. A socket shared by several processes counts once for
-      each of them.
-    unowned: local port or OTHER -> CLOSE-WAIT sockets without a known holder: inode 0
-      (still in an accept queue) or not found in any fd table. Only non-zero entries.
+    close_wait: local port -> ((Owner, sockets), ...) over its CLOSE-WAIT sockets, every port.
+    close_wait_owned: local port -> CLOSE-WAIT sockets with at least one known holder (the
+      rest are still in an accept queue, inode 0, or held where the scan could not look).
+    A socket shared by several processes counts once for each of them.
     """
 
+    local: dict[int, tuple[tuple[Owner, int], ...]]
+    remote: dict[int, tuple[tuple[Owner, int], ...]]
     listeners: dict[tuple[str, int], tuple[Owner, ...]]
-    close_wait: dict[int | str, tuple[tuple[Owner, int], ...]]
-    unowned: dict[int | str, int]
+    close_wait: dict[int, tuple[tuple[Owner, int], ...]]
+    close_wait_owned: dict[int, int]
     complete: bool
     note: str | None = None
+    scanned_at: float | None = None  # wall clock of the /proc scan these come from
 
 
 def effective_capabilities(status_path: str = "/proc/self/status") -> int | None:
@@ -122,29 +138,36 @@ def _read_owner(pid_dir: str, pid: int, users: dict[int, str]) -> Owner | None:
 
 
 def find_owners(
-    inodes: set[int],
+    inodes: Iterable[int] | np.ndarray,
     proc_root: str = "/proc",
     *,
     caps: int | None = None,
     listdir: Callable[[str], list[str]] = os.listdir,
     readlink: Callable[[str], str] = os.readlink,
+    clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> OwnerScan:
     """Processes holding each wanted socket inode.
 
-    Every process is scanned (an inode can be held by several), but only links naming a
-    wanted inode cost more than one readlink. `caps` overrides this process's CapEff
+    Every process is scanned (an inode can be held by several). A process's socket inodes
+    are collected in a compact array and matched against the wanted ones with numpy, so
+    memory stays at 8 bytes per socket fd of the host. `caps` overrides this process's CapEff
     (read from /proc/self/status, not from proc_root); `listdir`/`readlink` are seams for
     tests.
     """
-    wanted = {i for i in inodes if i}
-    if not wanted:
-        return OwnerScan({}, True, None)
-    holders: dict[int, set[int]] = {}  # pid -> wanted inodes it holds
+    wanted = np.unique(np.fromiter(inodes, np.int64) if not isinstance(inodes, np.ndarray)
+                       else inodes.astype(np.int64))
+    wanted = wanted[wanted != 0]
+    scanned_at, started = clock(), monotonic()
+    if not len(wanted):
+        return OwnerScan({}, True, None, scanned_at)
+    holders: dict[int, np.ndarray] = {}  # pid -> wanted inodes it holds
     denied = 0
     try:
         entries = listdir(proc_root)
     except PermissionError:
-        return OwnerScan({}, False, f"{PRIVILEGE_NOTE}: {proc_root} could not be read")
+        return OwnerScan({}, False, f"{PRIVILEGE_NOTE}: {proc_root} could not be read",
+                         scanned_at, monotonic() - started)
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -156,31 +179,37 @@ def find_owners(
             continue
         except _GONE:
             continue
-        found: set[int] = set()
+        found = array("q")
+        prefix = fd_dir + "/"
         for fd in fds:
             try:
-                inode = _socket_inode(readlink(f"{fd_dir}/{fd}"))
+                target = readlink(prefix + fd)
             except PermissionError:
                 denied += 1
-                found.clear()  # count the process once, and keep nothing half-read
+                found = array("q")  # count the process once, and keep nothing half-read
                 break
             except _GONE:
                 continue  # fd closed, or the whole process went away
             except OSError:
                 continue
-            if inode in wanted:
-                found.add(inode)
+            # ~5 us per readlink: the scan's whole cost.
+            if target.startswith("socket:["):
+                inode = _socket_inode(target)
+                if inode is not None:
+                    found.append(inode)
         if found:
-            holders[int(entry)] = found
+            mine = np.frombuffer(found, np.int64)
+            mine = np.unique(mine[np.isin(mine, wanted)])
+            if len(mine):
+                holders[int(entry)] = mine
 
-    owners: dict[int, list[Owner]] = {}
+    held: dict[Owner, frozenset[int]] = {}
     users: dict[int, str] = {}
     for pid in sorted(holders):
         owner = _read_owner(f"{proc_root}/{pid}", pid, users)
         if owner is None:
             continue  # exited after its fds were read: it no longer holds anything
-        for inode in holders[pid]:
-            owners.setdefault(inode, []).append(owner)
+        held[owner] = holders[pid]
 
     note = None
     if denied:
@@ -194,56 +223,82 @@ def find_owners(
         # No error, but without the capabilities other users' processes may be hidden
         # (hidepid) rather than refused: the scan cannot claim to be complete.
         note = f"{PRIVILEGE_NOTE}: other users' processes may be hidden"
-    return OwnerScan({i: tuple(o) for i, o in owners.items()}, note is None, note)
+    return OwnerScan(held, note is None, note, scanned_at, monotonic() - started)
 
 
-def listener_address(family: int, src: bytes) -> str:
-    """The address string Snapshot.listeners uses for a record's source address."""
-    return socket.inet_ntop(family, src[:4] if family == socket.AF_INET else src[:16])
-
-
-def owners_for(
-    records: Iterable[tuple],
-    tracked_local_ports: set[int],
+def port_owners(
+    index,
+    listener_inodes: dict[tuple[str, int], Iterable[int]],
+    local_ports: Iterable[int],
+    remote_ports: Iterable[int],
     proc_root: str = "/proc",
+    *,
+    scan: OwnerScan | None = None,
     **scan_options,
-) -> OwnerInfo:
-    """Owners of the LISTEN and CLOSE-WAIT sockets in `records`, with one /proc scan.
+) -> tuple[PortOwners, OwnerScan]:
+    """Owners of the sockets on the given ports, of the listeners and of every CLOSE-WAIT
+    socket, with one /proc scan; also returns the scan.
 
-    Records are sock_diag tuples (family, state, sport, dport, src, dst, rqueue,
-    wqueue, uid, inode); other states are ignored. CLOSE-WAIT sockets are keyed by local
-    port when it is tracked, else by OTHER. `scan_options` go to find_owners.
+    `index` is a survey.SocketIndex (numpy columns inode, sport, dport, slot of the sockets
+    that have an inode); sockets are matched to their holders column-wise, so no Python
+    object is made per socket. An earlier `scan` may be given instead of scanning again
+    (`snapshot --watch` when a scan is expensive): sockets opened since have no known owner.
+    `scan_options` go to find_owners.
     """
-    listener_inodes: dict[tuple[str, int], set[int]] = {}
-    close_wait: dict[int | str, list[int]] = {}  # key -> inodes (0 included), per socket
-    for rec in records:
-        family, state, sport, inode = rec[0], rec[1], rec[2], rec[9]
-        if state == TCP_LISTEN:
-            key = (listener_address(family, rec[4]), sport)
-            members = listener_inodes.setdefault(key, set())
-            if inode:
-                members.add(inode)
-        elif state == TCP_CLOSE_WAIT:
-            port: int | str = sport if sport in tracked_local_ports else OTHER
-            close_wait.setdefault(port, []).append(inode)
+    local = np.fromiter(local_ports, np.int64)
+    remote = np.fromiter(remote_ports, np.int64)
+    inode = index.inode
+    close_wait = index.slot == CLOSE_WAIT_SLOT
+    wanted_listeners = np.fromiter(set().union(*listener_inodes.values()), np.int64)
+    if scan is None:
+        wanted_rows = np.isin(index.sport, local) | np.isin(index.dport, remote) | close_wait
+        scan = find_owners(
+            np.concatenate([inode[wanted_rows].astype(np.int64), wanted_listeners]),
+            proc_root, **scan_options)
 
-    wanted = set().union(*listener_inodes.values(), *(set(v) for v in close_wait.values()))
-    scan = find_owners(wanted, proc_root, **scan_options)
-
+    listener_holders: dict[int, list[Owner]] = {}
+    people = sorted(scan.held, key=lambda o: o.pid)
+    parts_inode, parts_owner = [], []
+    for k, owner in enumerate(people):
+        inodes = scan.held[owner]
+        for i in inodes[np.isin(inodes, wanted_listeners)].tolist():
+            listener_holders.setdefault(i, []).append(owner)
+        parts_inode.append(inodes)
+        parts_owner.append(np.full(len(inodes), k, np.int64))
     listeners = {}
     for key, members in listener_inodes.items():
-        found = {o for i in members for o in scan.owners.get(i, ())}
+        found = {o for i in members for o in listener_holders.get(i, ())}
         listeners[key] = tuple(sorted(found, key=lambda o: o.pid))
 
-    cw_owners: dict[int | str, tuple[tuple[Owner, int], ...]] = {}
-    unowned: dict[int | str, int] = {}
-    for port, port_inodes in close_wait.items():
-        counts: Counter[Owner] = Counter()
-        for inode in port_inodes:
-            holders = scan.owners.get(inode, ()) if inode else ()
-            if not holders:
-                unowned[port] = unowned.get(port, 0) + 1
-            counts.update(holders)
-        if counts:
-            cw_owners[port] = tuple(sorted(counts.items(), key=lambda oc: (-oc[1], oc[0].pid)))
-    return OwnerInfo(listeners, cw_owners, unowned, scan.complete, scan.note)
+    # (inode, owner) pairs -> the socket row of each inode (inodes are unique per socket).
+    pi = np.concatenate(parts_inode) if parts_inode else np.zeros(0, np.int64)
+    po = np.concatenate(parts_owner) if parts_owner else np.zeros(0, np.int64)
+    order = np.argsort(inode, kind="stable")
+    sorted_inode = inode[order]
+    at = np.minimum(np.searchsorted(sorted_inode, pi), max(len(sorted_inode) - 1, 0))
+    hit = (sorted_inode[at] == pi) if len(sorted_inode) else np.zeros(len(pi), bool)
+    row = order[at[hit]]
+    po = po[hit]
+    sport = index.sport[row].astype(np.int64)
+    dport = index.dport[row].astype(np.int64)
+    cw = close_wait[row]
+
+    def by_port(ports: np.ndarray, owner: np.ndarray, keep: np.ndarray) -> dict:
+        keys, counts = np.unique((ports[keep] << 32) | owner[keep], return_counts=True)
+        out: dict[int, list[tuple[Owner, int]]] = {}
+        for key, n in zip(keys.tolist(), counts.tolist()):
+            out.setdefault(key >> 32, []).append((people[key & 0xFFFFFFFF], n))
+        return {p: tuple(sorted(v, key=lambda oc: (-oc[1], oc[0].pid))) for p, v in out.items()}
+
+    owned = np.unique(row[cw])  # CLOSE-WAIT sockets with a holder, each once
+    cw_ports, cw_owned = np.unique(index.sport[owned].astype(np.int64), return_counts=True)
+    return PortOwners(
+        local=by_port(sport, po, np.isin(sport, local)),
+        remote=by_port(dport, po, np.isin(dport, remote)),
+        listeners=listeners,
+        close_wait=by_port(sport, po, cw),
+        close_wait_owned=dict(zip(cw_ports.tolist(), cw_owned.tolist())),
+        complete=scan.complete,
+        note=scan.note,
+        scanned_at=scan.scanned_at,
+    ), scan

@@ -1,0 +1,491 @@
+"""What `sockscope snapshot` reads: one dump folded into per-port, per-peer and per-inode
+tables, column-wise with numpy (no Python object per socket).
+
+The daemon's Accumulator keeps only what its series need (ports capped by configuration);
+a person needs more from one dump: every port's figures (so the busiest remote ports can be
+shown without configuring them), CLOSE-WAIT and TIME-WAIT peers, and the socket inodes of
+the ports shown, to name the processes holding them. So `Tally` is the sink of one dump
+(`Reader.poll`), `Survey` the frozen result. Memory is bounded by the port space and, for
+one dump at a time, by the table (peers and inodes: 24 and 9 bytes per socket, numpy);
+a Survey keeps per-port rows of the ports that had sockets and one row per distinct peer.
+
+Filters: a state mask goes to the kernel (a dump only carries the states asked for, which is
+what makes `--state close-wait` cheap on a large table); ports are filtered here, a socket
+matching when its local or remote port is one of them (`ss '( sport = :P or dport = :P )'`).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .aggregate import Accumulator, Rules
+from .netlink import ALL_STATES, Reader
+from .snapshot import FAMILIES, STATE_INDEX, STATES, Listener
+
+NSTATES = len(STATES)
+_UNKNOWN = 15  # slot of a kernel state number this build does not know
+_SLOT = np.full(256, _UNKNOWN, np.uint8)
+for _n, _i in STATE_INDEX.items():
+    _SLOT[_n] = _i
+LISTEN_SLOT = STATES.index("listen")
+CLOSE_WAIT_SLOT = STATES.index("close_wait")
+TIME_WAIT_SLOT = STATES.index("time_wait")
+# Queue slots per port, as aggregate.py: receive/send sums, maxima, non-empty counts.
+QUEUE_FIELDS = ("receive_bytes", "send_bytes", "receive_max_bytes", "send_max_bytes",
+                "receive_backlogged", "send_backlogged")
+_RSUM, _SSUM, _RMAX, _SMAX, _RN, _SN = range(6)
+
+
+def _bits(*states: int) -> int:
+    return sum(1 << s for s in states)
+
+
+# ss(8) STATE-FILTER names -> kernel state bit mask (include/net/tcp_states.h numbers;
+# syn-recv includes TCP_NEW_SYN_RECV, 12, the request sockets `ss` also shows as SYN-RECV).
+SS_STATES: dict[str, int] = {
+    "established": _bits(1),
+    "syn-sent": _bits(2),
+    "syn-recv": _bits(3, 12),
+    "fin-wait-1": _bits(4),
+    "fin-wait-2": _bits(5),
+    "time-wait": _bits(6),
+    "closed": _bits(7),
+    "close-wait": _bits(8),
+    "last-ack": _bits(9),
+    "listening": _bits(10),
+    "closing": _bits(11),
+}
+# ss's groups, same definitions as ss.c.
+_CONNECTED = ALL_STATES & ~(SS_STATES["listening"] | SS_STATES["closed"])
+STATE_GROUPS: dict[str, int] = {
+    "all": ALL_STATES,
+    "connected": _CONNECTED,
+    "synchronized": _CONNECTED & ~SS_STATES["syn-sent"],
+    "bucket": SS_STATES["syn-recv"] | SS_STATES["time-wait"],
+    "big": ALL_STATES & ~(SS_STATES["syn-recv"] | SS_STATES["time-wait"]),
+}
+# Also accepted: sockscope's own label values (close_wait) and `listen`, `close`.
+_ALIASES: dict[str, str] = {"listen": "listening", "close": "closed"}
+_ALIASES |= {s: s.replace("_", "-").replace("wait1", "wait-1").replace("wait2", "wait-2")
+             for s in STATES if s not in ("listen", "close")}
+STATE_FILTERS: tuple[str, ...] = (*SS_STATES, *STATE_GROUPS)
+# The ss name of each STATES entry (label value), for flags and sort keys.
+SS_NAME: dict[str, str] = {s: _ALIASES.get(s, s) for s in STATES}
+
+
+def state_mask(name: str) -> int:
+    """Kernel state mask of an ss state or group name (or a sockscope label value).
+    Raises ValueError."""
+    name = _ALIASES.get(name, name)
+    if name in SS_STATES:
+        return SS_STATES[name]
+    if name in STATE_GROUPS:
+        return STATE_GROUPS[name]
+    raise ValueError(f"{name!r} is not a TCP state (one of {', '.join(STATE_FILTERS)})")
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    ports: frozenset[int] = frozenset()  # empty: every port
+    states: int = ALL_STATES  # kernel state bit mask
+
+    @classmethod
+    def of(cls, ports: Iterable[int] = (), states: Iterable[str] = ()) -> Filter:
+        mask = 0
+        for name in states:
+            mask |= state_mask(name)
+        # Request sockets (TCP_NEW_SYN_RECV) go with SYN-RECV: checked on 6.x, a dump
+        # asking for either bit returns them, reported as state 3.
+        if mask & _bits(3):
+            mask |= _bits(12)
+        if not mask or mask & ALL_STATES == ALL_STATES:
+            mask = ALL_STATES
+        return cls(frozenset(ports), mask)
+
+    def __bool__(self) -> bool:
+        return bool(self.ports) or self.states != ALL_STATES
+
+
+# --- frozen results --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PortRows:
+    """One side's figures for every port that had a socket: `ports` ascending and
+    `counts[i]` the per-state counts (STATES order) of ports[i]; queue figures
+    (QUEUE_FIELDS) only for the ports with a non-empty queue, `queue_ports` ascending."""
+
+    ports: np.ndarray  # int64, sorted
+    counts: np.ndarray  # (len(ports), NSTATES) int32
+    queue_ports: np.ndarray  # int64, sorted
+    queues: np.ndarray  # (len(queue_ports), 6) int64
+
+    @staticmethod
+    def _find(table: np.ndarray, want: np.ndarray) -> np.ndarray:
+        if not len(table):
+            return np.full(len(want), -1)
+        at = np.minimum(np.searchsorted(table, want), len(table) - 1)
+        return np.where(table[at] == want, at, -1)
+
+    def index(self, ports: Iterable[int]) -> np.ndarray:
+        """Row index of each port, -1 where the port had no socket."""
+        return self._find(self.ports, np.asarray(list(ports), np.int64))
+
+    def rows(self, ports: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, queues) of the given ports, zeros for a port without sockets."""
+        want = np.asarray(list(ports), np.int64)
+        counts = np.zeros((len(want), NSTATES), np.int64)
+        queues = np.zeros((len(want), 6), np.int64)
+        at = self._find(self.ports, want)
+        counts[at >= 0] = self.counts[at[at >= 0]]
+        at = self._find(self.queue_ports, want)
+        queues[at >= 0] = self.queues[at[at >= 0]]
+        return counts, queues
+
+    def rest(self, ports: Iterable[int]) -> tuple[np.ndarray, np.ndarray, int]:
+        """(counts, queues, number of ports) of every port NOT in `ports`."""
+        want = np.asarray(list(ports), np.int64)
+        keep = ~np.isin(self.ports, want)
+        counts = self.counts[keep].sum(axis=0, dtype=np.int64)
+        q = self.queues[~np.isin(self.queue_ports, want)]
+        queues = np.zeros(6, np.int64)
+        if len(q):
+            queues[[_RSUM, _SSUM, _RN, _SN]] = q[:, [_RSUM, _SSUM, _RN, _SN]].sum(axis=0)
+            queues[[_RMAX, _SMAX]] = q[:, [_RMAX, _SMAX]].max(axis=0)
+        return counts, queues, int(keep.sum())
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCounts:
+    """Sockets of one state per peer address: `keys` rows (family, high, low 64 bits of the
+    address, big-endian), sorted; `counts` aligned."""
+
+    keys: np.ndarray  # (k, 3) uint64
+    counts: np.ndarray  # (k,) int64
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def top(self, n: int) -> list[tuple[tuple[int, int, int], int]]:
+        """The n peers with the most sockets (ties: address order), as (key, count)."""
+        order = np.lexsort((self.keys[:, 2], self.keys[:, 1], self.keys[:, 0], -self.counts))[:n]
+        return [(tuple(self.keys[i].tolist()), int(self.counts[i])) for i in order]
+
+    def count(self, key: tuple[int, int, int]) -> int:
+        hit = np.flatnonzero((self.keys == np.asarray(key, np.uint64)).all(axis=1))
+        return int(self.counts[hit[0]]) if len(hit) else 0
+
+
+def peer_address(key: tuple[int, int, int]) -> tuple[str, str]:
+    """(family name, address text) of a PeerCounts key."""
+    family, high, low = key
+    raw = high.to_bytes(8, "big") + low.to_bytes(8, "big")
+    if family == socket.AF_INET:
+        return "ipv4", socket.inet_ntop(socket.AF_INET, raw[:4])
+    return "ipv6", socket.inet_ntop(socket.AF_INET6, raw)
+
+
+@dataclass(frozen=True, slots=True)
+class SocketIndex:
+    """inode, local port, remote port and state slot of every filtered socket with an inode
+    (TIME-WAIT and not yet accepted sockets have none), for naming their processes."""
+
+    inode: np.ndarray  # uint32
+    sport: np.ndarray  # uint16
+    dport: np.ndarray  # uint16
+    slot: np.ndarray  # uint8, index into STATES
+
+
+@dataclass(frozen=True, slots=True)
+class Survey:
+    timestamp: float  # wall clock at the start of the dump
+    duration: float  # seconds: dump + folding
+    families: tuple[str, ...]
+    states: dict[tuple[str, str], int]  # (family, state) -> count, zero-filled
+    local: PortRows
+    remote: PortRows
+    # Client-side sockets per remote port (their local port does not listen), aligned with
+    # remote.ports: what makes a remote port worth a row of its own.
+    remote_client: np.ndarray
+    listening: tuple[int, ...]  # ports with a LISTEN socket, ascending
+    listeners: tuple[Listener, ...]
+    folded_listeners: int
+    listener_inodes: dict[tuple[str, int], frozenset[int]]  # (address, port) -> inodes
+    close_wait_peers: PeerCounts
+    time_wait_peers: PeerCounts
+    filter: Filter = Filter()
+    dump_interrupted: int = 0
+    unknown_states: int = 0  # sockets in a state this build does not know (not counted)
+    sockets_index: SocketIndex | None = field(default=None, compare=False)
+
+    @property
+    def sockets(self) -> int:
+        return sum(self.states.values())
+
+    def totals(self) -> np.ndarray:
+        out = np.zeros(NSTATES, np.int64)
+        for (_fam, state), n in self.states.items():
+            out[STATES.index(state)] += n
+        return out
+
+    def without_index(self) -> Survey:
+        """This Survey without its per-socket index (what a watch loop keeps)."""
+        from dataclasses import replace
+
+        return replace(self, sockets_index=None)
+
+
+# --- the sink of one dump ----------------------------------------------------------------
+
+
+def _gather(batch, rows: np.ndarray, offset: int) -> np.ndarray:
+    """(len(rows), 16) bytes at `offset` of each message of a MessageBatch (16: src, 40: dst
+    in nlmsghdr + inet_diag_msg)."""
+    u8 = np.frombuffer(batch.data, np.uint8)
+    base = (batch.words[rows].astype(np.intp) << 2) + offset
+    return u8[base[:, None] + np.arange(16)]
+
+
+class _Columns:
+    """The columns of one batch: a netlink.MessageBatch, or record tuples (Record order)
+    from the exact decoder, which are few."""
+
+    def __init__(self, batch, with_inode: bool):
+        if isinstance(batch, (list, tuple)):
+            cols = list(zip(*batch)) if batch else [()] * 10
+            self.family = np.array(cols[0], np.uint8)
+            self.state = np.array(cols[1], np.uint8)
+            self.sport = np.array(cols[2], np.uint16)
+            self.dport = np.array(cols[3], np.uint16)
+            self.rqueue = np.array(cols[6], np.uint32)
+            self.wqueue = np.array(cols[7], np.uint32)
+            self.inode = np.array(cols[9], np.uint32)
+            self._src = np.frombuffer(b"".join(cols[4]), np.uint8).reshape(-1, 16)
+            self._dst = np.frombuffer(b"".join(cols[5]), np.uint8).reshape(-1, 16)
+            self._batch = None
+        else:
+            self._batch = batch
+            self.family = batch.family
+            self.state = batch.state
+            self.sport = batch.sport
+            self.dport = batch.dport
+            self.rqueue = batch.rqueue
+            self.wqueue = batch.wqueue
+            self.inode = batch.inode if with_inode else None
+
+    def src(self, rows: np.ndarray) -> np.ndarray:
+        return self._src[rows] if self._batch is None else _gather(self._batch, rows, 24)
+
+    def dst(self, rows: np.ndarray) -> np.ndarray:
+        return self._dst[rows] if self._batch is None else _gather(self._batch, rows, 40)
+
+
+class Tally:
+    """Folds the batches of one dump attempt (pass `add` as the Reader.poll sink)."""
+
+    def __init__(self, flt: Filter = Filter(), *, index_sockets: bool = True):
+        self.filter = flt
+        self.index_sockets = index_sockets
+        self.fam = np.zeros(32, np.int64)  # (family is IPv6) << 4 | slot
+        self.local = np.zeros(65536 << 4, np.int32)  # port << 4 | slot; calloc'd, lazy pages
+        self.remote = np.zeros(65536 << 4, np.int32)
+        self.local_q = np.zeros((6, 65536), np.int64)
+        self.remote_q = np.zeros((6, 65536), np.int64)
+        self.client = np.zeros(65536, np.int64)  # client-side sockets by remote port
+        self.listening = np.zeros(65536, bool)
+        self.listen_rows: list[tuple] = []
+        self.peer_parts: list[np.ndarray] = []  # (k, 4) uint64: slot, family, high, low
+        self.index_parts: list[tuple[np.ndarray, ...]] = []
+        self.unknown = 0
+        self.other_families = 0
+
+    def add(self, batch) -> None:
+        n = len(batch)
+        if not n:
+            return
+        c = _Columns(batch, self.index_sockets)
+        fam, state, sport, dport = c.family, c.state, c.sport, c.dport
+        slot = _SLOT[state]
+        # Every listening port is noted, also when the filter leaves LISTEN sockets out
+        # (take() always asks the kernel for them; they are few): see `client` below.
+        self.listening[sport[slot == LISTEN_SLOT]] = True
+        keep = None
+        if self.filter.states != ALL_STATES:
+            # The kernel filtered the dump already; this keeps hand-fed batches honest.
+            keep = ((np.uint32(1) << state.astype(np.uint32)) & self.filter.states) != 0
+        if self.filter.ports:
+            wanted = np.fromiter(self.filter.ports, np.uint16)
+            on_port = np.isin(sport, wanted) | np.isin(dport, wanted)
+            keep = on_port if keep is None else keep & on_port
+        unknown = slot == _UNKNOWN
+        if unknown.any():
+            self.unknown += int((unknown if keep is None else unknown & keep).sum())
+            keep = ~unknown if keep is None else keep & ~unknown
+        is6 = fam == socket.AF_INET6
+        odd = ~(is6 | (fam == socket.AF_INET))
+        if odd.any():  # never seen in a TCP dump; not counted rather than miscounted
+            self.other_families += int(odd.sum())
+            keep = ~odd if keep is None else keep & ~odd
+        rows = np.arange(n) if keep is None else np.flatnonzero(keep)
+        if keep is not None:
+            if not len(rows):
+                return
+            fam, slot, sport, dport, is6 = fam[rows], slot[rows], sport[rows], dport[rows], is6[rows]
+        slot_i = slot.astype(np.intp)
+        self.fam += np.bincount((is6.astype(np.intp) << 4) | slot_i, minlength=32)
+        sport_i = sport.astype(np.intp)
+        dport_i = dport.astype(np.intp)
+        ones = np.ones(len(rows), np.int32)  # int32 ones + intp keys: np.add.at's fast path
+        np.add.at(self.local, (sport_i << 4) | slot_i, ones)
+        np.add.at(self.remote, (dport_i << 4) | slot_i, ones)
+
+        listen = slot == LISTEN_SLOT
+        rq = c.rqueue[rows]
+        wq = c.wqueue[rows]
+        inode = c.inode[rows] if c.inode is not None else None
+        if listen.any():
+            at = np.flatnonzero(listen)
+            srcs = c.src(rows[at])
+            for j, i in enumerate(at.tolist()):
+                self.listen_rows.append((
+                    int(fam[i]), 10, int(sport[i]), 0, srcs[j].tobytes(), b"\0" * 16,
+                    int(rq[i]), int(wq[i]), 0, int(inode[i]) if inode is not None else 0,
+                ))
+        # Listeners precede the connections in a dump (inet_diag walks the listening hash
+        # first, per family), so a socket whose local port listens is a server's end; the
+        # others are clients, and their remote ports are the services this host uses.
+        # Only the choice of rows depends on this; no figure does.
+        conn = ~listen
+        client = conn & ~self.listening[sport_i]
+        if client.any():
+            np.add.at(self.client, dport_i[client], 1)
+        queued = np.flatnonzero(((rq | wq) != 0) & conn)
+        if len(queued):
+            qrq = rq[queued].astype(np.int64)
+            qwq = wq[queued].astype(np.int64)
+            rn = (qrq != 0).astype(np.int64)
+            sn = (qwq != 0).astype(np.int64)
+            for qa, port in ((self.local_q, sport_i[queued]), (self.remote_q, dport_i[queued])):
+                np.add.at(qa[_RSUM], port, qrq)
+                np.add.at(qa[_SSUM], port, qwq)
+                np.maximum.at(qa[_RMAX], port, qrq)
+                np.maximum.at(qa[_SMAX], port, qwq)
+                np.add.at(qa[_RN], port, rn)
+                np.add.at(qa[_SN], port, sn)
+        waits = np.flatnonzero((slot == CLOSE_WAIT_SLOT) | (slot == TIME_WAIT_SLOT))
+        if len(waits):
+            addr = np.ascontiguousarray(c.dst(rows[waits])).view(">u8").astype(np.uint64)
+            part = np.empty((len(waits), 4), np.uint64)
+            part[:, 0] = slot[waits]
+            part[:, 1] = fam[waits]
+            part[:, 2:] = addr
+            self.peer_parts.append(part)
+        if inode is not None:
+            held = np.flatnonzero(inode != 0)
+            if len(held):
+                self.index_parts.append((inode[held], sport[held], dport[held], slot[held]))
+
+    def finish(self, rules: Rules, *, families: Iterable[str], timestamp: float,
+               duration: float = 0.0, dump_interrupted: int = 0) -> Survey:
+        families = tuple(families)
+        states = {}
+        for f, name in enumerate(FAMILIES):
+            if name in families:
+                for i, state in enumerate(STATES):
+                    states[(name, state)] = int(self.fam[(f << 4) | i])
+        # Listeners through the daemon's own code: same grouping and fullest-member rule.
+        acc = Accumulator()
+        acc.add(self.listen_rows)
+        snap = acc.finish(Rules(auto_listen=False, max_listeners=rules.max_listeners),
+                          families=families, timestamp=timestamp, duration=0.0)
+        inodes: dict[tuple[str, int], set[int]] = {}
+        for fam, _st, port, _dp, src, _dst, _rq, _wq, _uid, ino in self.listen_rows:
+            address = socket.inet_ntop(fam, src[:4] if fam == socket.AF_INET else src)
+            members = inodes.setdefault((address, port), set())
+            if ino:
+                members.add(ino)
+        remote = _port_rows(self.remote, self.remote_q)
+        index = None
+        if self.index_sockets:
+            parts = self.index_parts or [(np.zeros(0, np.uint32), np.zeros(0, np.uint16),
+                                          np.zeros(0, np.uint16), np.zeros(0, np.uint8))]
+            index = SocketIndex(*(np.concatenate(col) for col in zip(*parts)))
+        peers = _peer_counts(self.peer_parts)
+        return Survey(
+            timestamp=timestamp,
+            duration=duration,
+            families=families,
+            states=states,
+            local=_port_rows(self.local, self.local_q),
+            remote=remote,
+            remote_client=self.client[remote.ports],
+            listening=tuple(np.flatnonzero(self.listening).tolist()),
+            listeners=snap.listeners,
+            folded_listeners=snap.folded_listeners,
+            listener_inodes={k: frozenset(v) for k, v in inodes.items()},
+            close_wait_peers=peers[CLOSE_WAIT_SLOT],
+            time_wait_peers=peers[TIME_WAIT_SLOT],
+            filter=self.filter,
+            dump_interrupted=dump_interrupted,
+            unknown_states=self.unknown,
+            sockets_index=index,
+        )
+
+
+def _port_rows(counts: np.ndarray, queues: np.ndarray) -> PortRows:
+    per_port = counts.reshape(65536, 16)[:, :NSTATES]
+    ports = np.flatnonzero(per_port.any(axis=1))
+    queued = np.flatnonzero(queues[_RN] | queues[_SN])
+    return PortRows(ports.astype(np.int64), per_port[ports],
+                    queued.astype(np.int64), np.ascontiguousarray(queues[:, queued].T))
+
+
+def _peer_counts(parts: list[np.ndarray]) -> dict[int, PeerCounts]:
+    empty = PeerCounts(np.zeros((0, 3), np.uint64), np.zeros(0, np.int64))
+    out = {CLOSE_WAIT_SLOT: empty, TIME_WAIT_SLOT: empty}
+    if not parts:
+        return out
+    rows = np.concatenate(parts)
+    order = np.lexsort((rows[:, 3], rows[:, 2], rows[:, 1], rows[:, 0]))
+    rows = rows[order]
+    new = np.ones(len(rows), bool)
+    new[1:] = (rows[1:] != rows[:-1]).any(axis=1)
+    starts = np.flatnonzero(new)
+    counts = np.diff(np.append(starts, len(rows)))
+    keys = rows[starts]
+    for slot in out:
+        mine = keys[:, 0] == slot
+        out[slot] = PeerCounts(np.ascontiguousarray(keys[mine, 1:]), counts[mine].astype(np.int64))
+    return out
+
+
+def take(
+    reader: Reader,
+    flt: Filter,
+    rules: Rules,
+    *,
+    index_sockets: bool = True,
+    clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> Survey:
+    """One dump of `reader` (retried like the daemon's) folded into a Survey.
+    Raises NetlinkError."""
+    started = monotonic()
+    timestamp = clock()
+    attempt: list[Tally] = []
+
+    def start() -> Callable:
+        tally = Tally(flt, index_sockets=index_sockets)  # an interrupted dump starts afresh
+        attempt[:] = [tally]
+        return tally.add
+
+    stats = reader.poll(start, states=flt.states | SS_STATES["listening"])
+    return attempt[0].finish(rules, families=stats.families, timestamp=timestamp,
+                             duration=monotonic() - started,
+                             dump_interrupted=stats.interrupted)
