@@ -28,7 +28,6 @@ from conftest import require, require_root
 from daemon_helpers import Daemon, free_port, samples, scrape
 
 from sockscope import cli, watch
-from sockscope.aggregate import Rules
 from sockscope.report import Frame, View, build_report, render_text
 from sockscope.snapshot import STATES
 

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TextIO
 
-from . import __version__, config, report, survey
+from . import __version__, config, report, survey, watch
 from .aggregate import Rules
+from .kernelstats import KernelStatsReader
 from .netlink import NetlinkError, Reader
 from .owners import port_owners
 from .sdnotify import ServiceNotifier
@@ -26,6 +27,7 @@ log = logging.getLogger("sockscope")
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 # (flag, dest, metavar, help) of the flags every command takes, before or after its name.
@@ -312,9 +314,6 @@ SCAN_BUDGET = 5
 def snapshot(cfg: config.Config, args, *, environ: Mapping[str, str] | None = None,
              out: TextIO | None = None) -> int:
     """`sockscope snapshot`: one frame, or a frame every --watch seconds."""
-    from . import watch
-    from .kernelstats import KernelStatsReader
-
     environ = os.environ if environ is None else environ
     out = sys.stdout if out is None else out
     flt = survey.Filter.of(ports=[p for group in args.ports for p in group],
@@ -361,6 +360,8 @@ def snapshot(cfg: config.Config, args, *, environ: Mapping[str, str] | None = No
             except NetlinkError as e:
                 print(f"sockscope: {e}", file=sys.stderr)
                 return EXIT_RUNTIME
+            except KeyboardInterrupt:  # Ctrl-C during a long /proc scan
+                return EXIT_INTERRUPTED
             text = show(frame)
             out.write(text if text.endswith("\n") else text + "\n")
             return 0

@@ -26,18 +26,14 @@ from .snapshot import FAMILIES, STATES
 from .survey import (
     ALL_STATES,
     CLOSE_WAIT_SLOT,
-    NSTATES,
     QUEUE_FIELDS,
     SS_NAME,
     SS_STATES,
-    STATE_FILTERS,
     PeerCounts,
     PortRows,
     Survey,
     peer_address,
 )
-
-__all__ = ["STATE_FILTERS"]
 
 DEFAULT_TOP = 10
 # Listeners whose accept queue is at least this full are marked in the text view.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -236,8 +236,6 @@ class Survey:
 
     def without_index(self) -> Survey:
         """This Survey without its per-socket index (what a watch loop keeps)."""
-        from dataclasses import replace
-
         return replace(self, sockets_index=None)
 
 
