@@ -32,6 +32,7 @@ from sockscope.graphite import (
     Pusher,
     Transport,
     check_value,
+    collectd_hostname,
     default_buffer_lines,
     pack,
     sanitize,
@@ -187,6 +188,50 @@ def test_prefix_placeholders_and_sanitising():
     calls = []
     builder(prefix="p.{fqdn}", fqdn=lambda: calls.append(1) or "f.q.dn")
     assert calls == [1]  # resolved once, at construction
+
+
+def test_default_prefix_is_sockscope_and_graphite_host():
+    # Issue 10: the default prefix follows graphite.host, as one path component.
+    got = lines_of(builder(host="db.internal"))
+    assert "sockscope.db_internal.tcp.states.ipv4.listen" in got
+    got = lines_of(builder(hostname=lambda: "web1", fqdn=lambda: "web1.example.net"))
+    assert "sockscope.web1_example_net.tcp.states.ipv4.listen" in got  # host "{fqdn}"
+    got = lines_of(builder(host="{hostname}", hostname=lambda: "web1", fqdn=lambda: "unused"))
+    assert "sockscope.web1.tcp.states.ipv4.listen" in got
+    # collectd naming and the host tag use the same resolved host
+    one = builder(naming="collectd", hostname=lambda: "web1", fqdn=lambda: "web1.example.net")
+    assert one.host == "web1.example.net" and "web1_example_net.tcpconns-all.tcp_connections-LISTEN" in lines_of(one)
+
+
+def fake_getaddrinfo(results=None, error=None, calls=None):
+    def getaddrinfo(host, port, family, type_, proto, flags):
+        if calls is not None:
+            calls.append((host, port, family, type_, proto, flags))
+        if error is not None:
+            raise error
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, canon, ("127.0.0.1", 0)) for canon in results]
+    return getaddrinfo
+
+
+def test_collectd_hostname_is_the_first_canonical_name():
+    calls = []
+    name = collectd_hostname(lambda: "web1", fake_getaddrinfo(["", "web1.example.net", "other"], calls=calls))
+    assert name == "web1.example.net"
+    # collectd's hints: only AI_CANONNAME, any family/type/protocol; the name passed as is.
+    assert calls == [(b"web1", None, 0, 0, 0, socket.AI_CANONNAME)]
+    assert collectd_hostname(lambda: "web1", fake_getaddrinfo(["", ""])) == "web1"  # none has one
+
+
+def test_collectd_hostname_falls_back_to_the_host_name(caplog):
+    name = collectd_hostname(lambda: "web1", fake_getaddrinfo(error=socket.gaierror(-2, "Name or service not known")))
+    assert name == "web1"
+    assert "looking up the host name 'web1' failed" in caplog.text
+
+
+def test_collectd_hostname_of_this_machine_matches_getaddrinfo():
+    expected = next((info[3] for info in socket.getaddrinfo(socket.gethostname(), None, 0, 0, 0,
+                                                              socket.AI_CANONNAME) if info[3]), None)
+    assert collectd_hostname() == (expected or socket.gethostname())
 
 
 def test_ipv4_only_snapshot_has_no_ipv6_series():

@@ -7,7 +7,9 @@
 - a small buffer and a long outage drop the oldest lines, exactly as many as the drop
   counter says;
 - a blackholed carbon (accepts, never reads) stalls neither polls nor /metrics, and the
-  shutdown flush gives up within its bound.
+  shutdown flush gives up within its bound;
+- collectd 5.12 (tcpconns + write_graphite, its defaults) and sockscope in one UTS + mount
+  namespace with a given host name and /etc/hosts write the same host component.
 
 What was pushed is known from the daemon's debug log ("queued N lines stamped T", one per
 push) so the tests compare exactly that with what carbon stored.
@@ -15,9 +17,13 @@ push) so the tests compare exactly that with what carbon stored.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -27,7 +33,7 @@ import ss_parse
 from carbon import Carbon, prerequisites_missing
 from conftest import require, require_root
 from daemon_helpers import Daemon, start_daemon
-from sockscope.graphite import COLLECTD_STATES, sanitize
+from sockscope.graphite import COLLECTD_STATES, collectd_hostname, sanitize
 from sockscope.snapshot import OTHER, STATES
 
 POLL = "1s"
@@ -149,12 +155,12 @@ def test_whisper_equals_ss_under_both_namings_tags_and_udp(carbon_factory, daemo
     ns = sockmix.ns
     remote = sorted(sockmix.ports)
     ports = f"ports:\n  remote: [{', '.join(map(str, remote))}]\n"
-    host = socket.gethostname()
+    host = collectd_hostname()  # {fqdn}, graphite.host's default, in the default prefix
     configs = {
         "sockscope": graphite_config(carbon),
         "collectd": graphite_config(carbon, naming="collectd", prefix="collectd.", host="test.host.example"),
         "tags": graphite_config(carbon, tags="true", prefix="tagged", host="test.host.example"),
-        "udp": graphite_config(carbon, protocol="udp", prefix="udp.{hostname}"),
+        "udp": graphite_config(carbon, protocol="udp", prefix="udp.{fqdn}"),
     }
     for name, text in configs.items():
         work = tmp_path / name
@@ -521,3 +527,127 @@ def test_sighup_enables_and_disables_graphite(carbon_factory, daemons, netns_fac
     assert not any(k[0].startswith("sockscope_graphite_") for k in s)
     assert d.stop() == 0, d.log()
     assert "every queued line sent" in d.log()
+
+
+# -- collectd's host name (issue 10, defect 2) --------------------------------------------------
+
+COLLECTD = "/usr/sbin/collectd"
+
+# collectd 5.12 with its defaults for the host name (no Hostname, FQDNLookup true), tcpconns'
+# all-ports summary, write_graphite to the test's sink. The rest only keeps it in work_dir.
+COLLECTD_CONF = """\
+Interval 1
+BaseDir "{work}"
+PIDFile "{work}/collectd.pid"
+PluginDir "/usr/lib/collectd"
+TypesDB "/usr/share/collectd/types.db"
+LoadPlugin logfile
+<Plugin logfile>
+  LogLevel info
+  File STDOUT
+</Plugin>
+LoadPlugin tcpconns
+LoadPlugin write_graphite
+<Plugin tcpconns>
+  ListeningPorts false
+  AllPortsSummary true
+</Plugin>
+<Plugin write_graphite>
+  <Node "sink">
+    Host "127.0.0.1"
+    Port "{port}"
+    Protocol "tcp"
+    Prefix "cd."
+  </Node>
+</Plugin>
+"""
+
+
+class HostNamespace:
+    """A UTS + mount namespace (unshare, private propagation) whose host name is `name` and
+    whose /etc/hosts and /etc/nsswitch.conf (`hosts: files`, so no DNS answer can differ
+    between runs) are bind-mounted temporary files; the real ones are never touched. A
+    `sleep` holds it; processes join it with `nsenter -t PID --uts --mount` (no fork: the
+    PID we hold is the program's)."""
+
+    def __init__(self, work, name: str, hosts: str):
+        (work / "hosts").write_text(hosts)
+        (work / "nsswitch.conf").write_text("passwd: files\ngroup: files\nshadow: files\nhosts: files\n")
+        script = (f"hostname {name} && mount --bind {work / 'hosts'} /etc/hosts && "
+                  f"mount --bind {work / 'nsswitch.conf'} /etc/nsswitch.conf && echo ready && exec sleep 300")
+        self.proc = subprocess.Popen(["unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", script],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        ready = self.proc.stdout.readline()
+        if ready.strip() != "ready":
+            self.close()
+            raise RuntimeError(f"unshare failed: {ready}{self.proc.stdout.read()}")
+        self.prefix = ("nsenter", "-t", str(self.proc.pid), "--uts", "--mount")
+
+    def run(self, *argv: str) -> str:
+        return subprocess.run([*self.prefix, *argv], capture_output=True, text=True, timeout=30, check=True).stdout
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def host_components(lines: list[str], prefix: str) -> set[str]:
+    return {line.split(".")[1] for line in lines if line.startswith(prefix + ".")}
+
+
+@pytest.mark.parametrize("hosts, expected", [
+    # The issue's layout: collectd resolves "web1" to the line's first name, localhost,
+    # exactly as sockscope does (and as socket.getfqdn() did).
+    ("127.0.0.1 localhost web1\n", "localhost"),
+    # Short name first: the canonical name is "web1"; socket.getfqdn() answered
+    # web1.example.net (the first alias with a dot), so the paths differed.
+    ("127.0.0.1 localhost\n127.0.1.1 web1 web1.example.net\n", "web1"),
+    # A canonical FQDN different from the host name.
+    ("127.0.0.1 localhost\n127.0.1.1 web1.example.net web1\n", "web1_example_net"),
+    # The name does not resolve: collectd refuses to start; sockscope uses the host name.
+    ("127.0.0.1 localhost\n", None),
+], ids=["localhost-line", "short-name-first", "fqdn", "unresolvable"])
+def test_collectd_and_sockscope_write_the_same_host(daemons, tmp_path, hosts, expected):
+    require_root()
+    require(os.path.exists(COLLECTD), f"needs {COLLECTD} (Debian package collectd-core; `make system-deps`)")
+    require(shutil.which("unshare") is not None and shutil.which("nsenter") is not None, "needs util-linux")
+    from test_graphite import Sink
+
+    sink = Sink()
+    ns = HostNamespace(tmp_path, "web1", hosts)
+    collectd = None
+    try:
+        (tmp_path / "collectd.conf").write_text(COLLECTD_CONF.format(work=tmp_path, port=sink.port))
+        with open(tmp_path / "collectd.log", "wb") as out:
+            collectd = subprocess.Popen([*ns.prefix, COLLECTD, "-f", "-C", str(tmp_path / "collectd.conf")],
+                                        stdout=out, stderr=subprocess.STDOUT)
+        d = run(daemons, tmp_path, f"poll:\n  interval: 1s\n  kernel_stats: false\ngraphite:\n  enabled: true\n"
+                                   f"  address: 127.0.0.1:{sink.port}\n  naming: collectd\n  prefix: ss.\n",
+                prefix=ns.prefix)
+        default_prefix = ns.run(sys.executable, "-c", "from sockscope.graphite import LineBuilder; "
+                                                      "print(LineBuilder()._base)").strip()
+        if expected is None:
+            assert collectd.wait(timeout=10) == 1
+            assert 'Looking up "web1" failed' in (tmp_path / "collectd.log").read_text()
+            wait_until(lambda: host_components(sink.lines, "ss"), 10, "sockscope's lines")
+            assert host_components(sink.lines, "ss") == {"web1"}
+            assert "looking up the host name 'web1' failed" in d.log()
+            assert default_prefix == "sockscope.web1"
+            return
+        wait_until(lambda: host_components(sink.lines, "cd") and host_components(sink.lines, "ss"), 15,
+                   "lines from both collectd and sockscope")
+        assert host_components(sink.lines, "cd") == host_components(sink.lines, "ss") == {expected}
+        assert any(line.startswith(f"cd.{expected}.tcpconns-all.tcp_connections-LISTEN ") for line in sink.lines)
+        assert any(line.startswith(f"ss.{expected}.tcpconns-all.tcp_connections-LISTEN ") for line in sink.lines)
+        assert default_prefix == f"sockscope.{expected}"  # naming sockscope: the same host
+        if expected == "localhost":
+            assert "resolved to 'localhost'" in d.log()
+    finally:
+        if collectd is not None and collectd.poll() is None:
+            collectd.terminate()
+            collectd.wait(timeout=10)
+        for dd in daemons:
+            dd.stop()
+        ns.close()
+        sink.close()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import re
 import socket
@@ -56,6 +57,7 @@ __all__ = [
     "LineBuilder",
     "Pusher",
     "Transport",
+    "collectd_hostname",
     "default_buffer_lines",
     "series_per_push",
 ]
@@ -154,6 +156,34 @@ def expand_raw(template: str, hostname: Callable[[], str], fqdn: Callable[[], st
     return _PLACEHOLDER.sub(lambda m: (hostname if m.group(1) == "hostname" else fqdn)(), template)
 
 
+def collectd_hostname(gethostname: Callable[[], str] = socket.gethostname,
+                      getaddrinfo: Callable = socket.getaddrinfo) -> str:
+    """The host name collectd 5.12 uses with its defaults (no `Hostname`, `FQDNLookup
+    true`; src/daemon/collectd.c init_hostname): gethostname(), then the canonical name of
+    the first result of getaddrinfo(name, NULL, {ai_flags = AI_CANONNAME}) that has one
+    (glibc: the first name of the /etc/hosts line that matched, or DNS's CNAME target).
+
+    Not socket.getfqdn(): that is a reverse lookup of the address the name resolves to,
+    and picks the first name with a dot, so `127.0.1.1 web1 web1.example.net` gives
+    `web1.example.net` where collectd writes `web1`.
+
+    collectd refuses to start when the lookup fails; sockscope logs a warning and uses the
+    plain host name instead."""
+    name = gethostname()
+    try:
+        # bytes: passed to the resolver as is, like collectd's char[] (a str would be
+        # IDNA-encoded first, which refuses names the resolver accepts).
+        infos = getaddrinfo(os.fsencode(name), None, 0, 0, 0, socket.AI_CANONNAME)
+    except (OSError, UnicodeError) as exc:
+        log.warning("graphite: looking up the host name %r failed (%s); using it as is for {fqdn} "
+                    "(collectd with FQDNLookup true would not start)", name, exc)
+        return name
+    for info in infos:
+        if info[3]:  # ai_canonname; Python gives "" for NULL
+            return info[3]
+    return name
+
+
 # -- lines ----------------------------------------------------------------------------------
 
 
@@ -185,7 +215,8 @@ class LineBuilder:
     tags=True: `<prefix>.tcp.local_port_sockets;port=8080;state=close_wait;host=<host>`;
     naming "collectd": `<prefix><host>.tcpconns-<port>-local.tcp_connections-<STATE>`.
     `prefix` and `host` are the configured strings; {hostname} and {fqdn} in them are
-    expanded with the given functions (called at most once each, here).
+    expanded with the given functions (called at most once each, here). The default prefix
+    of naming "sockscope" is `sockscope.<host>`, the host as one component.
     """
 
     def __init__(
@@ -196,7 +227,7 @@ class LineBuilder:
         prefix: str = "",
         host: str = "{fqdn}",
         hostname: Callable[[], str] = socket.gethostname,
-        fqdn: Callable[[], str] = socket.getfqdn,
+        fqdn: Callable[[], str] = collectd_hostname,
     ) -> None:
         if naming not in ("sockscope", "collectd"):
             raise ValueError(f"unknown naming {naming!r}")
@@ -207,23 +238,27 @@ class LineBuilder:
         cache: dict[str, str] = {}
 
         def once(name: str, fn: Callable[[], str]) -> Callable[[], str]:
-            return lambda: cache.setdefault(name, fn())
+            return lambda: cache[name] if name in cache else cache.setdefault(name, fn())
 
         hostname, fqdn = once("hostname", hostname), once("fqdn", fqdn)
+        # The host as resolved (dots kept): collectd paths, the host tag, the default prefix.
+        self.host = expand_raw(host, hostname, fqdn)
         if naming == "collectd":
             # collectd: Prefix is glued to the host as written ("collectd." or ""); the
             # host has its dots escaped as write_graphite's EscapeCharacter "_" does.
-            self._base = (_UNSAFE_PREFIX.sub("_", expand_raw(prefix, hostname, fqdn))
-                          + sanitize(expand_raw(host, hostname, fqdn)))
+            self._base = _UNSAFE_PREFIX.sub("_", expand_raw(prefix, hostname, fqdn)) + sanitize(self.host)
             self._host_tag = ""
         else:
-            if not prefix:
-                prefix = "sockscope" if tags else "sockscope.{hostname}"
-            parts = expand(prefix, hostname, fqdn)
+            if prefix:
+                parts = expand(prefix, hostname, fqdn)
+            elif tags:
+                parts = ["sockscope"]
+            else:
+                parts = ["sockscope", sanitize(self.host)]
             if any(p == "" for p in parts):
                 raise ValueError(f"prefix {prefix!r} has an empty path component")
             self._base = ".".join(parts)
-            self._host_tag = tag_value(expand_raw(host, hostname, fqdn)) if tags else ""
+            self._host_tag = tag_value(self.host) if tags else ""
         # graphyte's line format: "<metric> <value> <int(round(timestamp))>\n", UTF-8.
         self._graphyte = graphyte.Sender(host=None, prefix=None)
 
@@ -649,6 +684,9 @@ class Pusher:
                         "(up to %d lines): any outage drops lines", capacity, per_push)
         builder = LineBuilder(naming=g.naming, tags=g.tags, prefix=g.prefix, host=g.host,
                               **{k: kwargs.pop(k) for k in ("hostname", "fqdn") if k in kwargs})
+        if builder.host.lower() in ("localhost", "localhost.localdomain") and g.host != builder.host:
+            log.warning("graphite: graphite.host %r resolved to %r (as collectd's would), so every such "
+                        "host writes the same paths; set graphite.host to a name", g.host, builder.host)
         transport = Transport(g.server_host, g.server_port, g.protocol)
         return cls(builder, transport, interval=interval, poll_interval=cfg.poll.interval,
                    capacity_lines=capacity, connect_timeout=g.connect_timeout,
