@@ -4,6 +4,7 @@
         carbon.port                            # plaintext TCP (and UDP) line receiver
         carbon.points()                        # {metric path: {timestamp: value}}
         carbon.stop(); carbon.restart()        # an outage, same storage
+        carbon.kill(); carbon.signal(SIGSTOP)  # a crash; a carbon that stops reading
 
 carbon runs in the foreground (`--debug start`), so the PID we hold is carbon's and it is
 stopped by that PID. The config lives in a temp dir: STORAGE_DIR, LOCAL_DATA_DIR, CONF_DIR,
@@ -202,11 +203,25 @@ class Carbon:
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)  # a stopped carbon would hold SIGTERM pending
         try:
             proc.wait(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to carbon by PID (SIGSTOP/SIGCONT: a carbon that stops reading)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL by PID (a crash: its kernel resets connections with unread data, and the
+        points in its cache not yet written are lost), wait for it; restart() works after."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=STOP_TIMEOUT)
 
     def close(self) -> None:
         self.stop()

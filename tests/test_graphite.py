@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from sockscope.graphite import (
     TCP_CHUNK_BYTES,
     UDP_DATAGRAM_BYTES,
     Chunk,
+    Drops,
     GraphiteStats,
     InvalidLine,
     LineBuffer,
@@ -81,9 +84,9 @@ def builder(**kw) -> LineBuilder:
     return LineBuilder(**kw)
 
 
-FIXED_STATS = GraphiteStats(sent_lines=1000, send_errors=2, dropped_lines=0, invalid_lines=0,
-                            queue_lines=10, capacity_lines=5000, pushes=4,
-                            last_success_timestamp=STAMP - 5.5, connected=True)
+FIXED_STATS = GraphiteStats(sent_lines=1000, send_errors=2, dropped_lines=0, dropped_unconfirmed_lines=3,
+                            resent_lines=7, invalid_lines=0, queue_lines=10, unconfirmed_lines=6,
+                            capacity_lines=5000, pushes=4, last_success_timestamp=STAMP - 5.5, connected=True)
 FIXED_STATUS = PollStatus(polls=5, errors=1)
 
 
@@ -334,7 +337,7 @@ def test_series_bound_holds_for_a_full_snapshot():
 def test_default_buffer_is_30_minutes():
     cfg = config.DEFAULTS
     per_push = series_per_push("sockscope", 2, 64, 64, 256)
-    assert per_push == 22 + 65 * 13 + 65 * 11 + 512 + 9
+    assert per_push == 22 + 65 * 13 + 65 * 11 + 512 + 11
     assert default_buffer_lines(5.0, per_push) == 360 * per_push
     pusher = Pusher.from_config(_enabled(cfg), hostname=lambda: "h", fqdn=lambda: "h")
     assert pusher.stats().capacity_lines == 360 * per_push
@@ -367,17 +370,22 @@ def test_pack_respects_limits_and_keeps_order():
     assert [c.lines for c in pack([b"a 1 1\n", big, b"b 1 1\n"], UDP_DATAGRAM_BYTES)] == [1, 1, 1]
 
 
-def test_buffer_drops_oldest_lines_and_counts_them():
-    buf = LineBuffer(25)
-    assert buf.add(pack(numbered(10), 40)) == 0
-    assert buf.add(pack(numbered(10, 10), 40)) == 0
-    dropped = buf.add(pack(numbered(10, 20), 40))
-    assert dropped == 5 and len(buf) == 25
+def drain_all(buf: LineBuffer) -> list[Chunk]:
+    """Take every queued chunk as if it were sent over UDP (no confirmation)."""
     out = []
     while (c := buf.take()) is not None:
         out.append(c)
         buf.done()
-    assert values_in(out) == list(range(5, 30))  # the 5 oldest went, order kept
+    return out
+
+
+def test_buffer_drops_oldest_lines_and_counts_them():
+    buf = LineBuffer(25)
+    assert buf.add(pack(numbered(10), 40)) == Drops()
+    assert buf.add(pack(numbered(10, 10), 40)) == Drops()
+    dropped = buf.add(pack(numbered(10, 20), 40))
+    assert dropped == Drops(unsent=5) and len(buf) == 25
+    assert values_in(drain_all(buf)) == list(range(5, 30))  # the 5 oldest went, order kept
 
 
 def test_buffer_failed_chunk_goes_back_first_and_is_trimmed_if_needed():
@@ -387,34 +395,110 @@ def test_buffer_failed_chunk_goes_back_first_and_is_trimmed_if_needed():
     assert len(buf) == 6  # in flight still counts as queued
     buf.add(pack(numbered(8, 6), 1000))  # arrives while the chunk is in flight: nothing dropped
     assert len(buf) == 14
-    dropped = buf.give_back()
-    assert dropped == 4 and len(buf) == 10
-    out = []
-    while (c := buf.take()) is not None:
-        out.append(c)
-        buf.done()
-    assert values_in(out) == list(range(4, 14))
-    assert chunk.lines <= 6
+    dropped = buf.requeue()
+    # The chunk in flight (maybe partly written) comes back marked written: its lines
+    # count as unconfirmed when dropped; the rest of the 4 excess were never written.
+    assert dropped.total == 4 and len(buf) == 10
+    assert dropped.unconfirmed == min(4, chunk.lines) and dropped.unsent == 4 - dropped.unconfirmed
+    assert values_in(drain_all(buf)) == list(range(4, 14))
 
 
 def test_buffer_smaller_than_one_push_keeps_the_newest():
     buf = LineBuffer(3)
-    assert buf.add([Chunk(b"".join(numbered(5)), 5)]) == 2
+    assert buf.add([Chunk(b"".join(numbered(5)), 5)]) == Drops(unsent=2)
     assert values_in([buf.take()]) == [2, 3, 4]
+
+
+def write_all(buf: LineBuffer) -> int:
+    """Write every queued chunk on one connection; returns the bytes written."""
+    end = 0
+    while (c := buf.take()) is not None:
+        end += len(c.data)
+        buf.written(end)
+    return end
+
+
+def fixed(n: int, start: int = 0) -> list[bytes]:
+    """n lines of 8 bytes each."""
+    return [f"m {i:03d} 1\n".encode() for i in range(start, start + n)]
+
+
+def test_written_lines_stay_until_confirmed_in_order():
+    buf = LineBuffer(1000)
+    buf.add(pack(fixed(30), 24))  # 10 chunks of 3 lines, 24 bytes each
+    end = write_all(buf)
+    assert end == 30 * 8 and len(buf) == 30 and buf.unconfirmed == 30
+    # 100 bytes acknowledged covers 4 whole chunks; nothing is confirmed before the delay...
+    assert buf.confirm(100, True, now=10.0, delay=0.5) == 0
+    # ...nor after it while the window says carbon holds unread bytes...
+    assert buf.confirm(100, False, now=11.0, delay=0.5) == 0
+    # ...then the four acknowledged chunks, oldest first, not the fifth (half acknowledged).
+    assert buf.confirm(100, True, now=11.0, delay=0.5) == 12
+    assert buf.unconfirmed == 18 and len(buf) == 18
+    # The rest acknowledged now: still 0.5 s to wait from when that was first seen.
+    assert buf.confirm(end, True, now=11.2, delay=0.5) == 0
+    assert buf.oldest_acked_at() == 11.2
+    assert buf.confirm(end, True, now=11.7, delay=0.5) == 18
+    assert len(buf) == 0
+
+
+def test_failed_connection_requeues_unconfirmed_first_marked_written():
+    buf = LineBuffer(1000)
+    buf.add(pack(fixed(9), 24))  # 3 chunks of 3 lines
+    write_all(buf)
+    assert buf.confirm(24, True, now=1.0, delay=0) == 3  # the first chunk is confirmed
+    buf.add(pack(fixed(3, 9), 24))  # queued behind
+    assert buf.requeue() == Drops()
+    chunks = drain_all(buf)
+    assert values_in(chunks) == list(range(3, 12))  # unconfirmed first, then the queue
+    assert [c.written for c in chunks] == [True, True, False]
+
+
+def test_full_buffer_drops_unconfirmed_lines_first_and_says_so():
+    buf = LineBuffer(10)
+    buf.add(pack(numbered(6), 12))  # 3 chunks of 2
+    write_all(buf)
+    drops = buf.add(pack(numbered(6, 6), 12))
+    # The oldest go first: 2 written but unconfirmed lines; nothing queued is touched.
+    assert drops == Drops(unconfirmed=2) and len(buf) == 10 and buf.unconfirmed == 4
+    buf.requeue()  # now queued, marked written
+    drops = buf.add(pack(numbered(3, 12), 100))
+    assert drops == Drops(unconfirmed=3) and len(buf) == 10
+    assert values_in(drain_all(buf)) == list(range(5, 15))
+
+
+def test_confirm_all_on_a_clean_close():
+    buf = LineBuffer(100)
+    buf.add(pack(numbered(10), 30))
+    write_all(buf)
+    assert buf.confirm_all() == 10 and len(buf) == 0 and not buf.has_unconfirmed
 
 
 # -- pusher over loopback -------------------------------------------------------------------
 
 
 class Sink:
-    """A loopback TCP server that records every complete line it receives; like carbon,
-    a partial line left when a connection ends is discarded. With read_after=S it
-    accepts but reads nothing for the first S seconds (a blackhole that recovers)."""
+    """A loopback TCP server, a fake carbon, that records every complete line it reads;
+    like carbon, a partial line left when a connection ends is discarded.
 
-    def __init__(self, port: int = 0, read_after: float = 0.0, rcvbuf: int = 0):
+    read_after=S: accepts but reads nothing for the first S seconds (a blackhole that
+    recovers); reading=False: reads nothing until resume(), which first resets every
+    connection it holds (a carbon killed with our bytes unread). reset_after=N: each of the
+    first `resets` connections reads N bytes, then resets (SO_LINGER 0). read_bytes and
+    read_pause make a slow reader. `lock` is held while a received block is parsed, so
+    under it `distinct` holds every line read so far."""
+
+    def __init__(self, port: int = 0, *, read_after: float = 0.0, rcvbuf: int = 0, reading: bool = True,
+                 reset_after: int = 0, resets: int = 0, read_bytes: int = 65536, read_pause: float = 0.0):
         self.lines: list[str] = []
+        self.distinct: set[str] = set()
+        self.lock = threading.Lock()
         self.connections = 0
         self.read_from = time.monotonic() + read_after
+        self.reading = reading
+        self.reset_after, self.resets = reset_after, resets
+        self.read_bytes, self.read_pause = read_bytes, read_pause
+        self._generation = 0  # resume() bumps it: older connections reset
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if rcvbuf:
@@ -434,31 +518,87 @@ class Sink:
             except (TimeoutError, OSError):
                 continue
             self.connections += 1
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._read, args=(conn, self.connections, self._generation),
+                             daemon=True).start()
 
-    def _read(self, conn):
-        buf = b""
-        conn.settimeout(0.2)
-        while time.monotonic() < self.read_from and not self._stop.is_set():
-            time.sleep(0.05)
+    def resume(self):
+        """Reset every connection held so far, then read normally."""
+        self._generation += 1
+        self.reading = True
+
+    def _read(self, conn, number, generation):
+        buf, got = b"", 0
+        resetting = number <= self.resets
         with conn:
+            conn.setblocking(False)
             while not self._stop.is_set():
-                try:
-                    data = conn.recv(65536)
-                except TimeoutError:
+                if generation != self._generation:
+                    break  # resume(): reset
+                if time.monotonic() < self.read_from or not self.reading:
+                    time.sleep(0.02)
                     continue
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-                *complete, buf = buf.split(b"\n")
-                self.lines.extend(x.decode() for x in complete)
+                if not select.select([conn], [], [], 0.05)[0]:
+                    continue
+                want = min(self.read_bytes, self.reset_after - got) if resetting else self.read_bytes
+                with self.lock:
+                    try:
+                        data = conn.recv(want)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        return
+                    if not data:
+                        return  # EOF: the partial line is discarded; closing sends our FIN
+                    got += len(data)
+                    buf += data
+                    *complete, buf = buf.split(b"\n")
+                    for line in complete:
+                        self.lines.append(line.decode())
+                        self.distinct.add(line.decode())
+                if resetting and got >= self.reset_after:
+                    time.sleep(0.1)  # more arrives, unread
+                    break
+                if self.read_pause:
+                    time.sleep(self.read_pause)
+            # Reset rather than close: a carbon killed, or closing with bytes unread.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def close(self):
         self._stop.set()
         self.listener.close()
         self._thread.join(2)
+
+
+class SentWatch:
+    """Samples, every 10 ms, the pusher's sent_lines against the distinct lines the sink
+    has read (under the sink's lock, so nothing received is still being parsed)."""
+
+    def __init__(self, pusher: Pusher, sink: Sink):
+        self.pusher, self.sink = pusher, sink
+        self.samples: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        deadline = time.monotonic() + 30
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            with self.sink.lock:
+                self.samples.append((self.pusher.stats().sent_lines, len(self.sink.distinct)))
+            time.sleep(0.01)
+
+    def check(self) -> int:
+        """Asserts that sent never exceeded what was read; returns the samples taken."""
+        self._stop.set()
+        self._thread.join(2)
+        ahead = [(sent, read) for sent, read in self.samples if sent > read]
+        assert not ahead, f"sent_lines ran ahead of the lines carbon read: {ahead[:5]}"
+        return len(self.samples)
+
+
+def accounted(stats: GraphiteStats) -> int:
+    """Every line queued ends up sent, dropped (either way) or still queued."""
+    return stats.sent_lines + stats.dropped_lines + stats.dropped_unconfirmed_lines + stats.queue_lines
 
 
 def closed_port() -> int:
@@ -495,9 +635,11 @@ def test_pusher_sends_every_line_over_one_connection():
         expected = sum(pusher.on_poll(status_at(STAMP + k)) for k in range(5))
         assert expected >= 5 * 90
         assert wait_for(lambda: len(sink.lines) == expected), (len(sink.lines), expected)
+        # Counted sent once carbon's window shows them read and CONFIRM_DELAY has passed.
+        assert wait_for(lambda: pusher.stats().sent_lines == expected, timeout=5), pusher.stats()
         stats = pusher.stats()
-        assert stats.sent_lines == expected and stats.queue_lines == 0 and stats.send_errors == 0
-        assert stats.last_success_timestamp > 0 and stats.connected
+        assert stats.queue_lines == 0 and stats.unconfirmed_lines == 0 and stats.send_errors == 0
+        assert stats.resent_lines == 0 and stats.last_success_timestamp > 0 and stats.connected
         assert sink.connections == 1
         stamps = sorted({int(line.rsplit(" ", 1)[1]) for line in sink.lines})
         assert stamps == [STAMP + k for k in range(5)]
@@ -581,6 +723,138 @@ def test_a_chunk_whose_send_failed_is_sent_again_whole():
         sink.close()
 
 
+# -- at-least-once: what carbon did not read is written again (issue 9, defect 3) -----------
+#
+# Each test pushes ~2,000 lines (20 pushes of the fixed snapshot, ~140 KB) to a fake
+# carbon that misbehaves, then checks that every line arrived at least once, that
+# sent_lines never ran ahead of the lines carbon had read (SentWatch), and that the
+# counters add up. The old pusher counted a chunk sent when sendall() returned.
+
+
+def delivery_pusher(sink: Sink, **kw) -> tuple[Pusher, RecordingBuilder]:
+    b = RecordingBuilder()
+    kw.setdefault("backoff", (0.05, 0.2))
+    pusher = Pusher(b, Transport("127.0.0.1", sink.port), interval=1, poll_interval=1,
+                    capacity_lines=100_000, **kw)
+    return pusher, b
+
+
+def push_many(pusher: Pusher, n: int = 20) -> int:
+    return sum(pusher.on_poll(status_at(STAMP + k)) for k in range(n))
+
+
+def test_carbon_that_resets_after_4kb_loses_nothing():
+    # Each of the first 3 connections reads 4 KB, then resets with our bytes unread (what
+    # the kernel does when carbon closes or dies with data in its socket). The old pusher:
+    # ~60 % of the lines never arrived, none counted as dropped or failed.
+    sink = Sink(reset_after=4096, resets=3)
+    pusher, b = delivery_pusher(sink)
+    watch = SentWatch(pusher, sink)
+    pusher.start()
+    try:
+        total = push_many(pusher)
+        assert wait_for(lambda: set(b.rendered) <= sink.distinct, timeout=8), \
+            f"{len(set(b.rendered) - sink.distinct)} of {total} lines never arrived"
+        assert wait_for(lambda: pusher.stats().sent_lines == total, timeout=5), pusher.stats()
+        watch.check()
+        stats = pusher.stats()
+        assert sink.connections >= 4 and stats.send_errors >= 3
+        assert stats.resent_lines > 0  # the lines of the reset connections, written again
+        assert stats.dropped_lines == stats.dropped_unconfirmed_lines == stats.queue_lines == 0
+        assert len(sink.lines) <= total + stats.resent_lines  # duplicates come only from resends
+        assert accounted(stats) == total
+    finally:
+        pusher.close(1)
+        sink.close()
+
+
+def test_blackholed_carbon_then_a_good_one_loses_nothing():
+    # Accepts, never reads (4 KB receive buffer) for 2 s: sends time out and are retried,
+    # nothing may count as sent. Then it resets every connection and reads: everything
+    # written to it arrives again. The old pusher counted the bytes it had queued into the
+    # kernel as sent while carbon read nothing.
+    sink = Sink(reading=False, rcvbuf=4096)
+    pusher, b = delivery_pusher(sink, send_timeout=0.5)
+    watch = SentWatch(pusher, sink)
+    pusher.start()
+    try:
+        total = push_many(pusher)
+        time.sleep(2.0)
+        held = pusher.stats()
+        assert held.sent_lines == 0, f"{held.sent_lines} lines counted sent to a carbon that read none"
+        assert held.send_errors >= 1 and held.queue_lines == total
+        sink.resume()
+        assert wait_for(lambda: set(b.rendered) <= sink.distinct, timeout=8), \
+            f"{len(set(b.rendered) - sink.distinct)} of {total} lines never arrived"
+        assert wait_for(lambda: pusher.stats().sent_lines == total, timeout=5), pusher.stats()
+        watch.check()
+        stats = pusher.stats()
+        assert stats.resent_lines > 0 and stats.dropped_lines == 0 and accounted(stats) == total
+    finally:
+        pusher.close(1)
+        sink.close()
+
+
+def test_slow_reader_gets_everything_and_sent_follows_what_it_read():
+    # Reads 2 KB every 10 ms (~200 KB/s): nothing fails, nothing is resent, and sent_lines
+    # follows what carbon read instead of what the kernel took.
+    sink = Sink(read_bytes=2048, read_pause=0.01)
+    pusher, b = delivery_pusher(sink)
+    watch = SentWatch(pusher, sink)
+    pusher.start()
+    try:
+        total = push_many(pusher)
+        assert wait_for(lambda: set(b.rendered) <= sink.distinct, timeout=8)
+        assert wait_for(lambda: pusher.stats().sent_lines == total, timeout=5), pusher.stats()
+        samples = watch.check()
+        stats = pusher.stats()
+        assert stats.send_errors == 0 and stats.resent_lines == 0 and sink.connections == 1
+        assert len(sink.lines) == total and accounted(stats) == total
+        assert samples > 20
+    finally:
+        pusher.close(1)
+        sink.close()
+
+
+def test_carbon_that_stops_reading_is_confirmed_by_its_clean_close():
+    # carbon acknowledges ~21 KB but reads nothing for 1.5 s: its window stays shrunk, so
+    # nothing is confirmed; after recycle_after the pusher half-closes, carbon reads to EOF
+    # and closes cleanly, which confirms every line: no error, no resend, no duplicate.
+    sink = Sink(read_after=1.5)
+    pusher, b = delivery_pusher(sink, recycle_after=0.3, send_timeout=3)
+    pusher.start()
+    try:
+        total = push_many(pusher, 3)
+        assert wait_for(lambda: pusher.stats().unconfirmed_lines == total, timeout=2)
+        time.sleep(0.5)
+        assert pusher.stats().sent_lines == 0
+        assert wait_for(lambda: pusher.stats().sent_lines == total, timeout=4), pusher.stats()
+        stats = pusher.stats()
+        assert stats.send_errors == 0 and stats.resent_lines == 0
+        assert sorted(sink.lines) == sorted(b.rendered)  # each exactly once
+        more = pusher.on_poll(status_at(STAMP + 3))  # and on a new connection
+        assert wait_for(lambda: pusher.stats().sent_lines == total + more, timeout=4)
+        assert sink.connections == 2
+    finally:
+        pusher.close(1)
+        sink.close()
+
+
+def test_shutdown_confirms_by_a_clean_close():
+    # close() right after queueing: what was written is confirmed by carbon's FIN after
+    # our half-close, not left to the confirmation delay.
+    sink = Sink()
+    pusher, b = delivery_pusher(sink, confirm_delay=60)
+    pusher.start()
+    try:
+        total = push_many(pusher, 3)
+        assert wait_for(lambda: pusher.stats().unconfirmed_lines == total, timeout=2)
+        assert pusher.close(3) == 0
+        assert pusher.stats().sent_lines == total and sorted(sink.lines) == sorted(b.rendered)
+    finally:
+        sink.close()
+
+
 def test_blackholed_carbon_never_blocks_on_poll_and_flush_is_bounded():
     # accepts (kernel backlog), never reads, tiny receive buffer
     hole = socket.socket()
@@ -627,7 +901,7 @@ def test_handover_interrupts_a_blocked_send_and_loses_no_line():
     try:
         for k in range(40):  # ~280 KB: the blackhole's buffers fill, a send blocks
             old.on_poll(status_at(STAMP + k))
-        assert wait_for(lambda: old.stats().sent_lines > 0 and old.stats().connected, timeout=5)
+        assert wait_for(lambda: old.stats().unconfirmed_lines > 0 and old.stats().connected, timeout=5)
         time.sleep(0.3)  # the sender is now blocked in sendall (30 s timeout)
         before = old.stats()
         new.continue_from(old)
@@ -636,9 +910,13 @@ def test_handover_interrupts_a_blocked_send_and_loses_no_line():
         chunks, final = old.detach()
         took = time.monotonic() - t0
         assert took < 1.0, f"detach took {took:.2f}s"
-        assert final.sent_lines >= before.sent_lines and not final.connected
+        # The blackhole read nothing: nothing was sent, everything is handed over, the
+        # chunks written to it first and marked so.
+        assert final.sent_lines == before.sent_lines == 0 and not final.connected
         handed = sum(c.lines for c in chunks)
-        assert handed > 0 and final.queue_lines == 0 and final.dropped_lines == 0
+        assert handed == len(old_b.rendered) and final.queue_lines == 0 and final.dropped_lines == 0
+        written = sum(c.lines for c in chunks if c.written)
+        assert written > 0 and all(c.written for c in chunks[:1])
         assert new.take_over(chunks, final) == handed
         new.on_poll(status_at(STAMP + 40))
         new.start()
@@ -648,9 +926,11 @@ def test_handover_interrupts_a_blocked_send_and_loses_no_line():
         assert set(new_b.rendered) <= set(sink.lines)
         assert all(line.startswith("old.h.") for line in old_b.rendered)
         assert all(line.startswith("new.h.") for line in new_b.rendered)
+        assert wait_for(lambda: new.stats().sent_lines == final.sent_lines + handed + len(new_b.rendered),
+                        timeout=5), new.stats()
         stats = new.stats()
         assert stats.pushes == before.pushes + 1
-        assert stats.sent_lines == final.sent_lines + handed + len(new_b.rendered)
+        assert stats.resent_lines == written
         assert stats.send_errors == final.send_errors  # the interruption is not an error
     finally:
         new.close(1)
@@ -714,6 +994,9 @@ def test_graphite_collector_renders_stats():
     assert samples["sockscope_graphite_sent_lines_total"] == 1000
     assert samples["sockscope_graphite_send_errors_total"] == 2
     assert samples["sockscope_graphite_dropped_lines_total"] == 0
+    assert samples["sockscope_graphite_dropped_unconfirmed_lines_total"] == 3
+    assert samples["sockscope_graphite_resent_lines_total"] == 7
+    assert samples["sockscope_graphite_unconfirmed_lines"] == 6
     assert samples["sockscope_graphite_invalid_lines_total"] == 0
     assert samples["sockscope_graphite_pushes_total"] == 4
     assert samples["sockscope_graphite_queue_lines"] == 10

@@ -8,6 +8,9 @@
   counter says;
 - a blackholed carbon (accepts, never reads) stalls neither polls nor /metrics, and the
   shutdown flush gives up within its bound;
+- a carbon that stops reading (SIGSTOP) while pushes are written to it, then is killed
+  (SIGKILL) and restarted: nothing counted sent that carbon did not read, everything in
+  whisper; a carbon that reads in bursts gets everything without a resend;
 - collectd 5.12 (tcpconns + write_graphite, its defaults) and sockscope in one UTS + mount
   namespace with a given host name and /etc/hosts write the same host component.
 
@@ -98,6 +101,13 @@ def queued(d: Daemon) -> dict[int, int]:
     return out
 
 
+def all_written(d: Daemon) -> bool:
+    """Nothing waits to be written: every queued line is on the connection, at most
+    awaiting carbon's confirmation (1.5 pushes; a clean close at exit confirms the rest)."""
+    s = d.samples()
+    return s[("sockscope_graphite_queue_lines", ())] == s[("sockscope_graphite_unconfirmed_lines", ())]
+
+
 def stored(carbon: Carbon, prefix: str) -> Counter:
     """Points per timestamp over every series under prefix."""
     c: Counter = Counter()
@@ -118,18 +128,24 @@ def wait_until(cond, timeout: float, what: str, step: float = 0.25):
 
 
 def quiet_stop(carbon: Carbon, d: Daemon) -> None:
-    """Stop carbon with nothing of ours in flight or in carbon's cache.
+    """Stop carbon with nothing of ours in carbon's cache.
 
     carbon-cache does not drain its in-memory cache on SIGTERM (its writer drains, then
-    sleeps 1 s, and exits when the reactor stops), and TCP cannot tell a sender which
-    bytes the peer really read. Freezing sockscope (SIGSTOP) for 1.6 s lets carbon read and
-    write everything already sent; whatever sockscope produces after SIGCONT meets a dead
-    carbon and must be buffered - that is what the tests check.
+    sleeps 1 s, and exits when the reactor stops): points it read less than ~1 s before
+    are lost inside carbon, where sockscope cannot see them. Freezing sockscope (SIGSTOP)
+    for 1.6 s lets carbon read and write everything already sent; whatever sockscope
+    produces after SIGCONT meets a dead carbon and must be buffered - that is what the
+    tests check.
     """
+    quiet(carbon, d, carbon.stop)
+
+
+def quiet(carbon: Carbon, d: Daemon, then) -> None:
+    """Freeze sockscope for 1.6 s (carbon reads and writes all it was sent), call then()."""
     d.signal(signal.SIGSTOP)
     try:
         time.sleep(1.6)
-        carbon.stop()
+        then()
     finally:
         d.signal(signal.SIGCONT)
 
@@ -264,7 +280,7 @@ def test_outage_loses_nothing_and_keeps_timestamps(carbon_factory, daemons, netn
     up_at = time.time()
     carbon.restart()
 
-    wait_until(lambda: d.value("sockscope_graphite_queue_lines") == 0, 30, "the queue to drain")
+    wait_until(lambda: all_written(d), 30, "the queue to drain")
     assert d.value("sockscope_graphite_dropped_lines_total") == 0
     assert d.stop() == 0, d.log()
     assert "every queued line sent" in d.log()
@@ -284,7 +300,7 @@ def test_outage_loses_nothing_and_keeps_timestamps(carbon_factory, daemons, netn
 
 def test_overflow_drops_oldest_and_counts_exactly(carbon_factory, daemons, netns_factory, tmp_path):
     carbon = carbon_factory()
-    # An empty namespace: 55 lines per push (22 states, other x 24, 9 self-metrics).
+    # An empty namespace: 57 lines per push (22 states, other x 24, 11 self-metrics).
     d = pushing(daemons, tmp_path, carbon, netns_factory().name, "overflow", buffer_lines=150)
 
     quiet_stop(carbon, d)
@@ -293,7 +309,7 @@ def test_overflow_drops_oldest_and_counts_exactly(carbon_factory, daemons, netns
     assert dropped_live > 0
     assert d.value("sockscope_graphite_queue_lines") <= 150
     carbon.restart()
-    wait_until(lambda: d.value("sockscope_graphite_queue_lines") == 0, 30, "the queue to drain")
+    wait_until(lambda: all_written(d), 30, "the queue to drain")
     dropped = d.value("sockscope_graphite_dropped_lines_total")
     assert dropped >= dropped_live
     assert d.stop() == 0, d.log()
@@ -357,6 +373,104 @@ def test_blackholed_carbon_stalls_neither_polls_nor_metrics(daemons, tmp_path):
               f"stopped in {took:.1f}s")
     finally:
         hole.close()
+
+
+# -- at-least-once against a real carbon (issue 9, defect 3) ---------------------------------
+
+
+def series_at(carbon: Carbon, prefix: str) -> dict[int, set[str]]:
+    """{timestamp: the series under prefix with a point there}: the (path, timestamp) pairs."""
+    out: dict[int, set[str]] = {}
+    for name, points in carbon.points().items():
+        if name.startswith(prefix):
+            for t in points:
+                out.setdefault(t, set()).add(name)
+    return out
+
+
+def test_carbon_frozen_then_killed_loses_nothing(carbon_factory, daemons, netns_factory, tmp_path):
+    """carbon stops reading (SIGSTOP: its kernel keeps acknowledging into its socket
+    buffer), sockscope writes several pushes into it, then carbon is killed (SIGKILL: the
+    kernel resets the connection and discards what was unread) and restarted. None of those
+    pushes may count as sent, and every (path, timestamp) must end up in whisper. The old
+    pusher counted them sent when sendall() returned and lost them."""
+    carbon = carbon_factory()
+    d = pushing(daemons, tmp_path, carbon, netns_factory().name, "frozen", send_timeout="5s")
+    # Right after a push (so it is written), let carbon read and store everything so far
+    # (its cache dies with it), then freeze carbon.
+    n = len(QUEUED.findall(d.log()))
+    wait_until(lambda: len(QUEUED.findall(d.log())) > n, 5, "a push")
+    time.sleep(0.2)
+    read: dict[int, int] = {}
+
+    def freeze_carbon():
+        read.update(queued(d))  # sockscope is frozen: every push so far, all read by carbon
+        carbon.signal(signal.SIGSTOP)
+
+    quiet(carbon, d, freeze_carbon)
+    try:
+        time.sleep(4.2)  # four pushes into carbon's socket buffer, unread
+        s = d.samples()
+        # Exactly what carbon read: the pushes before the freeze, none after.
+        assert s[("sockscope_graphite_sent_lines_total", ())] == sum(read.values()), \
+            (s[("sockscope_graphite_sent_lines_total", ())], sum(read.values()))
+        assert s[("sockscope_graphite_unconfirmed_lines", ())] >= 3 * 50
+        assert s[("sockscope_graphite_resent_lines_total", ())] == 0
+    finally:
+        carbon.kill()
+    carbon.restart()
+    wait_until(lambda: all_written(d), 30, "the queue to drain")
+    s = d.samples()
+    assert s[("sockscope_graphite_resent_lines_total", ())] >= 3 * 50
+    assert s[("sockscope_graphite_send_errors_total", ())] >= 1
+    assert s[("sockscope_graphite_dropped_lines_total", ())] == 0
+    assert s[("sockscope_graphite_dropped_unconfirmed_lines_total", ())] == 0
+    assert d.stop() == 0, d.log()
+    assert "every queued line sent" in d.log()
+
+    pushed = queued(d)
+    during = [t for t in pushed if t not in read]
+    assert len(during) >= 4, during
+    got = wait_until(lambda: (lambda a: a if all(len(a.get(t, ())) == n for t, n in pushed.items()) else None)(
+        series_at(carbon, "frozen.")), 15, "every pushed (path, timestamp) in whisper")
+    before = max(read)
+    for t in during:  # the same series as an ordinary push, every one of them
+        assert got[t] == got[before], (t, got[t] ^ got[before])
+    print(f"\n{len(during)} pushes written to a frozen carbon, killed; "
+          f"{int(s[('sockscope_graphite_resent_lines_total', ())])} lines resent, all in whisper")
+
+
+def test_carbon_reading_in_bursts_gets_everything_without_resend(carbon_factory, daemons, netns_factory,
+                                                                    tmp_path):
+    """A slow carbon: it runs 0.1 s in every 0.5 s (SIGSTOP/SIGCONT), so pushes wait unread
+    in its socket. Confirmation waits for it (unconfirmed lines seen), nothing fails or is
+    written twice, and every pushed line is stored."""
+    carbon = carbon_factory()
+    d = pushing(daemons, tmp_path, carbon, netns_factory().name, "slow")
+    unconfirmed = []
+    deadline = time.monotonic() + 5
+    try:
+        while time.monotonic() < deadline:
+            carbon.signal(signal.SIGSTOP)
+            time.sleep(0.2)
+            unconfirmed.append(d.value("sockscope_graphite_unconfirmed_lines"))
+            time.sleep(0.2)
+            carbon.signal(signal.SIGCONT)
+            time.sleep(0.1)
+    finally:
+        carbon.signal(signal.SIGCONT)
+    wait_until(lambda: all_written(d), 15, "the queue to drain")
+    s = d.samples()
+    assert max(unconfirmed) > 0
+    assert s[("sockscope_graphite_send_errors_total", ())] == 0
+    assert s[("sockscope_graphite_resent_lines_total", ())] == 0
+    assert d.stop() == 0, d.log()
+    pushed = queued(d)
+    sent = int(re.findall(r"every queued line sent \((\d+) since start\)", d.log())[-1])
+    assert sent == sum(pushed.values())
+    wait_until(lambda: (lambda a: all(len(a.get(t, ())) == n for t, n in pushed.items()))(
+        series_at(carbon, "slow.")), 15, "every pushed (path, timestamp) in whisper")
+    print(f"\n{len(pushed)} pushes, {sent} lines sent and stored; unconfirmed up to {max(unconfirmed):.0f}")
 
 
 # -- SIGTERM: the queue reaches carbon before the exit ---------------------------------------
@@ -476,7 +590,7 @@ def test_sighup_changes_the_prefix_without_gap_or_lost_line(carbon_factory, daem
     assert taken >= 2 * 50, taken
     time.sleep(2.5)  # pushes under the new prefix, queued too
     carbon.restart()
-    wait_until(lambda: d.value("sockscope_graphite_queue_lines") == 0, 30, "the queue to drain")
+    wait_until(lambda: all_written(d), 30, "the queue to drain")
     scrapes = watch.check()
     assert d.value("sockscope_graphite_dropped_lines_total") == 0
     assert d.stop() == 0, d.log()

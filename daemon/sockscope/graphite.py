@@ -7,32 +7,41 @@ connection); everything graphyte leaves out is here:
     poller thread                         sender thread ("sockscope-graphite")
     Pusher.on_poll(status)                Pusher._run()
       LineBuilder.render(snapshot)          connect (timeouts, capped backoff + jitter)
-        validate every line                 take the oldest chunk, send it whole
-      pack lines into chunks                on failure put it back first in line
-      LineBuffer.add()  ── lock ──►         LineBuffer (bounded in lines, drops oldest)
+        validate every line                 take the oldest chunk, write it whole
+      pack lines into chunks                keep it until carbon has confirmed it (below)
+      LineBuffer.add()  ── lock ──►         on an abnormal close, everything unconfirmed
+                                              goes back first in line and is written again
+                                            LineBuffer (bounded in lines, drops oldest)
 
-Delivery is at-least-once over TCP: a chunk is removed from the buffer only when
-`sendall` returned. A chunk that failed half-way is sent again whole on the next
-connection, so carbon may receive some of its lines twice: same path, value and
-timestamp, i.e. the same whisper point written twice. The half line carbon may have
-received before the connection broke is discarded by carbon's line receiver when that
-connection closes (it only parses complete lines).
+Delivery over TCP is at-least-once for everything written on a connection that was not
+confirmed. A chunk stays in the buffer after `sendall` returned ("unconfirmed") until:
+  - every byte of it was acknowledged by carbon's TCP (SIOCOUTQ: bytes not acknowledged),
+  - a check at least `confirm_delay` (1.5 push intervals, at least 1 s) after that
+    acknowledgement was first seen finds the connection open (no EOF, no reset), and
+  - at that check carbon's advertised receive window (tcp_info tcpi_snd_wnd) is the largest
+    it offered on this connection: a receiver that leaves bytes unread advertises less;
+or carbon closed the connection cleanly (FIN, no reset) after acknowledging everything,
+including when sockscope half-closes it at shutdown (a peer reaches EOF only after reading
+every byte before it; a kernel that closes a socket with unread data sends a reset).
+Only then is a line counted in `sent_lines`. A reset, EPIPE, a send timeout or a peer FIN
+with bytes outstanding puts every unconfirmed chunk back first in line: carbon may receive
+those lines twice (same path, value and timestamp: the same whisper point written twice).
+A partial line carbon got before the connection broke is discarded by its line receiver.
 
-What TCP cannot tell us: bytes that `sendall` handed to the kernel but carbon never read
-(carbon killed with data in its socket buffer). The socket's send buffer is capped
-(SNDBUF_BYTES) to bound that window, and a connection the peer closed is detected before
-each send (a plain `send` on it would "succeed" once and lose that chunk). UDP has no
-delivery guarantee at all: a datagram is counted sent when the kernel accepted it.
+What stays possible to lose is in docs/graphite.md ("What can still be lost"). UDP has no
+delivery guarantee at all: a datagram counts as sent when the kernel accepted it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
 import random
 import re
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -52,6 +61,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "COLLECTD_STATES",
     "GraphiteStats",
+    "Drops",
     "InvalidLine",
     "LineBuffer",
     "LineBuilder",
@@ -70,17 +80,43 @@ TCP_CHUNK_BYTES = 32 * 1024
 # One UDP datagram: fits an Ethernet frame over IPv6 (1500 - 40 - 28), like collectd's
 # write_graphite buffer. A single longer line (at most MAX_LINE_BYTES) goes alone.
 UDP_DATAGRAM_BYTES = 1432
-# SO_SNDBUF of the TCP socket (the kernel doubles it): bounds the lines that can be
-# "sent" but not yet read by carbon, i.e. silently lost if carbon dies right then.
+# SO_SNDBUF of the TCP socket (the kernel doubles it): bounds what a stalled carbon holds
+# up in our kernel, and so what is written again after a failure.
 SNDBUF_BYTES = 64 * 1024
 BACKOFF_INITIAL = 0.5  # seconds before the first reconnect
 BACKOFF_MAX = 30.0  # cap of the exponential backoff
 # The default buffer holds this much outage at the configured series count.
 OUTAGE_SECONDS = 1800
 # Self-metric lines per push (see LineBuilder._self_series).
-SELF_SERIES = 9
+SELF_SERIES = 11
 # Pusher.detach (reload): how long to wait for the interrupted sender thread to stop.
 HANDOVER_WAIT = 2.0
+# A chunk acknowledged by carbon's TCP counts as sent only if the connection is still open
+# and carbon's receive window is full at a check at least CONFIRM_INTERVALS push intervals
+# (and at least CONFIRM_DELAY seconds) after the acknowledgement was seen. carbon, when
+# alive, reads within milliseconds; waiting past the next push matters because a receive
+# window moves in steps (2^wscale bytes, and not below rcv_ssthresh): a few KB left unread
+# can leave it unchanged, the next push's bytes on top of them make it shrink.
+CONFIRM_DELAY = 1.0
+CONFIRM_INTERVALS = 1.5
+# How often the sender checks the connection while something written is unconfirmed.
+CHECK_INTERVAL = 0.1
+# Acknowledged but still unconfirmed this long (the window never came back: a stalled
+# carbon, or a receiver whose window shrank for good): half-close the connection and wait
+# for carbon's FIN, which confirms everything, or write it all again on a new connection.
+RECYCLE_AFTER = 30.0
+# TCP keepalive on the carbon connection: after 1 s idle a probe every second, each answered
+# with an ACK that carries carbon's current window (a window update carbon's kernel would
+# otherwise not send), so what carbon read is confirmed between pushes.
+KEEPALIVE_IDLE = 1
+KEEPALIVE_INTERVAL = 1
+# linux/sockios.h SIOCOUTQ (= TIOCOUTQ, asm-generic/ioctls.h 0x5411): on a TCP socket,
+# bytes written and not yet acknowledged by the peer (write_seq - snd_una).
+SIOCOUTQ = 0x5411
+# include/uapi/linux/tcp.h struct tcp_info: __u32 tcpi_snd_wnd ("peer's advertised receive
+# window after scaling") at byte 228, since Linux 5.4; an older kernel returns less.
+TCPI_SND_WND_OFFSET = 228
+TCP_INFO_BYTES = 256
 
 # collectd tcpconns' names for the kernel states (src/tcpconns.c, tcp_state[]), keyed by
 # sockscope's names. collectd never sees TCP_NEW_SYN_RECV; sockscope counts request
@@ -191,14 +227,17 @@ def collectd_hostname(gethostname: Callable[[], str] = socket.gethostname,
 class GraphiteStats:
     """The pusher's counters, copied under its lock (cumulative since start)."""
 
-    sent_lines: int = 0
-    send_errors: int = 0  # failed connection attempts and failed sends
-    dropped_lines: int = 0  # oldest lines dropped because the buffer was full
+    sent_lines: int = 0  # TCP: confirmed read by carbon (module docstring); UDP: datagram accepted
+    send_errors: int = 0  # failed connects, failed sends, connections lost with lines unconfirmed
+    dropped_lines: int = 0  # oldest lines dropped because the buffer was full, never written
+    dropped_unconfirmed_lines: int = 0  # the same, but written before: carbon may have them
+    resent_lines: int = 0  # lines written again after the connection they were written on failed
     invalid_lines: int = 0  # lines refused by validation, never queued
-    queue_lines: int = 0  # waiting, including a chunk being sent
+    queue_lines: int = 0  # not yet sent: waiting, being written, or written and unconfirmed
+    unconfirmed_lines: int = 0  # of queue_lines: written on the open connection, unconfirmed
     capacity_lines: int = 0
     pushes: int = 0  # snapshots rendered and queued
-    last_success_timestamp: float = 0.0  # UNIX time of the last successful send; 0 = never
+    last_success_timestamp: float = 0.0  # UNIX time lines were last counted sent; 0 = never
     connected: bool = False
 
 
@@ -328,6 +367,8 @@ class LineBuilder:
             ("graphite", "sent_lines", stats.sent_lines),
             ("graphite", "send_errors", stats.send_errors),
             ("graphite", "dropped_lines", stats.dropped_lines),
+            ("graphite", "dropped_unconfirmed_lines", stats.dropped_unconfirmed_lines),
+            ("graphite", "resent_lines", stats.resent_lines),
             ("graphite", "invalid_lines", stats.invalid_lines),
             ("graphite", "queue_lines", stats.queue_lines),
         ]
@@ -396,6 +437,19 @@ def default_buffer_lines(interval: float, per_push: int) -> int:
 class Chunk:
     data: bytes  # whole lines
     lines: int
+    written: bool = False  # written (maybe in part) on a connection that then failed
+
+
+@dataclass(frozen=True, slots=True)
+class Drops:
+    """Lines a buffer operation dropped to stay within capacity."""
+
+    unsent: int = 0  # never written to carbon
+    unconfirmed: int = 0  # written, not confirmed: carbon may have them
+
+    @property
+    def total(self) -> int:
+        return self.unsent + self.unconfirmed
 
 
 def pack(lines: list[bytes], limit: int) -> list[Chunk]:
@@ -419,17 +473,28 @@ def _drop_lines(chunk: Chunk, n: int) -> Chunk:
     pos = 0
     for _ in range(n):
         pos = chunk.data.index(b"\n", pos) + 1
-    return Chunk(chunk.data[pos:], chunk.lines - n)
+    return Chunk(chunk.data[pos:], chunk.lines - n, chunk.written)
+
+
+class _Unconfirmed:
+    """A chunk written whole on the current connection, not yet confirmed."""
+
+    __slots__ = ("chunk", "end", "acked_at")
+
+    def __init__(self, chunk: Chunk, end: int) -> None:
+        self.chunk = chunk
+        self.end = end  # bytes written on the connection up to its last byte
+        self.acked_at: float | None = None  # monotonic time its acknowledgement was first seen
 
 
 class LineBuffer:
-    """FIFO of chunks bounded in lines; when full the OLDEST lines are dropped (counted).
+    """Every line not yet sent, bounded in lines; when full the OLDEST lines are dropped.
 
-    Not thread-safe: the Pusher calls it under its lock. At most one chunk is "in
-    flight" (taken by the sender); it is not counted against the capacity while in
-    flight (so new lines never push it out mid-send), and when it comes back after a
-    failed send it is first in line again and the capacity is enforced from there. So
-    memory is bounded by capacity + one chunk.
+    Oldest first: chunks written on the current connection and not confirmed, the chunk
+    being written ("in flight"), then the queue. Not thread-safe: the Pusher calls it under
+    its lock. The capacity covers the unconfirmed and queued lines; the chunk in flight is
+    exempt while it is being written (new lines never pull it out mid-send) and counts again
+    once written or given back, so memory is bounded by capacity + one chunk.
     """
 
     def __init__(self, capacity_lines: int) -> None:
@@ -438,18 +503,28 @@ class LineBuffer:
         self.capacity = capacity_lines
         self._chunks: deque[Chunk] = deque()
         self._lines = 0
+        self._unconfirmed: deque[_Unconfirmed] = deque()
+        self._unconfirmed_lines = 0
         self.in_flight: Chunk | None = None
 
     def __len__(self) -> int:
-        """Lines waiting, including the chunk in flight."""
-        return self._lines + (self.in_flight.lines if self.in_flight else 0)
+        """Lines not sent: unconfirmed, in flight and queued."""
+        return self._lines + self._unconfirmed_lines + (self.in_flight.lines if self.in_flight else 0)
+
+    @property
+    def unconfirmed(self) -> int:
+        return self._unconfirmed_lines
 
     @property
     def has_queued(self) -> bool:
         return bool(self._chunks)
 
-    def add(self, chunks: Iterable[Chunk]) -> int:
-        """Append; returns the number of (oldest) lines dropped to stay within capacity."""
+    @property
+    def has_unconfirmed(self) -> bool:
+        return bool(self._unconfirmed)
+
+    def add(self, chunks: Iterable[Chunk]) -> Drops:
+        """Append; returns the (oldest) lines dropped to stay within capacity."""
         for chunk in chunks:
             self._chunks.append(chunk)
             self._lines += chunk.lines
@@ -466,25 +541,78 @@ class LineBuffer:
         return chunk
 
     def done(self) -> None:
-        """The chunk in flight was sent."""
+        """The chunk in flight was sent and needs no confirmation (UDP)."""
         self.in_flight = None
 
-    def give_back(self) -> int:
-        """The chunk in flight was not sent: first in line again. Returns lines dropped."""
+    def written(self, end: int) -> Drops:
+        """The chunk in flight was written whole; `end` = bytes written on this connection
+        up to its last byte. It waits for confirmation, counted against the capacity."""
         chunk, self.in_flight = self.in_flight, None
         if chunk is None:
-            return 0
-        self._chunks.appendleft(chunk)
-        self._lines += chunk.lines
+            raise RuntimeError("no chunk in flight")
+        self._unconfirmed.append(_Unconfirmed(chunk, end))
+        self._unconfirmed_lines += chunk.lines
+        return self._trim()
+
+    def confirm(self, acked: int, window_full: bool, now: float, delay: float) -> int:
+        """Note which unconfirmed chunks `acked` (bytes acknowledged on this connection)
+        covers, at monotonic time `now`; confirm, oldest first, those acknowledged at least
+        `delay` ago if `window_full`. Returns the lines confirmed (removed)."""
+        for entry in self._unconfirmed:
+            if entry.end > acked:
+                break
+            if entry.acked_at is None:
+                entry.acked_at = now
+        confirmed = 0
+        while window_full and self._unconfirmed:
+            entry = self._unconfirmed[0]
+            if entry.acked_at is None or now - entry.acked_at < delay:
+                break
+            self._unconfirmed.popleft()
+            self._unconfirmed_lines -= entry.chunk.lines
+            confirmed += entry.chunk.lines
+        return confirmed
+
+    def confirm_all(self) -> int:
+        """Carbon confirmed everything written on the connection (it closed cleanly after
+        acknowledging all of it). Returns the lines confirmed."""
+        confirmed = self._unconfirmed_lines
+        self._unconfirmed.clear()
+        self._unconfirmed_lines = 0
+        return confirmed
+
+    def oldest_acked_at(self) -> float | None:
+        """When the oldest unconfirmed chunk's acknowledgement was first seen (None: not yet)."""
+        return self._unconfirmed[0].acked_at if self._unconfirmed else None
+
+    def requeue(self) -> Drops:
+        """The connection failed: every unconfirmed chunk, then the chunk in flight, goes
+        back first in line, marked written (sending it again is a resend). Returns the lines
+        dropped to stay within capacity."""
+        back = [entry.chunk for entry in self._unconfirmed]
+        if self.in_flight is not None:
+            back.append(self.in_flight)
+        self._unconfirmed.clear()
+        self._unconfirmed_lines = 0
+        self.in_flight = None
+        for chunk in reversed(back):
+            chunk = chunk if chunk.written else Chunk(chunk.data, chunk.lines, True)
+            self._chunks.appendleft(chunk)
+            self._lines += chunk.lines
         return self._trim()
 
     def drain(self) -> list[Chunk]:
-        """Remove and return every queued chunk, oldest first (a successor takes them).
-        The chunk in flight, if any, stays with this buffer."""
-        chunks, self._chunks, self._lines = list(self._chunks), deque(), 0
+        """Remove and return every unconfirmed and queued chunk, oldest first (a successor
+        takes them; the unconfirmed ones marked written). The chunk in flight, if any,
+        stays with this buffer."""
+        chunks = [e.chunk if e.chunk.written else Chunk(e.chunk.data, e.chunk.lines, True)
+                  for e in self._unconfirmed]
+        chunks += self._chunks
+        self._unconfirmed, self._unconfirmed_lines = deque(), 0
+        self._chunks, self._lines = deque(), 0
         return chunks
 
-    def prepend(self, chunks: list[Chunk]) -> int:
+    def prepend(self, chunks: list[Chunk]) -> Drops:
         """Put `chunks` (older lines) ahead of everything queued; returns lines dropped
         (the oldest first) to stay within capacity."""
         for chunk in reversed(chunks):
@@ -492,23 +620,47 @@ class LineBuffer:
             self._lines += chunk.lines
         return self._trim()
 
-    def _trim(self) -> int:
-        dropped = 0
-        while self._lines > self.capacity:
-            excess = self._lines - self.capacity
+    def _trim(self) -> Drops:
+        unsent = unconfirmed = 0
+        while self._lines + self._unconfirmed_lines > self.capacity:
+            excess = self._lines + self._unconfirmed_lines - self.capacity
+            if self._unconfirmed:
+                entry = self._unconfirmed[0]
+                if entry.chunk.lines <= excess:
+                    self._unconfirmed.popleft()
+                    n = entry.chunk.lines
+                else:
+                    entry.chunk = _drop_lines(entry.chunk, excess)
+                    n = excess
+                self._unconfirmed_lines -= n
+                unconfirmed += n
+                continue
             head = self._chunks[0]
             if head.lines <= excess:
                 self._chunks.popleft()
-                self._lines -= head.lines
-                dropped += head.lines
+                n = head.lines
             else:
                 self._chunks[0] = _drop_lines(head, excess)
-                self._lines -= excess
-                dropped += excess
-        return dropped
+                n = excess
+            self._lines -= n
+            if head.written:
+                unconfirmed += n
+            else:
+                unsent += n
+        return Drops(unsent, unconfirmed)
 
 
 # -- transport ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One look at the TCP connection to carbon (Transport.probe)."""
+
+    closed: bool  # EOF (carbon's FIN) or an error
+    error: OSError | None  # e.g. ECONNRESET
+    unacked: int  # SIOCOUTQ: bytes written and not acknowledged (`ss -tn` Send-Q)
+    window: int | None  # carbon's advertised receive window; None before Linux 5.4
 
 
 class Transport(graphyte.Sender):
@@ -520,13 +672,20 @@ class Transport(graphyte.Sender):
     """
 
     def __init__(self, host: str, port: int, protocol: str = "tcp", *,
-                 sndbuf: int = SNDBUF_BYTES) -> None:
+                 sndbuf: int = SNDBUF_BYTES, keepalive_probes: int = 10) -> None:
         if protocol not in ("tcp", "udp"):
             raise ValueError(f"protocol must be tcp or udp, not {protocol!r}")
         super().__init__(host, port, protocol=protocol)
         self.sndbuf = sndbuf
+        # Unanswered keepalive probes before the kernel resets the connection (TCP_KEEPCNT,
+        # 1-127): an idle carbon that vanished without a reset is noticed after about
+        # KEEPALIVE_IDLE + probes x KEEPALIVE_INTERVAL seconds.
+        self.keepalive_probes = max(1, min(127, keepalive_probes))
         self._sock: socket.socket | None = None
         self._connecting: socket.socket | None = None  # for abort()
+        # Set by abort(): a socket shut down here reads as EOF, which must not pass for
+        # carbon's clean close.
+        self._aborted = False
 
     @property
     def connected(self) -> bool:
@@ -548,6 +707,10 @@ class Transport(graphyte.Sender):
             try:
                 if kind == socket.SOCK_STREAM:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, self.keepalive_probes)
                 sock.settimeout(timeout)
                 sock.connect(address)  # UDP: only fixes the peer (and gets ICMP errors back)
             except OSError as exc:
@@ -560,20 +723,58 @@ class Transport(graphyte.Sender):
             return
         raise error or OSError(f"no address for {self.host}:{self.port}")
 
-    def peer_closed(self) -> bool:
-        """True if carbon closed (or reset) the TCP connection. carbon never writes, so a
-        readable socket means EOF or an error."""
-        if self._sock is None or self.protocol != "tcp":
-            return False
+    def probe(self) -> Probe:
+        """The TCP connection's state, without blocking (carbon never writes, so a readable
+        socket means EOF or an error)."""
+        sock = self._sock
+        if sock is None or self.protocol != "tcp":
+            raise ConnectionError("no TCP connection")
+        if self._aborted:
+            return Probe(True, ConnectionAbortedError("aborted"), 0, None)
+        closed, error = False, None
         try:
             # Non-blocking: with a timeout set, Python would wait for readability first.
-            self._sock.settimeout(0.0)
-            data = self._sock.recv(1, socket.MSG_PEEK)
+            sock.settimeout(0.0)
+            closed = sock.recv(1, socket.MSG_PEEK) == b""
         except BlockingIOError:
+            pass
+        except OSError as exc:
+            closed, error = True, exc
+        try:
+            unacked = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0" * 4))[0]
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_BYTES)
+        except OSError as exc:
+            return Probe(True, error or exc, 0, None)
+        window = (struct.unpack_from("I", info, TCPI_SND_WND_OFFSET)[0]
+                  if len(info) >= TCPI_SND_WND_OFFSET + 4 else None)
+        return Probe(closed, error, unacked, window)
+
+    def finish(self, timeout: float) -> bool:
+        """Half-close (our FIN after everything written) and wait up to `timeout` for
+        carbon's FIN. True if it came with everything acknowledged and no reset: carbon
+        reached EOF, i.e. read every byte (a socket closed with unread data resets instead).
+        The connection is closed either way."""
+        sock = self._sock
+        if sock is None:
             return False
+        deadline = time.monotonic() + timeout
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                sock.settimeout(left)
+                if sock.recv(65536) == b"":
+                    break
+            if self._aborted:
+                return False
+            # Our FIN takes one sequence number: 0 = every byte and the FIN acknowledged.
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0" * 4))[0] == 0
         except OSError:
-            return True
-        return data == b""
+            return False
+        finally:
+            self.close()
 
     def send_message(self, message: bytes, timeout: float | None = None) -> None:
         """Send all of `message` (TCP) or one datagram (UDP) within `timeout` seconds."""
@@ -595,6 +796,7 @@ class Transport(graphyte.Sender):
     def abort(self) -> None:
         """From another thread: make a blocked connect or send fail at once (shutdown;
         the owner of the socket closes it)."""
+        self._aborted = True
         for sock in (self._connecting, self._sock):
             if sock is not None:
                 try:
@@ -635,6 +837,9 @@ class Pusher:
         send_timeout: float = 10.0,
         flush_timeout: float = 10.0,
         backoff: tuple[float, float] = (BACKOFF_INITIAL, BACKOFF_MAX),
+        confirm_delay: float | None = None,
+        check_interval: float = CHECK_INTERVAL,
+        recycle_after: float = RECYCLE_AFTER,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
@@ -646,17 +851,23 @@ class Pusher:
         self.connect_timeout = connect_timeout
         self.send_timeout = send_timeout
         self.flush_timeout = flush_timeout
+        self.confirm_delay = (max(CONFIRM_DELAY, CONFIRM_INTERVALS * interval) if confirm_delay is None
+                              else confirm_delay)
+        self.check_interval = check_interval
+        self.recycle_after = recycle_after
         self._backoff = backoff
         self._clock = clock
         self._monotonic = monotonic
         self._jitter = jitter
         self.destination = f"{transport.protocol}://{_format_address(transport.host, transport.port)}"
+        self._confirming = transport.protocol == "tcp"
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._wake = threading.Event()
         self._buffer = LineBuffer(capacity_lines)
-        self._sent = self._errors = self._dropped = self._invalid = self._pushes = 0
+        self._sent = self._errors = self._dropped = self._dropped_unconfirmed = 0
+        self._resent = self._invalid = self._pushes = 0
         self._last_success = 0.0
         self._closing = False
         self._detached = False  # stopped by detach(): a successor owns the queue
@@ -666,6 +877,8 @@ class Pusher:
         self._failures = 0
         self._next_attempt = 0.0
         self._outage_started: float | None = None
+        self._written_bytes = 0  # on the current connection
+        self._max_window = 0  # largest receive window carbon advertised on it
         # poller thread only
         self._last_snapshot: Snapshot | None = None
         self._last_pushed: tuple[float, int] | None = None  # (poll timestamp, line timestamp)
@@ -682,12 +895,18 @@ class Pusher:
         if capacity < per_push:
             log.warning("graphite.buffer_lines (%d) is smaller than one push at the configured caps "
                         "(up to %d lines): any outage drops lines", capacity, per_push)
+        elif capacity < 3 * per_push:
+            log.warning("graphite.buffer_lines (%d) holds fewer than 3 pushes at the configured caps (up to "
+                        "%d lines each): lines awaiting carbon's confirmation count against it, so even a "
+                        "healthy carbon may see unconfirmed lines dropped", capacity, per_push)
         builder = LineBuilder(naming=g.naming, tags=g.tags, prefix=g.prefix, host=g.host,
                               **{k: kwargs.pop(k) for k in ("hostname", "fqdn") if k in kwargs})
         if builder.host.lower() in ("localhost", "localhost.localdomain") and g.host != builder.host:
             log.warning("graphite: graphite.host %r resolved to %r (as collectd's would), so every such "
                         "host writes the same paths; set graphite.host to a name", g.host, builder.host)
-        transport = Transport(g.server_host, g.server_port, g.protocol)
+        # Keepalive gives up on a silent idle carbon after about send_timeout.
+        transport = Transport(g.server_host, g.server_port, g.protocol,
+                              keepalive_probes=math.ceil(g.send_timeout / KEEPALIVE_INTERVAL))
         return cls(builder, transport, interval=interval, poll_interval=cfg.poll.interval,
                    capacity_lines=capacity, connect_timeout=g.connect_timeout,
                    send_timeout=g.send_timeout, flush_timeout=g.flush_timeout, **kwargs)
@@ -720,8 +939,8 @@ class Pusher:
         rendered = self.builder.render(snap, stamp, status, self.stats())
         chunks = pack(rendered.lines, self.transport.chunk_bytes)
         with self._cond:
-            dropped = self._buffer.add(chunks)
-            self._dropped += dropped
+            drops = self._buffer.add(chunks)
+            self._count_drops(drops)
             self._invalid += len(rendered.invalid)
             self._pushes += 1
             queued = len(self._buffer)
@@ -730,22 +949,31 @@ class Pusher:
             self._invalid_logged = True
             log.warning("graphite: %d invalid lines not queued (logged once), first: %s",
                         len(rendered.invalid), rendered.invalid[0])
-        if dropped and not self._dropping:
+        if drops.total and not self._dropping:
             self._dropping = True
             log.warning("graphite: buffer full (%d lines), dropping the oldest lines; "
-                        "sockscope_graphite_dropped_lines_total counts them", self._buffer.capacity)
-        elif not dropped:
+                        "sockscope_graphite_dropped_lines_total (never written) and "
+                        "sockscope_graphite_dropped_unconfirmed_lines_total (written, unconfirmed) "
+                        "count them", self._buffer.capacity)
+        elif not drops.total:
             self._dropping = False
         log.debug("graphite: queued %d lines stamped %d (queue %d lines)", len(rendered.lines), stamp, queued)
         return len(rendered.lines)
+
+    def _count_drops(self, drops: Drops) -> None:
+        """Under the lock."""
+        self._dropped += drops.unsent
+        self._dropped_unconfirmed += drops.unconfirmed
 
     def stats(self) -> GraphiteStats:
         with self._lock:
             return GraphiteStats(
                 sent_lines=self._sent, send_errors=self._errors, dropped_lines=self._dropped,
+                dropped_unconfirmed_lines=self._dropped_unconfirmed, resent_lines=self._resent,
                 invalid_lines=self._invalid, queue_lines=len(self._buffer),
-                capacity_lines=self._buffer.capacity, pushes=self._pushes,
-                last_success_timestamp=self._last_success, connected=self.transport.connected,
+                unconfirmed_lines=self._buffer.unconfirmed, capacity_lines=self._buffer.capacity,
+                pushes=self._pushes, last_success_timestamp=self._last_success,
+                connected=self.transport.connected,
             )
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -759,8 +987,9 @@ class Pusher:
                  self.destination, self.interval, self._buffer.capacity)
 
     def close(self, timeout: float | None = None) -> int:
-        """Send what is queued for at most `timeout` seconds (default flush_timeout), then
-        stop. Returns the number of lines that could not be sent (and logs it)."""
+        """Send what is queued and have it confirmed (TCP: carbon's FIN after our
+        half-close) for at most `timeout` seconds (default flush_timeout), then stop.
+        Returns the number of lines not sent (and logs it)."""
         timeout = self.flush_timeout if timeout is None else timeout
         started = self._monotonic()
         with self._cond:
@@ -775,10 +1004,12 @@ class Pusher:
                 log.warning("graphite: sender thread still busy after %gs; abandoned", timeout)
             else:
                 self.transport.close()
-        unsent = len(self._buffer)
+        with self._lock:
+            unsent, unconfirmed = len(self._buffer), self._buffer.unconfirmed
         if unsent:
-            log.warning("graphite: shutdown flush gave up after %.1fs: %d lines not sent to %s",
-                        self._monotonic() - started, unsent, self.destination)
+            log.warning("graphite: shutdown flush gave up after %.1fs: %d lines not sent to %s "
+                        "(%d of them written but not confirmed)",
+                        self._monotonic() - started, unsent, self.destination, unconfirmed)
         else:
             log.info("graphite: every queued line sent (%d since start)", self._sent)
         return unsent
@@ -793,12 +1024,13 @@ class Pusher:
         self._last_pushed = old._last_pushed
 
     def detach(self, timeout: float = HANDOVER_WAIT) -> tuple[list[Chunk], GraphiteStats]:
-        """Stop sending at once, without a flush, and give up the queue: returns the queued
-        chunks (oldest first) and the final counters, for a successor's take_over().
+        """Stop sending at once, without a flush, and give up the queue: returns every
+        unsent chunk (unconfirmed ones first, marked written, then the queue) and the final
+        counters, for a successor's take_over().
 
         A send or connect in progress is interrupted (Transport.abort); its chunk goes
-        back first in line and is handed over whole (at-least-once, as after any failed
-        send). Waits at most `timeout` for the sender thread; if it is stuck beyond that
+        back in line and is handed over whole (at-least-once, as after any failed send).
+        Waits at most `timeout` for the sender thread; if it is stuck beyond that
         (e.g. DNS), the chunk it holds, if any, stays behind and is counted as dropped."""
         with self._cond:
             self._closing = self._detached = True
@@ -813,8 +1045,9 @@ class Pusher:
                             self.destination, timeout)
         with self._lock:
             chunks = self._buffer.drain()
-            stranded = self._buffer.in_flight.lines if self._buffer.in_flight else 0
-            self._dropped += stranded
+            stranded = self._buffer.in_flight
+            if stranded is not None:
+                self._count_drops(Drops(0, stranded.lines) if stranded.written else Drops(stranded.lines, 0))
         if not (self._thread is not None and self._thread.is_alive()):
             self.transport.close()
         return chunks, self.stats()
@@ -825,24 +1058,29 @@ class Pusher:
         the counters on /metrics never go back. Returns the lines taken over (after
         trimming to this buffer's capacity; trimmed lines count as dropped)."""
         if chunks and max(len(c.data) for c in chunks) > self.transport.chunk_bytes:
-            # e.g. tcp -> udp: re-pack into datagram-sized chunks
-            chunks = pack([line for c in chunks for line in c.data.splitlines(keepends=True)],
-                          self.transport.chunk_bytes)
+            # e.g. tcp -> udp: re-pack into datagram-sized chunks (written chunks apart)
+            chunks = [Chunk(c.data, c.lines, flag) for flag in (True, False)
+                      for c in pack([line for c in chunks if c.written == flag
+                                     for line in c.data.splitlines(keepends=True)],
+                                    self.transport.chunk_bytes)]
         with self._cond:
-            dropped = self._buffer.prepend(chunks)
-            self._dropped += dropped
+            drops = self._buffer.prepend(chunks)
+            self._count_drops(drops)
             if stats is not None:
                 self._sent += stats.sent_lines
                 self._errors += stats.send_errors
                 self._dropped += stats.dropped_lines
+                self._dropped_unconfirmed += stats.dropped_unconfirmed_lines
+                self._resent += stats.resent_lines
                 self._invalid += stats.invalid_lines
                 self._pushes += stats.pushes
                 self._last_success = max(self._last_success, stats.last_success_timestamp)
             self._cond.notify()
-        if dropped:
+        total = sum(c.lines for c in chunks)
+        if drops.total:
             log.warning("graphite: %d of the %d lines taken over did not fit the new buffer (%d lines); "
-                        "the oldest were dropped", dropped, sum(c.lines for c in chunks), self._buffer.capacity)
-        return sum(c.lines for c in chunks) - dropped
+                        "the oldest were dropped", drops.total, total, self._buffer.capacity)
+        return total - drops.total
 
     # -- sender thread ----------------------------------------------------------------------
 
@@ -855,15 +1093,31 @@ class Pusher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._buffer.has_queued and not self._closing:
-                    self._cond.wait()
-                if self._closing and (not self._buffer.has_queued or self._monotonic() >= self._deadline):
-                    if self._detached:
-                        self.transport.close()
+                if not self._buffer.has_queued and not self._closing:
+                    if self._buffer.has_unconfirmed:
+                        self._cond.wait(self.check_interval)  # a push wakes it earlier
+                    else:
+                        while not self._buffer.has_queued and not self._closing:
+                            self._cond.wait()
+                closing = self._closing
+            if self._detached:
+                self._stop_detached()
+                return
+            if self._confirming and self.transport.connected:
+                self._check()
+            if closing:
+                if self._monotonic() >= self._deadline:
                     return
-            if self.transport.peer_closed():
-                log.info("graphite: %s closed the connection; reconnecting", self.destination)
-                self.transport.close()
+                with self._lock:
+                    queued, unconfirmed = self._buffer.has_queued, self._buffer.has_unconfirmed
+                if not queued:
+                    if unconfirmed:
+                        self._finish("shutdown", self._deadline - self._monotonic())
+                        if self._buffer.has_queued:
+                            continue  # carbon did not confirm: written again if time is left
+                    return
+            if not self._buffer.has_queued:
+                continue
             if not self.transport.connected and not self._connect():
                 continue
             with self._lock:
@@ -873,20 +1127,92 @@ class Pusher:
             try:
                 self.transport.send_message(chunk.data, timeout=self._remaining(self.send_timeout))
             except OSError as exc:
-                with self._lock:
-                    self._dropped += self._buffer.give_back()
                 if self._detached:  # interrupted by detach(): not a failure of carbon
-                    self.transport.close()
+                    self._stop_detached()
                     return
                 self._failed("send", exc)
                 continue
             with self._lock:
-                self._buffer.done()
-                self._sent += chunk.lines
-                self._last_success = self._clock()
+                if chunk.written:
+                    self._resent += chunk.lines
+                if self._confirming:
+                    self._written_bytes += len(chunk.data)
+                    self._count_drops(self._buffer.written(self._written_bytes))
+                else:  # UDP: fire and forget
+                    self._buffer.done()
+                    self._sent += chunk.lines
+                    self._last_success = self._clock()
                 backlog = len(self._buffer)
             if self._failures:
                 self._recovered(backlog)
+
+    def _stop_detached(self) -> None:
+        with self._lock:
+            self._count_drops(self._buffer.requeue())
+        self.transport.close()
+
+    def _check(self) -> None:
+        """Look at the connection: confirm what carbon has read, or put back everything
+        unconfirmed if carbon closed or reset it."""
+        try:
+            probe = self.transport.probe()
+        except OSError as exc:
+            self._failed("connection check", exc)
+            return
+        if probe.window is not None:
+            self._max_window = max(self._max_window, probe.window)
+        window_full = probe.window is None or probe.window >= self._max_window
+        if probe.closed:
+            if probe.error is None and probe.unacked == 0 and window_full:
+                # A clean FIN after acknowledging everything: carbon read it all.
+                with self._lock:
+                    self._confirmed(self._buffer.confirm_all())
+                log.info("graphite: %s closed the connection; reconnecting", self.destination)
+                self.transport.close()
+                return
+            with self._lock:
+                unconfirmed = self._buffer.unconfirmed
+            if not unconfirmed:
+                log.info("graphite: %s closed the connection (%s); reconnecting", self.destination,
+                         probe.error or "EOF")
+                self.transport.close()
+                return
+            self._failed("connection", probe.error or ConnectionError(
+                f"carbon closed the connection with {probe.unacked} bytes unacknowledged, "
+                f"{unconfirmed} lines unconfirmed"))
+            return
+        now = self._monotonic()
+        with self._lock:
+            confirmed = self._buffer.confirm(self._written_bytes - probe.unacked, window_full,
+                                             now, self.confirm_delay)
+            self._confirmed(confirmed)
+            acked_at = self._buffer.oldest_acked_at()
+        if confirmed:
+            log.debug("graphite: %d lines confirmed (%d of %d bytes acknowledged, window %s of %d)", confirmed,
+                      self._written_bytes - probe.unacked, self._written_bytes, probe.window, self._max_window)
+        if acked_at is not None and now - acked_at >= self.recycle_after:
+            # Acknowledged long ago, yet carbon's window never came back: it is not
+            # reading (or its window shrank for good). Its FIN would confirm everything.
+            log.info("graphite: %s acknowledged lines %.0fs ago without its window coming back; "
+                     "closing the connection to have them confirmed", self.destination, now - acked_at)
+            self._finish("recycle", self._remaining(self.send_timeout))
+
+    def _confirmed(self, lines: int) -> None:
+        """Under the lock."""
+        if lines:
+            self._sent += lines
+            self._last_success = self._clock()
+
+    def _finish(self, why: str, timeout: float) -> None:
+        """Half-close and wait for carbon's FIN: it confirms every unconfirmed line; a
+        reset or a timeout puts them back in line (a failure)."""
+        if self.transport.finish(max(0.0, timeout)):
+            with self._lock:
+                self._confirmed(self._buffer.confirm_all())
+            log.debug("graphite: %s: %s read everything and closed", why, self.destination)
+            return
+        self._failed(why, ConnectionError(f"carbon did not close cleanly within {timeout:.1f}s "
+                                          "(reset, or still not reading)"))
 
     def _connect(self) -> bool:
         wait = self._next_attempt - self._monotonic()
@@ -904,12 +1230,20 @@ class Pusher:
                 return False
             self._failed("connect", exc)
             return False
+        self._written_bytes = self._max_window = 0
         log.debug("graphite: connected to %s", self.destination)
         return True
 
     def _failed(self, what: str, exc: Exception) -> None:
+        """Close the connection; everything unconfirmed and the chunk in flight go back
+        first in line; count the error and back off."""
+        if self._detached:  # detach() interrupted it: not a failure of carbon
+            self._stop_detached()
+            return
         self.transport.close()
         with self._lock:
+            resend = self._buffer.unconfirmed + (self._buffer.in_flight.lines if self._buffer.in_flight else 0)
+            self._count_drops(self._buffer.requeue())
             self._errors += 1
             queued = len(self._buffer)
         self._failures += 1
@@ -920,11 +1254,12 @@ class Pusher:
         message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if self._failures == 1:
             self._outage_started = self._monotonic()
-            log.warning("graphite: %s to %s failed (%s); buffering (%d lines queued), "
-                        "retrying with backoff up to %gs", what, self.destination, message, queued, cap)
+            log.warning("graphite: %s to %s failed (%s); %d lines written but unconfirmed will be "
+                        "sent again; buffering (%d lines queued), retrying with backoff up to %gs",
+                        what, self.destination, message, resend, queued, cap)
         else:
-            log.debug("graphite: %s to %s failed again (%s); next attempt in %.1fs",
-                      what, self.destination, message, delay)
+            log.debug("graphite: %s to %s failed again (%s); %d lines to send again; next attempt in %.1fs",
+                      what, self.destination, message, resend, delay)
 
     def _recovered(self, backlog: int) -> None:
         took = self._monotonic() - (self._outage_started or self._monotonic())

@@ -448,12 +448,21 @@ class GraphiteCollector:
     samples then); called once per collect()."""
 
     _COUNTERS = (
-        ("sockscope_graphite_sent_lines", "Lines carbon accepted (TCP: the whole chunk was sent; UDP: the "
-         "kernel took the datagram).", "sent_lines"),
-        ("sockscope_graphite_send_errors", "Failed connection attempts and failed sends to carbon; the "
-         "unsent chunk stays queued.", "send_errors"),
+        ("sockscope_graphite_sent_lines", "Lines delivered to carbon. TCP: carbon's TCP acknowledged every "
+         "byte up to the line's end and, at a check >= 0.5 s later, the connection was open and carbon's "
+         "advertised receive window was back at its largest (nothing left unread), or carbon closed the "
+         "connection cleanly after acknowledging it. UDP: the kernel accepted the datagram.", "sent_lines"),
+        ("sockscope_graphite_send_errors", "Failed connection attempts, failed sends, and connections carbon "
+         "closed or reset before confirming what was written on them; those lines are sent again.",
+         "send_errors"),
         ("sockscope_graphite_dropped_lines", "Oldest lines dropped because the buffer (graphite.buffer_lines) "
-         "was full; these never reach carbon.", "dropped_lines"),
+         "was full, never written to carbon: they never reach it.", "dropped_lines"),
+        ("sockscope_graphite_dropped_unconfirmed_lines", "Oldest lines dropped because the buffer was full "
+         "after they were written to carbon but before carbon confirmed reading them: not sent again, "
+         "missing in carbon only if it did not read them.", "dropped_unconfirmed_lines"),
+        ("sockscope_graphite_resent_lines", "Lines written to carbon again because the connection they had "
+         "been written on failed before carbon confirmed them (carbon may store such a line twice, the "
+         "same whisper point).", "resent_lines"),
         ("sockscope_graphite_invalid_lines", "Lines refused before queueing (NaN/inf/bool value, line over "
          "16384 bytes).", "invalid_lines"),
         ("sockscope_graphite_pushes", "Polls rendered and queued for Graphite.", "pushes"),
@@ -476,12 +485,14 @@ class GraphiteCollector:
                 fam.add_metric([], float(getattr(stats, attr)))
             yield fam
         gauges = (
-            ("sockscope_graphite_queue_lines", "Lines waiting to be sent to carbon (including a chunk being sent).",
-             lambda st: st.queue_lines),
+            ("sockscope_graphite_queue_lines", "Lines not yet sent to carbon: waiting, being written, or written "
+             "and not yet confirmed.", lambda st: st.queue_lines),
+            ("sockscope_graphite_unconfirmed_lines", "Of the queued lines, those written on the current connection "
+             "and not yet confirmed read by carbon (sent again if it fails).", lambda st: st.unconfirmed_lines),
             ("sockscope_graphite_queue_capacity_lines", "Size of the buffer in lines (graphite.buffer_lines, "
              "resolved).", lambda st: st.capacity_lines),
-            ("sockscope_graphite_last_success_timestamp_seconds", "UNIX time of the last successful send to "
-             "carbon (0 before the first).", lambda st: st.last_success_timestamp),
+            ("sockscope_graphite_last_success_timestamp_seconds", "UNIX time lines were last counted in "
+             "sockscope_graphite_sent_lines_total (0 before the first).", lambda st: st.last_success_timestamp),
             ("sockscope_graphite_connected", "1 while a connection (or UDP socket) to carbon is open.",
              lambda st: 1.0 if st.connected else 0.0),
         )
