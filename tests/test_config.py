@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,10 @@ def test_defaults_values():
     )
     assert DEFAULTS.ports == config.PortsConfig(auto_listen=True, local=(), remote=(), max_local=64, max_remote=64)
     assert DEFAULTS.listeners == config.ListenersConfig(max_tracked=256)
-    assert DEFAULTS.prometheus == config.PrometheusConfig(enabled=True, listen_address=":9393", host="", port=9393)
+    assert DEFAULTS.prometheus == config.PrometheusConfig(
+        enabled=True, listen_address=":9393", max_connections=512, workers=4, request_timeout=10.0,
+        idle_timeout=120.0, write_timeout=30.0, host="", port=9393,
+    )
     assert DEFAULTS.log == config.LogConfig(level="info", format="text")
 
 
@@ -134,7 +138,8 @@ def test_full_custom_config():
     assert cfg.poll == config.PollConfig(90.0, 300.0, 2.0, ("ipv6",), "/proc/1/ns/net", 0, 120.0, False)
     assert cfg.ports == config.PortsConfig(False, (443, 80), (5432,), 2, 1)
     assert cfg.listeners.max_tracked == 0
-    assert cfg.prometheus == config.PrometheusConfig(False, "[::1]:9100", "::1", 9100)
+    assert cfg.prometheus == dataclasses.replace(DEFAULTS.prometheus, enabled=False, listen_address="[::1]:9100",
+                                                 host="::1", port=9100)
     assert cfg.log == config.LogConfig("warning", "json")
     assert cfg.source == "custom.yaml"
 
@@ -429,7 +434,7 @@ def test_missing_file(tmp_path):
 
 def test_directory_is_unreadable(tmp_path):
     error = load_error(str(tmp_path))
-    assert error.problems[0].startswith("cannot read file: ")
+    assert error.problems == ["cannot read file: a directory, not a regular file"]
 
 
 def test_not_utf8(tmp_path):
@@ -466,7 +471,7 @@ def test_unmarked_yaml_error_is_config_error(tmp_path):
 def test_duplicate_key_is_an_error(tmp_path):
     path = write(tmp_path, "poll:\n  interval: 5s\n  interval: 1s\n")
     error = load_error(path)
-    assert error.problems == ["line 3, column 3: invalid YAML: key 'interval' appears twice in one mapping"]
+    assert error.problems == ["poll.interval: line 3, column 3: invalid YAML: key 'interval' appears twice in one mapping"]
 
 
 def test_yaml_merge_keys_still_work(tmp_path):
@@ -479,7 +484,7 @@ def test_yaml_merge_keys_still_work(tmp_path):
 def test_python_tags_are_refused(tmp_path):
     path = write(tmp_path, "poll: !!python/object/apply:os.system ['true']\n")
     error = load_error(path)
-    assert error.problems[0].startswith("line 1, column 7: invalid YAML: could not determine a constructor")
+    assert error.problems[0].startswith("poll: line 1, column 7: invalid YAML: could not determine a constructor")
 
 
 # --- CLI overrides ---------------------------------------------------------------------------
@@ -492,7 +497,8 @@ def test_override_nothing_returns_equal_config():
 def test_override_applies_and_derives():
     base = from_mapping({"poll": {"interval": "2s"}}, "f.yaml")
     cfg = override(base, listen_address="127.0.0.1:9100", log_level="DEBUG", netns="blue")
-    assert cfg.prometheus == config.PrometheusConfig(True, "127.0.0.1:9100", "127.0.0.1", 9100)
+    assert cfg.prometheus == dataclasses.replace(DEFAULTS.prometheus, listen_address="127.0.0.1:9100",
+                                                 host="127.0.0.1", port=9100)
     assert cfg.log.level == "debug"
     assert cfg.poll.netns == "blue"
     assert cfg.poll.stale_after == 6.0  # untouched keys keep their values
@@ -523,3 +529,225 @@ def test_only_config_imports_yaml():
     importers = sorted(p.name for p in package.glob("*.py") if re.search(r"^\s*(import|from)\s+yaml\b", p.read_text(), re.M))
     assert importers == ["config.py"]
 
+
+
+# --- hostile files (issue 9, defect 2): refused cheaply, one problem naming the key ----------
+# Each of these crashed (traceback), froze or exhausted memory before the loader limits; the
+# same cases run through the real CLI in test_config_fuzz.py.
+
+
+def hostile(tmp_path: Path, text: str, seconds: float = 1.0) -> ConfigError:
+    path = write(tmp_path, text)
+    started = time.monotonic()
+    error = load_error(path)
+    assert time.monotonic() - started < seconds, error
+    assert len(str(error)) < 2000, str(error)[:300]  # values are shown shortened
+    return error
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("poll:\n  kernel_stats: !!bool maybe\n", "poll.kernel_stats: line 2, column 17: invalid YAML: cannot read 'maybe' as !!bool"),
+        ("poll:\n  dump_retries: !!int abc\n", "poll.dump_retries: line 2, column 17: invalid YAML: cannot read 'abc' as !!int"),
+        ("poll:\n  timeout: !!float x\n", "poll.timeout: line 2, column 12: invalid YAML: cannot read 'x' as !!float"),
+        ("poll:\n  timeout: !!timestamp x\n", "poll.timeout: line 2, column 12: invalid YAML: cannot read 'x' as !!timestamp"),
+        ("ports:\n  local: [1, !!binary 'zz!']\n", "ports.local[1]: line 2, column 14: invalid YAML: failed to decode base64"),
+        ("poll:\n  dump_retries: " + "9" * 5000 + "\n", "poll.dump_retries: line 2, column 17: invalid YAML: cannot read '999"),
+        ("poll:\n  interval: 1" + ":1" * 200_000 + "\n", "poll.interval: line 2, column 13: invalid YAML: cannot read '1:1"),
+        ("poll:\n  ? [a]\n  : 1\n", "poll: line 2, column 5: invalid YAML: while constructing a mapping: found unhashable key"),
+        ("poll: {!!int abc : 1}\n", "poll (a key): line 1, column 8: invalid YAML: cannot read 'abc' as !!int"),
+        ("poll: !!omap [a]\n", "poll: line 1, column 15: invalid YAML: while constructing an ordered map"),
+    ],
+    ids=["bool-maybe", "int-abc", "float-x", "timestamp-x", "binary", "5000-digits", "sexagesimal", "unhashable-key",
+         "bad-key", "omap"],
+)
+def test_constructor_errors_name_the_key(tmp_path, text, expected):
+    (problem,) = hostile(tmp_path, text).problems
+    assert problem.startswith(expected), problem
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """The classic "billion laughs": ~1 KB that expands to width**levels nodes."""
+    lines = [f"  l0: &l0 [{', '.join(['lol'] * width)}]"]
+    for i in range(1, levels):
+        lines.append(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_used_as_a_value_is_refused_at_once(tmp_path):
+    # Before: 37 s and 2.2 GB, then MemoryError (repr of the expanded value in a message).
+    text = "x:\n" + alias_bomb() + "poll:\n  netns: *l8\n"
+    assert len(text) < 1100
+    (problem,) = hostile(tmp_path, text, seconds=0.5).problems
+    assert re.match(r"x\.l\d\[\d\]: line \d+, column \d+: YAML refused: the document expands to more than "
+                    r"20,000 nodes", problem), problem
+
+
+def test_merge_key_bomb_is_refused(tmp_path):
+    text = "m0: &m0 {a: 1, b: 2, c: 3, d: 4, e: 5, f: 6, g: 7, h: 8}\n"
+    text += "".join(f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 8)}]}}\n" for i in range(1, 9))
+    (problem,) = hostile(tmp_path, text + "poll: {<<: *m8}\n", seconds=0.5).problems
+    assert "YAML refused: the document expands to more than 20,000 nodes" in problem
+
+
+def test_aliases_within_the_limit_still_work(tmp_path):
+    ports = list(range(1000, 5000))
+    path = write(tmp_path, f"common: &p {ports}\nports:\n  local: *p\n  remote: *p\n"
+                           "  max_local: 4096\n  max_remote: 4096\n")
+    error = load_error(path)  # only the anchor's own key is unknown
+    assert error.problems == ["common: unknown key"]
+
+
+def test_a_million_keys_are_refused_after_the_node_cap(tmp_path):
+    text = "poll:\n" + "".join(f"  k{i}: {i}\n" for i in range(60_000))
+    (problem,) = hostile(tmp_path, text).problems
+    assert "expands to more than 20,000 nodes" in problem
+
+
+@pytest.mark.parametrize("text", [
+    "poll:\n  families: " + "[" * 1000 + "]" * 1000 + "\n",  # RecursionError before
+    "poll:\n  families: " + "[ " * 100 + "]" * 100 + "\n",
+    "a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 60)),
+    "poll:\n  families: " + "{a: " * 40 + "1" + "}" * 40 + "\n",
+], ids=["1000-brackets", "100-spaced", "60-block-levels", "40-flow-maps"])
+def test_deep_nesting_is_refused(tmp_path, text):
+    (problem,) = hostile(tmp_path, text).problems
+    assert re.search(r"line \d+, column \d+: YAML (refused: nested more than 32 levels deep|syntax error: .*"
+                     r"exceeded maximum nesting depth)", problem), problem
+
+
+@pytest.mark.parametrize("text", ["poll: &a {netns: *a}\n", "ports: {local: &a [1, *a]}\n"])
+def test_recursive_alias_is_refused(tmp_path, text):
+    (problem,) = hostile(tmp_path, text).problems
+    assert "is used inside its own anchor (a recursive structure)" in problem
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    error = load_error(str(fifo))  # open(2) without O_NONBLOCK waits for a writer forever
+    assert time.monotonic() - started < 1
+    assert error.problems == ["cannot read file: a FIFO, not a regular file"]
+
+
+@pytest.mark.parametrize(("path", "kind"), [("/dev/zero", "a character device"), ("/dev/null", "a character device")])
+def test_devices_are_refused(tmp_path, path, kind):
+    link = tmp_path / "config.yaml"
+    link.symlink_to(path)  # a symlink is followed, then the file itself is judged
+    for name in (path, str(link)):
+        assert load_error(name).problems == [f"cannot read file: {kind}, not a regular file"]
+
+
+def test_size_cap(tmp_path):
+    just = "#" * (config.MAX_FILE_BYTES - 1) + "\n"
+    assert load(write(tmp_path, just)) == DEFAULTS
+    error = load_error(write(tmp_path, just + "#"))
+    assert error.problems == [f"file is {config.MAX_FILE_BYTES + 1:,} bytes, larger than the limit of "
+                              f"{config.MAX_FILE_BYTES:,}"]
+
+
+def test_a_file_growing_past_the_cap_while_read_is_refused(tmp_path):
+    # /proc files report size 0; read_file reads at most cap + 1 bytes whatever fstat said.
+    assert len(config.read_file("/proc/self/maps", limit=1 << 30)) > 0
+    with pytest.raises(ConfigError, match="larger than the limit of 10 bytes"):
+        config.read_file("/proc/self/maps", limit=10)
+
+
+def test_utf8_bom_is_accepted_utf16_is_not(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbfpoll:\n  interval: 2s\n")
+    assert load(str(path)).poll.interval == 2.0
+    path.write_bytes("poll:\n  interval: 2s\n".encode("utf-16"))
+    assert load_error(str(path)).problems == ["not UTF-8 text (byte 0)"]
+
+
+def test_shown_values_are_bounded():
+    from sockscope.config import _show
+
+    shared = ["x"] * 10
+    for _ in range(8):
+        shared = [shared] * 10  # 10**9 leaves when expanded, like an alias bomb
+    started = time.monotonic()
+    for value in (shared, 10 ** 4000, "y" * 10**6, {"k" * 100: shared}, b"\0" * 10**6, object()):
+        text = _show(value)
+        assert len(text) <= 60, text
+    assert time.monotonic() - started < 0.1
+    assert _show(10**4000).startswith("<an integer of 13288 bits")
+
+
+def test_many_problems_are_listed_up_to_a_cap(tmp_path):
+    text = "poll:\n" + "".join(f"  unknown{i}: 1\n" for i in range(500))
+    error = load_error(write(tmp_path, text))
+    assert error.count == 500
+    assert len(error.problems) == config.MAX_SHOWN_PROBLEMS + 1
+    assert error.problems[-1] == f"... and {500 - config.MAX_SHOWN_PROBLEMS} more problems"
+    assert str(error).startswith(f"{error.source}: 500 problems:")
+
+
+def test_keys_are_shown_safely(tmp_path):
+    problems = problems_of({"poll": {"a\nb": 1, "z" * 5000: 2, 7: 3}})
+    assert problems[0] == "poll.'a\\nb': unknown key"
+    assert problems[1].startswith("poll.'zzzz") and len(problems[1]) < 100
+    assert problems[2] == "poll.7: unknown key"
+
+
+# --- validation gaps (issue 9, defect 9) -------------------------------------------------------
+
+GAP_CASES = [
+    ({"poll": {"interval": "1ms"}}, "poll.interval",
+     "'1ms' is too short (at least 100ms: a poll costs ~5-10 ms of CPU even on a small table)"),
+    ({"poll": {"interval": 0.05}}, "poll.interval", "too short (at least 100ms"),
+    ({"poll": {"stale_after": "9" * 400 + "s"}}, "poll.stale_after", "too long for a duration"),
+    ({"poll": {"stale_after": "9" * 60 + "s"}}, "poll.stale_after", "too long (at most 72h)"),
+    ({"poll": {"stale_after": 10**400}}, "poll.stale_after", "not a finite duration"),
+    ({"poll": {"stale_after": float("inf")}}, "poll.stale_after", "not a finite duration"),
+    ({"poll": {"interval": "\u0665s"}}, "poll.interval", "not a duration"),  # ARABIC-INDIC DIGIT FIVE
+    ({"poll": {"interval": "\uff15s"}}, "poll.interval", "not a duration"),  # FULLWIDTH DIGIT FIVE
+    ({"poll": {"interval": "\u20055s"}}, "poll.interval", "not a duration"),  # a non-ASCII space
+    ({"poll": {"netns": "blue\n"}}, "poll.netns", "newline or another control character"),
+    ({"poll": {"netns": "/run/netns/a\tb"}}, "poll.netns", "newline or another control character"),
+    ({"poll": {"netns": "a\u2028b"}}, "poll.netns", "newline or another control character"),
+    ({"poll": {"netns": "\ud800"}}, "poll.netns", "cannot be encoded (not a file name)"),
+    ({"poll": {"netns": "n" * 256}}, "poll.netns", "256 bytes is too long for a name in /run/netns (at most 255)"),
+    ({"poll": {"netns": "é" * 128}}, "poll.netns", "256 bytes is too long for a name"),
+    ({"poll": {"netns": "/" + "d/" * 2048}}, "poll.netns", "4097 bytes is too long for a path (at most 4095)"),
+    ({"poll": {"netns": "/proc/" + "p" * 256}}, "poll.netns", "a path component is longer than 255 bytes"),
+    ({"prometheus": {"listen_address": "[fe80::1%eth\n0]:9393"}}, "prometheus.listen_address",
+     "only printable ASCII characters"),
+    ({"prometheus": {"listen_address": "[fe80::1%\ud800]:9393"}}, "prometheus.listen_address",
+     "only printable ASCII characters"),
+    ({"prometheus": {"listen_address": "h" * 300 + ":1"}}, "prometheus.listen_address", "too long (at most 260)"),
+    ({"graphite": {"address": "\u0661.2.3.4:2003"}}, "graphite.address", "only printable ASCII characters"),
+    ({"ports": {"local": [10**4000]}}, "ports.local[0]", "<an integer of 13288 bits> is not a port"),
+    ({"ports": {"max_local": 2**70}}, "ports.max_local", "1180591620717411303424 is out of range (0-4096)"),
+    ({"ports": {"local": [float("inf")]}}, "ports.local[0]", "expected an integer, got a number (inf)"),
+    ({"log": {"level": "x" * 10**6}}, "log.level", "... is not one of debug"),
+    ({"graphite": {"prefix": "a" * 300}}, "graphite.prefix", "300 characters is too long (at most 256)"),
+]
+
+
+@pytest.mark.parametrize(("data", "path", "fragment"), GAP_CASES, ids=[c[1] + ":" + c[2][:30] for c in GAP_CASES])
+def test_validation_gaps(data, path, fragment):
+    problem = only_problem(data)
+    assert problem.startswith(f"{path}: "), problem
+    assert fragment in problem
+    assert len(problem) < 300
+
+
+def test_interval_minimum_is_inclusive():
+    assert from_mapping({"poll": {"interval": "100ms"}}).poll.interval == 0.1
+
+
+def test_long_ipv6_scope_and_hostnames_still_parse():
+    assert parse_listen_address("[fe80::1%enp0s31f6]:9393") == ("fe80::1%enp0s31f6", 9393)
+    host = ".".join(["a" * 63] * 3) + ".b"
+    assert parse_listen_address(f"{host}:1") == (host, 1)
+
+
+def test_netns_limits_inclusive():
+    assert from_mapping({"poll": {"netns": "n" * 255}}).poll.netns == "n" * 255
+    assert from_mapping({"poll": {"netns": "blue green"}}).poll.netns == "blue green"
+    path = "/" + "/".join(["d" * 255] * 15 + ["d" * 254])
+    assert len(path) == 4095 and from_mapping({"poll": {"netns": path}}).poll.netns == path

@@ -170,13 +170,13 @@ _TYPE_NAMES = (
 _SHOW_MAX = 60
 
 
-def _show(value: Any) -> str:
-    """A value as the user wrote it in YAML, shortened to _SHOW_MAX characters.
+def _show(value: Any, limit: int = _SHOW_MAX) -> str:
+    """A value as the user wrote it in YAML, shortened to `limit` characters.
 
     Bounded in time and memory whatever the value: a list that aliases expand to millions
     of elements or a 4,000-digit integer is never rendered in full (repr() would be)."""
-    text = _repr_prefix(value, _SHOW_MAX + 1)
-    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
+    text = _repr_prefix(value, limit + 1)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _repr_prefix(value: Any, budget: int) -> str:

@@ -69,6 +69,7 @@ _TLS_UNSUPPORTED = (
     "prefer_server_cipher_suites", "client_allowed_sans",
 )
 
+_PATH_SHOWN = 300  # characters of a file name in a problem
 _CACHE_MAX = 256  # successful (user, password) pairs remembered
 _FAIL_CACHE_MAX = 4096  # failed pairs remembered (each for FAIL_CACHE_SECONDS)
 FAIL_CACHE_SECONDS = 10.0
@@ -292,7 +293,7 @@ def _tls_context(raw: Any, base_dir: str, problems: list[str]) -> ssl.SSLContext
     for key, path in files.items():
         problem = None if path is None else file_problem(path)
         if problem:
-            problems.append(f"{p}{key}: {show_value(path)}: {problem}")
+            problems.append(f"{p}{key}: {show_value(path, _PATH_SHOWN)}: {problem}")
     if len(problems) > before:
         return None
 
@@ -311,17 +312,19 @@ def _tls_context(raw: Any, base_dir: str, problems: list[str]) -> ssl.SSLContext
         ctx.load_cert_chain(files["cert_file"], files["key_file"], password=no_passphrase)
     except (OSError, ssl.SSLError, ValueError) as e:
         if asked:
-            problems.append(f"{p}key_file: {show_value(files['key_file'])} is encrypted; sockscope cannot "
-                            "ask for a passphrase (write it decrypted: openssl pkey -in KEY -out PLAIN)")
+            problems.append(f"{p}key_file: {show_value(files['key_file'], _PATH_SHOWN)} is encrypted; "
+                            "sockscope cannot ask for a passphrase (write it decrypted: "
+                            "openssl pkey -in KEY -out PLAIN)")
         else:
-            problems.append(f"{p}cert_file/key_file: cannot load {show_value(files['cert_file'])} with "
-                            f"{show_value(files['key_file'])}: {getattr(e, 'strerror', None) or e}")
+            problems.append(f"{p}cert_file/key_file: cannot load "
+                            f"{show_value(files['cert_file'], _PATH_SHOWN)} with "
+                            f"{show_value(files['key_file'], _PATH_SHOWN)}: {getattr(e, 'strerror', None) or e}")
         return None
     if files["client_ca_file"] is not None:
         try:
             ctx.load_verify_locations(cafile=files["client_ca_file"])
         except (OSError, ssl.SSLError, ValueError) as e:
-            problems.append(f"{p}client_ca_file: cannot load {show_value(files['client_ca_file'])}: "
+            problems.append(f"{p}client_ca_file: cannot load {show_value(files['client_ca_file'], _PATH_SHOWN)}: "
                             f"{getattr(e, 'strerror', None) or e}")
             return None
     ctx.verify_mode = verify
