@@ -1,6 +1,7 @@
 """The daemon as systemd runs it: sd_notify over a real NOTIFY_SOCKET (READY, STATUS,
-WATCHDOG, RELOADING, STOPPING), a wedged poller starving the watchdog, SIGHUP reloads,
-SIGTERM/SIGINT, JSON logs, and running unprivileged with no capabilities."""
+WATCHDOG, RELOADING, STOPPING), a wedged poller starving the watchdog, a failing or dying
+poller, SIGHUP reloads (onto hostile files too), SIGTERM/SIGINT, SIGUSR1/SIGUSR2, JSON
+logs, and running unprivileged with no capabilities."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def test_ready_watchdog_and_a_wedged_poller(tmp_path):
             assert all(0.25 <= g <= 0.7 for g in gaps), gaps
             assert any(f.get("STATUS", "").endswith("ms") for t, f in n.messages if t > t_ready)
 
-            d.proc.send_signal(signal.SIGUSR1)  # every poll from now on blocks in the reader
+            d.proc.send_signal(signal.SIGRTMIN)  # every poll from now on blocks in the reader
             t_wedge = time.monotonic()
             time.sleep(2.0)
             late = n.times("WATCHDOG", "1", after=t_wedge + 0.5)
@@ -260,7 +261,7 @@ def test_reload_swaps_reader_in_the_poller_thread_and_rebinds_the_same_port():
     from sockscope.service import Service
 
     port = free_port()
-    cfg = config.from_mapping({"poll": {"interval": "50ms"},
+    cfg = config.from_mapping({"poll": {"interval": "100ms"},
                                "prometheus": {"listen_address": f":{port}"}})
     readers = []
 
@@ -274,7 +275,7 @@ def test_reload_swaps_reader_in_the_poller_thread_and_rebinds_the_same_port():
         first_server = service.server
         # Same port, another host: Linux refuses 127.0.0.1:P while [::]:P listens, so the
         # old listener is closed first and the new one bound.
-        new = config.from_mapping({"poll": {"interval": "50ms", "families": ["ipv4"]},
+        new = config.from_mapping({"poll": {"interval": "100ms", "families": ["ipv4"]},
                                    "prometheus": {"listen_address": f"127.0.0.1:{port}"}})
         service.reload(new)
         assert service.server is not first_server and service.server.port == port
@@ -282,7 +283,7 @@ def test_reload_swaps_reader_in_the_poller_thread_and_rebinds_the_same_port():
         _wait(lambda: readers[0].closed_by is not None and readers[1].polled_by, 5, "the reader swap")
         assert readers[0].closed_by == "sockscope-poller"
         assert readers[1].polled_by == {"sockscope-poller"}
-        assert service.poller.interval == 0.05 and service.cfg is new
+        assert service.poller.interval == 0.1 and service.cfg is new
         # A port somebody else holds: nothing changes.
         import socket as socketmod
         with socketmod.socket() as busy:
@@ -297,3 +298,165 @@ def test_reload_swaps_reader_in_the_poller_thread_and_rebinds_the_same_port():
         assert "sockscope_up" in scrape(f"http://127.0.0.1:{port}/metrics")
     finally:
         service.stop()
+
+
+# -- issue 9: hostile reloads, a failing or dying poller, SIGUSR1/SIGUSR2 ----------------------
+
+
+def _rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+
+
+def _wait_log(d: Daemon, text: str, count: int, timeout: float = 10.0) -> str:
+    """The log once `text` occurs `count` times in it (fails after timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = d.log()
+        if log.count(text) >= count:
+            return log
+        if d.proc.poll() is not None:
+            pytest.fail(f"sockscope exited with {d.proc.returncode}:\n{log[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"{text!r} not logged {count} times within {timeout}s:\n{d.log()[-3000:]}")
+
+
+def _alias_bomb() -> str:
+    lines = ["anchors:", "  l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "\n".join(lines) + "\npoll:\n  netns: *l8\n"
+
+
+def test_sighup_onto_hostile_files_keeps_the_running_configuration(tmp_path):
+    """Before: the alias bomb held the GIL (no /metrics, no polls) while RSS grew ~200 MB/s
+    and SIGTERM was ignored; the FIFO blocked the main thread; /dev/zero ate memory; the
+    deep file and a constructor error in the web config ended the daemon with a traceback."""
+    web = tmp_path / "web.yml"
+    web.write_text("# plain HTTP, no users\n")
+    good = "poll:\n  interval: 200ms\nports:\n  local: [23456]\n"
+    d = start_daemon(tmp_path, good, env=env_with(), extra_args=("--web.config.file", str(web)))
+    tracked = ("sockscope_tcp_local_port_sockets", (("port", "23456"), ("state", "listen")))
+    try:
+        cfg = d.config_path
+        good_text = cfg.read_text()
+        rss_start = _rss_kib(d.pid)
+        cases = [
+            ("alias bomb", lambda: cfg.write_text(_alias_bomb()),
+             "YAML refused: the document expands to more than 20,000 nodes"),
+            ("deep nesting", lambda: cfg.write_text("poll:\n  families: " + "[ " * 2000 + "]" * 2000 + "\n"),
+             "nested more than 32 levels deep"),
+            ("!!bool maybe", lambda: cfg.write_text("poll:\n  kernel_stats: !!bool maybe\n"),
+             "poll.kernel_stats: line 2, column 17: invalid YAML: cannot read 'maybe' as !!bool"),
+            ("FIFO", lambda: (cfg.unlink(), os.mkfifo(cfg)), "cannot read file: a FIFO, not a regular file"),
+            ("/dev/zero", lambda: (cfg.unlink(), cfg.symlink_to("/dev/zero")),
+             "cannot read file: a character device, not a regular file"),
+            ("web config", lambda: (cfg.unlink(), cfg.write_text(good_text),
+                                    web.write_text("basic_auth_users:\n  u: !!binary 'zz!'\n")),
+             "basic_auth_users.u: line 2, column 6: invalid YAML: failed to decode base64"),
+            ("bcrypt cost", lambda: web.write_text("basic_auth_users:\n  u: $2b$99$" + "a" * 53 + "\n"),
+             "basic_auth_users.u: bcrypt cost 99 is outside 04-31"),
+        ]
+        for n, (name, make, problem) in enumerate(cases, start=1):
+            make()
+            started = time.monotonic()
+            d.signal(signal.SIGHUP)
+            log = _wait_log(d, "reload refused", n, timeout=5.0)
+            took = time.monotonic() - started
+            assert log.count(problem) == 1, (name, log[-2000:])  # logged once, by this reload
+            assert took < 2.0, (name, took)
+            s = d.wait_polls(2, timeout=5.0)  # still polling and serving, the old rules in force
+            assert s[tracked] >= 0 and s[("sockscope_up", ())] == 1.0, name
+        assert "Traceback" not in d.log()
+        grown = _rss_kib(d.pid) - rss_start
+        assert grown < 30 * 1024, f"RSS grew by {grown} KiB"
+        took = stop_within(d, bound=5.0)
+        assert took < 3.0
+    finally:
+        d.stop()
+
+
+def test_a_failing_peak_tracker_is_counted_and_polling_goes_on(tmp_path):
+    """Before: PeakTracker.apply ran outside the poll's try; its exception ended the poller
+    thread and the daemon served sockscope_polls_total frozen forever."""
+    with NotifyListener(tmp_path) as n:
+        env = env_with(NOTIFY_SOCKET=n.address, WATCHDOG_USEC="600000")
+        d = start_daemon(tmp_path, "poll:\n  interval: 100ms\n", env=env, program=(WEDGE_DRIVER,))
+        try:
+            d.signal(signal.SIGRTMIN + 1)  # PeakTracker.apply raises from now on
+            _wait_log(d, "poll failed: injected peaks failure", 1)
+            t_broken = time.monotonic()
+            before = d.samples()
+            errors_key, polls_key = ("sockscope_poll_errors_total", ()), ("sockscope_polls_total", ())
+            after = _wait(lambda: (s := d.samples())[errors_key] >= before[errors_key] + 4 and s,
+                          timeout=10, what="4 more failed polls")
+            # Every poll since is a counted failure, and polls go on (a poll may end between
+            # the two reads of a scrape: allow one).
+            assert abs((after[polls_key] - before[polls_key]) - (after[errors_key] - before[errors_key])) <= 1
+            # Failed polls still complete: the watchdog is fed (docs/service.md).
+            _wait(lambda: len(n.times("WATCHDOG", "1", after=t_broken)) >= 2, timeout=5, what="2 pings")
+            d.signal(signal.SIGRTMIN + 1)  # healed
+            log = _wait_log(d, "poll recovered after", 1)
+            assert log.count("poll failed: injected peaks failure") == 1
+            assert log.count("Traceback") == 1  # the unexpected error's, logged once
+            assert d.wait_polls(2)[("sockscope_up", ())] == 1.0
+            stop_within(d)
+        finally:
+            d.stop()
+
+
+def test_a_dead_poller_thread_stops_the_watchdog_and_exits_1(tmp_path):
+    """Before: a poller thread that ended left a process serving a frozen table forever
+    (SystemExit in a thread ends it silently). Now the main loop notices within a second
+    and exits with status 1, so Restart=on-failure starts a fresh daemon."""
+    with NotifyListener(tmp_path) as n:
+        env = env_with(NOTIFY_SOCKET=n.address, WATCHDOG_USEC="600000")  # ping every 0.3 s
+        d = start_daemon(tmp_path, "poll:\n  interval: 100ms\n", env=env, program=(WEDGE_DRIVER,))
+        try:
+            n.wait_for("WATCHDOG=1", timeout=10)
+            t_kill = time.monotonic()
+            d.signal(signal.SIGRTMIN + 2)  # the next poll raises SystemExit in the reader
+            try:
+                rc = d.proc.wait(timeout=6.0)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"a daemon with a dead poller kept running:\n{d.log()[-2000:]}")
+            took = time.monotonic() - t_kill
+            assert rc == 1, d.log()
+            assert took < 4.0, took  # the poll in progress, then the main loop's 1 s check
+            log = d.log()
+            assert "the poll loop ended on SystemExit" in log
+            assert "the poller thread ended unexpectedly; exiting with status 1" in log
+            n.wait_for("STOPPING=1", timeout=1, after=t_kill)
+            assert n.times("WATCHDOG", "1", after=t_kill + 0.5) == []  # no pings once polls stopped
+        finally:
+            d.stop()
+
+
+def test_sigusr1_logs_a_status_line_and_sigusr2_is_ignored(tmp_path):
+    """Before: both signals' default action killed the daemon."""
+    graphite_port = free_port()  # nothing listens: lines stay queued
+    d = start_daemon(tmp_path, "poll:\n  interval: 200ms\n"
+                               f"graphite:\n  enabled: true\n  address: 127.0.0.1:{graphite_port}\n"
+                               "  interval: 1s\n  flush_timeout: 0\n", env=env_with(),
+                     extra_args=("--log.level", "debug"))
+    try:
+        d.wait_polls(6)
+        d.signal(signal.SIGUSR1)
+        log = _wait_log(d, "status: ", 1, timeout=5)
+        line = next(ln for ln in log.splitlines() if "status: " in ln)
+        assert re.search(r"INFO sockscope: status: (\d+) polls \(0 failed\); last good poll \d+\.\ds ago; "
+                         r"\d+ sockets, \d+ listening addresses; graphite queue (\d+) of \d+ lines "
+                         r"\(0 sent, 0 dropped\)$", line), line
+        polls = int(re.search(r"status: (\d+) polls", line).group(1))
+        assert polls >= 6
+        assert int(re.search(r"graphite queue (\d+)", line).group(1)) > 0
+        d.signal(signal.SIGUSR2)
+        _wait_log(d, "received SIGUSR2: ignored", 1, timeout=5)
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGUSR1):
+            d.signal(sig)
+            time.sleep(0.3)  # one signal of a kind is pending at a time: they would merge
+        _wait_log(d, "status: ", 3, timeout=5)
+        assert d.proc.poll() is None
+        assert d.wait_polls(1)[("sockscope_up", ())] == 1.0
+        stop_within(d)
+    finally:
+        d.stop()

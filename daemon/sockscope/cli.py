@@ -260,6 +260,9 @@ def main(
     except config.ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as e:  # noqa: BLE001 - loading raises ConfigError only; never a traceback
+        print(f"sockscope: cannot load the configuration: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     setup_logging(cfg.log.level, cfg.log.format)
     if command == "snapshot":
         return snapshot(cfg, args)
@@ -389,10 +392,13 @@ def run(
     reader_factory: Callable[[config.Config], Reader] = make_reader,
     environ: Mapping[str, str] | None = None,
 ) -> int:
-    """The daemon until SIGTERM/SIGINT (exit 0); SIGHUP calls reload_config() and applies it.
+    """The daemon until SIGTERM/SIGINT (exit 0); SIGHUP calls reload_config() and applies it;
+    SIGUSR1 logs a status line; SIGUSR2 is ignored (their default action would kill us).
 
     Signal handlers only queue the signal; the main thread acts on it, so logging and
-    reconfiguring never run inside a handler.
+    reconfiguring never run inside a handler. The main thread also checks every second that
+    the poller thread is alive: if it ever ended, the daemon exits with status 1 so that
+    systemd (Restart=on-failure) starts a fresh one instead of serving a frozen table.
     """
     wake = threading.Event()
     signals: list[int] = []
@@ -401,7 +407,7 @@ def run(
         signals.append(signum)
         wake.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, on_signal)
 
     systemd = ServiceNotifier.from_environ(environ)
@@ -413,6 +419,7 @@ def run(
     except OSError as e:
         log.error("%s", e)
         return EXIT_RUNTIME
+    status = 0
     try:
         while True:
             wake.wait(1.0)
@@ -421,8 +428,17 @@ def run(
                 signum = signals.pop(0)
                 if signum == signal.SIGHUP:
                     _reload(service, reload_config, systemd)
-                    continue
-                log.info("received %s, shutting down", signal.Signals(signum).name)
+                elif signum == signal.SIGUSR1:
+                    log.info("%s", _status_line(service))
+                elif signum == signal.SIGUSR2:
+                    log.debug("received SIGUSR2: ignored (SIGUSR1 logs a status line)")
+                else:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    raise _Stop
+            if service.poller.ended_unexpectedly:
+                log.critical("the poller thread ended unexpectedly; exiting with status %d so that "
+                             "systemd restarts sockscope", EXIT_RUNTIME)
+                status = EXIT_RUNTIME
                 raise _Stop
     except _Stop:
         pass
@@ -430,7 +446,7 @@ def run(
         systemd.stopping()
         service.stop()
     log.info("stopped")
-    return 0
+    return status
 
 
 class _Stop(Exception):
@@ -449,15 +465,46 @@ def _reload(service: Service, reload_config, systemd: ServiceNotifier) -> None:
             for problem in e.problems:
                 log.error("reload: %s: %s", e.source, problem)
             log.error("reload refused (%d problem%s); the running configuration stays",
-                      len(e.problems), "" if len(e.problems) == 1 else "s")
+                      e.count, "" if e.count == 1 else "s")
+            return
+        except Exception as e:  # noqa: BLE001 - loading raises ConfigError only; a bug must not kill us
+            log.error("reload refused: cannot load the configuration: %s: %s; the running "
+                      "configuration stays", type(e).__name__, e, exc_info=e)
             return
         try:
             service.reload(cfg, web)
         except (OSError, ValueError) as e:  # ValueError: a Graphite path the builder refuses
             log.error("reload failed: %s; the running configuration stays", e)
             return
+        except Exception as e:  # noqa: BLE001 - Service.reload is all or nothing only for the above
+            log.error("reload failed: %s: %s; the configuration may be partly applied",
+                      type(e).__name__, e, exc_info=e)
+            return
         setup_logging(cfg.log.level, cfg.log.format)
         systemd.check_interval(cfg.poll.interval)
         log.info("reloaded the configuration from %s", cfg.source)
+    except Exception as e:  # noqa: BLE001 - logging setup or the notifier: keep running
+        log.error("reload: %s: %s", type(e).__name__, e, exc_info=e)
     finally:
         systemd.reloaded()
+
+
+def _status_line(service: Service, monotonic: Callable[[], float] = time.monotonic) -> str:
+    """The SIGUSR1 line: polls, errors, age of the last good poll, sockets, Graphite queue."""
+    st = service.poller.status()
+    parts = [f"{st.polls} polls ({st.errors} failed)"]
+    if st.last_success_monotonic is None:
+        parts.append("no good poll yet")
+    else:
+        parts.append(f"last good poll {monotonic() - st.last_success_monotonic:.1f}s ago")
+    snap = st.snapshot
+    if snap is not None:
+        parts.append(f"{snap.sockets} sockets, {len(snap.listeners)} listening addresses")
+    if st.last_error is not None:
+        parts.append(f"last error: {st.last_error}")
+    pusher = service.graphite
+    if pusher is not None:
+        g = pusher.stats()
+        parts.append(f"graphite queue {g.queue_lines} of {g.capacity_lines} lines "
+                     f"({g.sent_lines} sent, {g.dropped_lines} dropped)")
+    return "status: " + "; ".join(parts)
