@@ -558,9 +558,11 @@ def hostile(tmp_path: Path, text: str, seconds: float = 1.0) -> ConfigError:
         ("poll:\n  ? [a]\n  : 1\n", "poll: line 2, column 5: invalid YAML: while constructing a mapping: found unhashable key"),
         ("poll: {!!int abc : 1}\n", "poll (a key): line 1, column 8: invalid YAML: cannot read 'abc' as !!int"),
         ("poll: !!omap [a]\n", "poll: line 1, column 15: invalid YAML: while constructing an ordered map"),
+        ("poll:\n  timeout: !!set [a]\n", "poll.timeout: line 2, column 12: invalid YAML: expected a mapping node"),
+        ("log: {level: !!map [1]}\n", "log.level: line 1, column 14: invalid YAML: expected a mapping node"),
     ],
     ids=["bool-maybe", "int-abc", "float-x", "timestamp-x", "binary", "5000-digits", "sexagesimal", "unhashable-key",
-         "bad-key", "omap"],
+         "bad-key", "omap", "set-of-a-list", "map-of-a-list"],
 )
 def test_constructor_errors_name_the_key(tmp_path, text, expected):
     (problem,) = hostile(tmp_path, text).problems

@@ -908,13 +908,16 @@ class _Loader(yaml.composer.Composer, _EventSource, yaml.constructor.SafeConstru
                 exc.key_path = self._node_path(node)
             raise
         except Exception as exc:  # noqa: BLE001 - any constructor failure is a problem of the file
-            # ValueError says what was wrong ("invalid literal for int() ..."); KeyError,
-            # AttributeError and the like only say where PyYAML tripped.
-            reason = f": {_clip(str(exc))}" if isinstance(exc, ValueError) and str(exc) else ""
-            error = yaml.constructor.ConstructorError(
-                None, None, f"cannot read {_show(node.value)} as {_short_tag(node.tag)}{reason}", node.start_mark)
-            error.key_path = self._node_path(node)
-            raise error from None
+            raise self._problem(node, exc) from None
+
+    def _problem(self, node: Any, exc: Exception) -> yaml.MarkedYAMLError:
+        # ValueError says what was wrong ("invalid literal for int() ..."); KeyError,
+        # AttributeError and the like only say where PyYAML tripped.
+        reason = f": {_clip(str(exc))}" if isinstance(exc, ValueError) and str(exc) else ""
+        error = yaml.constructor.ConstructorError(
+            None, None, f"cannot read {_show(node.value)} as {_short_tag(node.tag)}{reason}", node.start_mark)
+        error.key_path = self._node_path(node)
+        return error
 
     def _tied(self, generator: Any, node: Any) -> Any:
         """generator (the rest of a collection's construction, run by construct_document)
@@ -925,11 +928,15 @@ class _Loader(yaml.composer.Composer, _EventSource, yaml.constructor.SafeConstru
             if getattr(exc, "key_path", None) is None:
                 exc.key_path = self._node_path(node)
             raise
+        except Exception as exc:  # noqa: BLE001 - as in construct_object
+            raise self._problem(node, exc) from None
 
     def construct_mapping(self, node: Any, deep: bool = False) -> dict:
         try:
             seen: set = set()
-            for key_node, _ in node.value:
+            # Not a mapping (`!!set [a]`): SafeConstructor says so below.
+            pairs = node.value if isinstance(node, yaml.MappingNode) else []
+            for key_node, _ in pairs:
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                     continue
                 key = self.construct_object(key_node)
