@@ -719,8 +719,9 @@ def parse_args(argv):
     p.add_argument("--soak", action="store_true", help="run the memory soak (minutes; not in CI)")
     p.add_argument("--soak-size", type=int, default=10_000)
     p.add_argument("--soak-polls", type=int, default=10_000)
-    p.add_argument("--soak-interval", type=float, default=0.02)
-    p.add_argument("--soak-timeout", type=float, default=900.0)
+    p.add_argument("--soak-interval", type=float, default=0.1,
+                   help="poll.interval of the soak (the configuration allows 100 ms at least)")
+    p.add_argument("--soak-timeout", type=float, default=1500.0)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--patterns", default="churn,keepalive,gzip",
                    help=f"scrape patterns, one loaded period each ({', '.join(PATTERNS)})")

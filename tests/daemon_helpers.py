@@ -17,6 +17,7 @@ scraping with `scheme`, `context` (TLS) and `auth` (basic auth) as given.
 from __future__ import annotations
 
 import base64
+import re
 import signal
 import socket
 import ssl
@@ -150,7 +151,11 @@ def start_daemon(work_dir: Path, config_text: str, *, netns: str | None = None,
     work_dir = Path(work_dir)
     port = free_port()
     config_path = work_dir / f"sockscope-{port}.yaml"
-    config_path.write_text(config_text.rstrip("\n") + f"\nprometheus:\n  listen_address: 127.0.0.1:{port}\n")
+    listen = f"prometheus:\n  listen_address: 127.0.0.1:{port}"
+    if re.search(r"(?m)^prometheus:[ \t]*$", config_text):  # a prometheus section of the test's own
+        config_path.write_text(re.sub(r"(?m)^prometheus:[ \t]*$", listen, config_text, count=1))
+    else:
+        config_path.write_text(config_text.rstrip("\n") + f"\n{listen}\n")
     log_path = work_dir / f"sockscope-{port}.log"
     argv = [*prefix, sys.executable, *program, "run", "--config.file", str(config_path), *extra_args]
     if netns is not None:

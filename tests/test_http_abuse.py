@@ -250,3 +250,22 @@ def test_password_guessing_costs_at_most_one_core_and_scrapes_go_on(tmp_path):
     assert cores < 1.3, f"the daemon used {cores:.2f} cores under password guessing"
     assert worst < 1.0, f"a legitimate scrape took {worst:.2f}s"
     assert polls >= 8, polls  # ~6 s at 500 ms: the poller kept its cadence
+
+
+def test_the_daemon_runs_a_fixed_set_of_threads(tmp_path):
+    # main, poller, HTTP I/O, prometheus.workers workers, bcrypt: whatever the load and
+    # the number of CPUs (numpy's OpenBLAS would add one idle thread per extra CPU: 63 on a
+    # 64-CPU host, past the unit's TasksMax=64, so sockscope sets OPENBLAS_NUM_THREADS=1).
+    workers = 3
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    d = start_daemon(tmp_path, f"poll:\n  interval: 200ms\nprometheus:\n  workers: {workers}\n", env=env)
+    try:
+        held = _open(d.port, 50)
+        for _ in range(20):
+            d.scrape()
+        threads = len(list(Path(f"/proc/{d.pid}/task").iterdir()))
+        for s in held:
+            s.close()
+    finally:
+        assert d.stop() == 0, d.log()[-3000:]
+    assert threads == 1 + 1 + 1 + workers + 1, threads
