@@ -56,13 +56,16 @@ def test_scrape_bench_smoke(tmp_path, root):
     out = tmp_path / "results"
     r = subprocess.run(
         [sys.executable, "-m", "bench.scrape", "--sizes", "10000", "--render-scrapes", "5",
-         "--scrapers", "5", "--duration", "3", "--no-tw-refresh", "--out", str(out)],
+         "--scrapers", "5", "--client-procs", "2", "--patterns", "churn,gzip", "--duration", "3",
+         "--no-tw-refresh", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": f"{REPO / 'daemon'}:{REPO}"},
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     (size,) = json.loads((out / "scrape-latest.json").read_text())["sizes"]
     assert size["render"]["text"]["series"] > 50
-    load = size["periods"]["with"]["scrape_load"]
-    assert load["scrapes"] > 0 and load["failures"] == 0
+    for pattern in ("churn", "gzip"):
+        load = size["periods"][pattern]["scrape_load"]
+        assert load["scrapes"] > 0 and load["failures"] == 0, (pattern, load)
+        assert load["client_processes"] == 2
     assert "render median" in (out / "scrape-latest.md").read_text()
