@@ -1,19 +1,20 @@
-"""TCP socket table over NETLINK_SOCK_DIAG: the only module that talks to the kernel.
+"""Socket tables over NETLINK_SOCK_DIAG: the only module that talks to the kernel.
 
-A poll is one legacy TCPDIAG_GETSOCK dump when both families are wanted: the kernel
+A TCP poll is one legacy TCPDIAG_GETSOCK dump when both families are wanted: the kernel
 answers it with the sockets of both families from ONE walk of its hash tables (every
 walk visits every socket of the host, whatever its namespace, ~0.1 us each; collectd's
 tcpconns sends the same request). If the kernel refuses it, or only one family is
-wanted, it is one `inet_diag_req_v2` dump per family. No extensions are requested.
+wanted, or the protocol is not TCP, it is one `inet_diag_req_v2` dump per family.
+Extensions (tcp_info, memory info) are asked for only when a feature needs them.
 
 Replies are read into one reused buffer, several ~32 KiB datagrams back to back, and
-decoded a batch at a time with numpy (MessageBatch: message offsets found by a
+handed on a batch at a time as batch.Batch (message offsets found by a
 vectorised header scan and verified as an exact chain, fields gathered column-wise):
 ~0.1 us per socket against ~1 us for struct.unpack_from per message and 30-100 us for
 pyroute2's generic decoder (docs/performance.md). Anything unusual in a batch (an error,
 NLMSG_DONE, a message of another dump, NLM_F_DUMP_INTR, a garbled length) sends that
 batch through the exact per-message decoder, decode_datagram(), which defines the
-semantics. In another network namespace the socket is created by a thread that entered
+semantics and yields the same Batch. In another network namespace the socket is created by a thread that entered
 it (namespace.run_in).
 
 Structures mirrored (include/uapi/linux/netlink.h, include/uapi/linux/inet_diag.h,
@@ -44,12 +45,12 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
+from .batch import MSG_BYTES, Batch
 from .namespace import NamespaceWatch, netns_path, run_in
 
 log = logging.getLogger(__name__)
@@ -65,17 +66,13 @@ NLM_F_DUMP = 0x100 | 0x200  # NLM_F_ROOT | NLM_F_MATCH
 ALL_STATES = 0xFFF  # 1 << state for every TCP state incl. NEW_SYN_RECV (12)
 
 FAMILY_NUMBERS = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
-FAMILY_NAMES = {v: k for k, v in FAMILY_NUMBERS.items()}
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _REQ = struct.Struct("=IHHII" "BBBxI" "48x")  # nlmsghdr + inet_diag_req_v2, zero sockid
 _LEGACY_REQ = struct.Struct("=IHHII" "BBBB" "48x" "II")  # nlmsghdr + inet_diag_req
-# nlmsghdr + inet_diag_msg, skipping timer, retrans, if, cookie and expires.
-# Ports are big-endian on the wire and unpacked natively here, then swapped below.
-_MSG = struct.Struct("=IHHII" "BBxx" "HH16s16s" "16x" "IIII")
 _ERR = struct.Struct("=i")
-_MSG_MIN = _MSG.size  # 88: a SOCK_DIAG_BY_FAMILY message can be no shorter
-_SWAP_PORTS = sys.byteorder == "little"
+_MSG_MIN = MSG_BYTES  # 88: a SOCK_DIAG_BY_FAMILY message can be no shorter
+_LITTLE = sys.byteorder == "little"
 _PEEK = struct.Struct("=IHHI")  # nlmsghdr len, type, flags, seq
 _DONE_TAIL = struct.Struct("=IH")  # a datagram ending in NLMSG_DONE: (20, 3) 20 bytes before its end
 # Errors with which a kernel refuses TCPDIAG_GETSOCK: fall back to per-family dumps.
@@ -89,25 +86,6 @@ RECV_ROOM = 64 * 1024
 LEGACY = "ipv4+ipv6"  # the label of a legacy dump in errors
 
 
-class Record(NamedTuple):
-    """One socket as the kernel reports it. The decoder yields plain tuples in this order."""
-
-    family: int  # socket.AF_INET / AF_INET6
-    state: int  # kernel TCP state number (include/net/tcp_states.h); 12 = NEW_SYN_RECV
-    sport: int
-    dport: int
-    src: bytes  # 16 bytes; IPv4 uses the first 4
-    dst: bytes
-    rqueue: int  # `ss` Recv-Q: unread bytes, or accept-queue length for LISTEN
-    wqueue: int  # `ss` Send-Q: unacked bytes, or backlog limit for LISTEN
-    uid: int
-    inode: int  # 0 for TIME-WAIT and connections still in an accept queue
-
-
-def format_address(family: int, raw: bytes) -> str:
-    return socket.inet_ntop(family, raw[:4] if family == socket.AF_INET else raw)
-
-
 class NetlinkError(Exception):
     """A dump that could not be completed; the message says which family and why."""
 
@@ -117,76 +95,22 @@ class NetlinkError(Exception):
         self.retryable = retryable
 
 
-def build_request(family: int, seq: int, states: int = ALL_STATES) -> bytes:
+def build_request(family: int, seq: int, states: int = ALL_STATES, ext: int = 0,
+                  protocol: int = socket.IPPROTO_TCP) -> bytes:
+    """inet_diag_req_v2 dump request; `ext` is the bit mask of extensions asked for
+    (1 << (INET_DIAG_x - 1), e.g. INET_DIAG_INFO), 0 for none."""
     return _REQ.pack(
         _REQ.size, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0,
-        family, socket.IPPROTO_TCP, 0, states,
+        family, protocol, ext, states,
     )
 
 
-def build_legacy_request(seq: int, states: int = ALL_STATES) -> bytes:
+def build_legacy_request(seq: int, states: int = ALL_STATES, ext: int = 0) -> bytes:
     """TCPDIAG_GETSOCK dump request: TCP sockets of every family in one hash walk."""
     return _LEGACY_REQ.pack(
         _LEGACY_REQ.size, TCPDIAG_GETSOCK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0,
-        socket.AF_UNSPEC, 0, 0, 0, states, 0,
+        socket.AF_UNSPEC, 0, 0, ext, states, 0,
     )
-
-
-class MessageBatch:
-    """The socket messages of a run of datagrams, read column-wise.
-
-    `data` holds whole netlink messages back to back; `words` are the offsets of the
-    messages' headers in 32-bit words (all are 4-aligned). Columns are numpy arrays
-    gathered on first use; iterating yields Record-order tuples (slow: CLI and tests).
-    Word offsets inside a message (inet_diag_msg after the 16-byte nlmsghdr): family and
-    state are bytes 16 and 17, sport/dport big-endian at 20/22, src at 24, dst at 40,
-    rqueue word 18, wqueue 19, uid 20, inode 21.
-    """
-
-    __slots__ = ("data", "words", "_u8", "_u16", "_u32")
-
-    def __init__(self, data: bytes, words: np.ndarray):
-        self.data = data
-        self.words = words
-        self._u8 = np.frombuffer(data, np.uint8)
-        self._u16 = np.frombuffer(data, np.uint16, len(data) >> 1)
-        self._u32 = np.frombuffer(data, np.uint32, len(data) >> 2)
-
-    def __len__(self) -> int:
-        return len(self.words)
-
-    def _byte(self, at: int) -> np.ndarray:
-        return self._u8[(self.words << 2) + at]
-
-    def _port(self, at: int) -> np.ndarray:
-        port = self._u16[(self.words << 1) + (at >> 1)]  # big-endian on the wire
-        return port.byteswap() if _SWAP_PORTS else port
-
-    def _word(self, at: int) -> np.ndarray:
-        return self._u32[self.words + at]
-
-    family = property(lambda self: self._byte(16))
-    state = property(lambda self: self._byte(17))
-    sport = property(lambda self: self._port(20))
-    dport = property(lambda self: self._port(22))
-    rqueue = property(lambda self: self._word(18))
-    wqueue = property(lambda self: self._word(19))
-    uid = property(lambda self: self._word(20))
-    inode = property(lambda self: self._word(21))
-
-    def src(self, i: int) -> bytes:
-        o = int(self.words[i]) << 2
-        return self.data[o + 24:o + 40]
-
-    def __iter__(self) -> Iterator[tuple]:
-        data = self.data
-        for fam, state, sp, dp, rq, wq, uid, ino, w in zip(
-            self.family.tolist(), self.state.tolist(), self.sport.tolist(),
-            self.dport.tolist(), self.rqueue.tolist(), self.wqueue.tolist(),
-            self.uid.tolist(), self.inode.tolist(), self.words.tolist(),
-        ):
-            o = w << 2
-            yield (fam, state, sp, dp, data[o + 24:o + 40], data[o + 40:o + 56], rq, wq, uid, ino)
 
 
 def scan_batch(data: bytes, bounds: list[int], seq: int, msg_type: int) -> np.ndarray | None:
@@ -205,7 +129,7 @@ def scan_batch(data: bytes, bounds: list[int], seq: int, msg_type: int) -> np.nd
     if n < _MSG_MIN or n & 3:
         return None
     w = np.frombuffer(data, np.uint32)
-    typeflags = msg_type | (NLM_F_MULTI << 16) if _SWAP_PORTS else (msg_type << 16) | NLM_F_MULTI
+    typeflags = msg_type | (NLM_F_MULTI << 16) if _LITTLE else (msg_type << 16) | NLM_F_MULTI
     cand = np.flatnonzero((w[1:-2] == typeflags) & (w[2:-1] == seq))
     if not len(cand) or cand[0] != 0:
         return None
@@ -232,10 +156,11 @@ class DatagramResult:
 
 
 def decode_datagram(
-    buf, nbytes: int, seq: int, out: list, family_name: str = "?",
-    msg_type: int = SOCK_DIAG_BY_FAMILY,
+    buf, nbytes: int, seq: int, out: list[int], family_name: str = "?",
+    msg_type: int = SOCK_DIAG_BY_FAMILY, base: int = 0,
 ) -> DatagramResult:
-    """Decode one netlink datagram of a sock_diag dump, appending record tuples to `out`.
+    """Check one netlink datagram of a sock_diag dump message by message, appending the
+    byte offset (+ `base`) of every socket message to `out` (a Batch reads them).
 
     `msg_type` is the type socket messages carry (the request's: SOCK_DIAG_BY_FAMILY, or
     TCPDIAG_GETSOCK for a legacy dump).
@@ -247,9 +172,7 @@ def decode_datagram(
     """
     result = DatagramResult()
     unpack_hdr = _NLMSGHDR.unpack_from
-    unpack_msg = _MSG.unpack_from
     append = out.append
-    swap = _SWAP_PORTS
     off = 0
     while off < nbytes:
         if nbytes - off < 16:
@@ -272,13 +195,7 @@ def decode_datagram(
                         f"netlink dump {family_name}: truncated inet_diag_msg at offset "
                         f"{off}: {length} bytes, need {_MSG_MIN}"
                     )
-                (_, _, _, _, _, fam, state, sp, dp, src, dst, rq, wq, uid, ino) = unpack_msg(
-                    buf, off
-                )
-                if swap:
-                    sp = ((sp & 0xFF) << 8) | (sp >> 8)
-                    dp = ((dp & 0xFF) << 8) | (dp >> 8)
-                append((fam, state, sp, dp, src, dst, rq, wq, uid, ino))
+                append(base + off)
             elif mtype == NLMSG_DONE:
                 # The payload is an int: 0, or a negative errno when the dump failed.
                 if length >= 20:
@@ -345,7 +262,8 @@ class DumpStats:
 
 
 class Reader:
-    """Dumps the TCP table of one network namespace. Not thread-safe: one per poller.
+    """Dumps the sockets of one protocol (TCP by default, or UDP) of one network
+    namespace, with the extensions `ext` asks for. Not thread-safe: one per poller.
 
     The netlink socket is kept open across polls (in another namespace opening one forks
     a helper process) and re-opened after any error. When watching a namespace by path,
@@ -361,9 +279,16 @@ class Reader:
         timeout: float = 30.0,
         dump_retries: int = 3,
         legacy: bool = True,
+        protocol: int = socket.IPPROTO_TCP,
+        ext: int = 0,
+        states: int = ALL_STATES,
         open_socket: Callable[[str | None], socket.socket] = _open_socket,
     ):
         self.families = tuple(families)
+        self.protocol = protocol
+        self.label = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}.get(protocol, str(protocol))
+        self.ext = ext  # 1 << (INET_DIAG_x - 1) for each extension asked for
+        self.states = states
         # One TCPDIAG_GETSOCK dump for both families while the kernel accepts it.
         self.legacy = legacy
         self._legacy_refused = False
@@ -419,23 +344,21 @@ class Reader:
     def dump(self, family: str, sink: Callable, states: int = ALL_STATES) -> tuple[int, bool]:
         """One inet_diag_req_v2 dump of `family`; see _dump()."""
         seq = next(self._seq) & 0xFFFFFFFF
-        request = build_request(FAMILY_NUMBERS[family], seq, states)
-        return self._dump(request, seq, SOCK_DIAG_BY_FAMILY, family, sink)
+        request = build_request(FAMILY_NUMBERS[family], seq, states, self.ext, self.protocol)
+        return self._dump(request, seq, SOCK_DIAG_BY_FAMILY, f"{self.label} {family}", sink)
 
     def dump_legacy(self, sink: Callable, states: int = ALL_STATES) -> tuple[int, bool]:
         """One TCPDIAG_GETSOCK dump: both families, one walk of the kernel's tables."""
         seq = next(self._seq) & 0xFFFFFFFF
-        return self._dump(build_legacy_request(seq, states), seq, TCPDIAG_GETSOCK, LEGACY, sink)
+        return self._dump(build_legacy_request(seq, states, self.ext), seq, TCPDIAG_GETSOCK, LEGACY, sink)
 
     def _dump(
         self, request: bytes, seq: int, msg_type: int, label: str, sink: Callable
     ) -> tuple[int, bool]:
-        """Send `request` and read its dump; calls sink(batch) per batch of datagrams.
-
-        A batch is a MessageBatch, or a list of record tuples when it went through the
-        exact decoder; both iterate as Record-order tuples. Returns (messages,
-        interrupted). Raises NetlinkError; on any error the socket is closed so leftovers
-        of the broken dump can never be read by the next one.
+        """Send `request` and read its dump; calls sink(batch) per Batch of datagrams
+        (found by scan_batch, or checked message by message by decode_datagram).
+        Returns (messages, interrupted). Raises NetlinkError; on any error the socket is
+        closed so leftovers of the broken dump can never be read by the next one.
         """
         sock = self._socket()
         buf = self._buf
@@ -480,11 +403,11 @@ class Reader:
                 if n:
                     # Anything else (NLMSG_DONE, an error, another dump's leftovers, a bad
                     # length) goes through the exact decoder on its own.
-                    records: list = []
-                    res = decode_datagram(view[pos:pos + n], n, seq, records, label, msg_type)
-                    if records:
-                        messages += len(records)
-                        sink(records)
+                    offsets: list[int] = []
+                    res = decode_datagram(view[pos:pos + n], n, seq, offsets, label, msg_type)
+                    if offsets:
+                        messages += len(offsets)
+                        sink(_exact_batch(view[pos:pos + n], offsets))
                     interrupted |= res.interrupted
                     if res.done:
                         return messages, interrupted
@@ -514,33 +437,33 @@ class Reader:
         data = bytes(view[:bounds[-1]])  # a copy: the batch may outlive the next recv
         words = scan_batch(data, bounds, seq, msg_type)
         if words is not None:
-            sink(MessageBatch(data, words))
+            sink(Batch(data, words))
             return len(words), False, False
-        records: list = []
+        offsets: list[int] = []
         interrupted = done = False
         start = 0
         for end in bounds:
-            res = decode_datagram(view[start:end], end - start, seq, records, label, msg_type)
+            res = decode_datagram(view[start:end], end - start, seq, offsets, label, msg_type, start)
             interrupted |= res.interrupted
             start = end
             if res.done:
                 done = True
                 break
-        if records:
-            sink(records)
-        return len(records), interrupted, done
+        if offsets:
+            sink(Batch(data, np.array(offsets, np.int64) >> 2))
+        return len(offsets), interrupted, done
 
     def _use_legacy(self) -> bool:
         return (
-            self.legacy and not self._legacy_refused and not self._unavailable
-            and set(self.families) == {"ipv4", "ipv6"}
+            self.legacy and self.protocol == socket.IPPROTO_TCP and not self._legacy_refused
+            and not self._unavailable and set(self.families) == {"ipv4", "ipv6"}
         )
 
-    def poll(self, start: Callable[[], Callable], states: int = ALL_STATES) -> DumpStats:
+    def poll(self, start: Callable[[], Callable], states: int | None = None) -> DumpStats:
         """Dump every configured family into one sink, retrying interrupted dumps.
 
         `states` is a kernel state bit mask (1 << state): the kernel sends only those
-        sockets (the CLI's `snapshot --state`); the daemon always asks for all.
+        sockets (the CLI's `snapshot --state`); by default the reader's `states`.
 
         `start()` returns a fresh sink for an attempt; when a dump comes back with
         NLM_F_DUMP_INTR (the table changed under the walk) or a retryable error
@@ -549,6 +472,7 @@ class Reader:
         A kernel that refuses the legacy request (EINVAL, ENOENT, EOPNOTSUPP) is asked
         per family from then on, starting with a fresh attempt.
         """
+        states = self.states if states is None else states
         retries = 0
         while True:
             sink = start()
@@ -597,11 +521,7 @@ class Reader:
                 continue
             return DumpStats(tuple(families), messages, retries, int(interrupted))
 
-    def records(self, states: int = ALL_STATES) -> Iterator[Record]:
-        """Every socket in the given states as Record, for one-shot use (CLI), not polling."""
-        out: list = []
-        for family in self.families:
-            if family in self._unavailable:
-                continue
-            self.dump(family, out.extend, states)
-        return map(Record._make, out)
+
+def _exact_batch(datagram: memoryview, offsets: list[int]) -> Batch:
+    """The socket messages decode_datagram accepted in one datagram, as a Batch."""
+    return Batch(bytes(datagram), np.array(offsets, np.int64) >> 2)
