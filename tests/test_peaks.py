@@ -11,14 +11,40 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from daemon_helpers import samples, scrape, start_daemon
 from sockscope.aggregate import Rules
+from sockscope.batch import Batch
+from sockscope.catalogue import Samples
 from sockscope.config import ConfigError, from_mapping
+from sockscope.features import PollContext
+from sockscope.features import tcp as tcp_feature
+from sockscope.features.peaks import WindowPeaks
+from sockscope.features.tcp import TcpSockets
 from sockscope.netlink import DumpStats
-from sockscope.peaks import BUCKETS, PeakTracker
+from sockscope.peaks import BUCKETS
 from sockscope.poller import Poller
-from sockscope.prometheus import SnapshotCollector
+from sockscope.prometheus import StatusCollector
 from sockscope.snapshot import OTHER, STATES, Listener, PortTable, QueueStats, Snapshot
 
 CW = STATES.index("close_wait")
+TOTAL = "sockscope_tcp_sockets_peak"
+LOCAL = "sockscope_tcp_local_port_sockets_peak"
+QUEUE = "sockscope_tcp_listen_queue_length_peak"
+
+
+class Tracker:
+    """WindowPeaks over the TCP feature's samples of hand-made Snapshots."""
+
+    def __init__(self, window: float) -> None:
+        self.peaks = WindowPeaks(window, list(TcpSockets.metrics))
+
+    def observe(self, snapshot: Snapshot, now: float) -> dict:
+        """{(peak metric name, label values): value} after a poll that saw `snapshot`."""
+        live = Samples()
+        tcp_feature.samples(snapshot, live)
+        out = self.peaks.after(live, PollContext(0.0, now), True)
+        return {(metric.name, labels): value for metric, rows in out for labels, value in rows}
+
+    def series(self) -> int:
+        return self.peaks.tracker.series()
 
 
 def snap(close_wait: int = 0, *, ports=(8080, OTHER), queue: int = 0) -> Snapshot:
@@ -37,59 +63,60 @@ def test_peak_holds_for_at_least_the_window_and_at_most_one_bucket_more():
     window = 60.0
     width = window / BUCKETS
     for seen_at in (100.0, 100.0 + width / 2, 100.0 + width - 0.001):
-        t = PeakTracker(window)
+        t = Tracker(window)
         t.observe(snap(0), seen_at - 1)
-        assert t.observe(snap(7), seen_at).states[("ipv4", "close_wait")] == 7
+        assert t.observe(snap(7), seen_at)[(TOTAL, ("ipv4", "close_wait"))] == 7
         # Polls every second after the spike: the peak must survive the whole window...
         now = seen_at + 1
         while now < seen_at + window:
             p = t.observe(snap(0), now)
-            assert p.states[("ipv4", "close_wait")] == 7, (seen_at, now)
-            assert p.local[0][CW] == 7
+            assert p[(TOTAL, ("ipv4", "close_wait"))] == 7, (seen_at, now)
+            assert p[(LOCAL, ("8080", "close_wait"))] == 7
             now += 1
         # ...and be gone no later than window + one bucket.
         p = t.observe(snap(0), seen_at + window + width + 0.001)
-        assert p.states[("ipv4", "close_wait")] == 0
-        assert p.local[0][CW] == 0
+        assert p[(TOTAL, ("ipv4", "close_wait"))] == 0
+        assert p[(LOCAL, ("8080", "close_wait"))] == 0
 
 
 def test_peak_is_max_over_polls_and_never_below_the_live_value():
-    t = PeakTracker(10.0)
+    t = Tracker(10.0)
     for now, n in ((0.0, 3), (0.5, 9), (1.0, 4), (1.5, 2)):
         p = t.observe(snap(n, queue=n * 10), now)
-    assert p.states[("ipv4", "close_wait")] == 9
-    assert p.listeners[("ipv4", "0.0.0.0", 8080)] == 90
-    assert p.window == 10.0
-    assert t.observe(snap(12), 2.0).states[("ipv4", "close_wait")] == 12
+    assert p[(TOTAL, ("ipv4", "close_wait"))] == 9
+    assert p[(QUEUE, ("0.0.0.0", "8080"))] == 90
+    assert p[("sockscope_peak_window_seconds", ())] == 10.0
+    assert t.observe(snap(12), 2.0)[(TOTAL, ("ipv4", "close_wait"))] == 12
 
 
 def test_memory_is_bounded_by_series_times_buckets_not_polls():
-    t = PeakTracker(5.0)
+    t = Tracker(5.0)
     series = len(snap().states) + 2 * len(STATES) + len(STATES) + 1  # states, local, remote, listener
     for i in range(5000):  # 5000 polls at 10 ms: 50 s, ten windows
         t.observe(snap(i % 17), i * 0.01)
     assert t.series() <= (BUCKETS + 1) * series
-    assert len(t._buckets) <= BUCKETS + 1
+    assert len(t.peaks.tracker._buckets) <= BUCKETS + 1
 
 
 def test_tracked_port_set_changes():
     """A newly tracked port starts from the polls since it is tracked; a dropped port
     loses its peak series with its live series."""
-    t = PeakTracker(60.0)
+    t = Tracker(60.0)
     t.observe(snap(5, ports=(8080, OTHER)), 0.0)
     p = t.observe(snap(1, ports=(9090, 8080, OTHER)), 1.0)
-    s = snap(1, ports=(9090, 8080, OTHER))
-    assert [row[CW] for row in p.local] == [1, 5, 0]  # 9090 is new; 8080 keeps its 5
+
+    def close_wait(p):
+        return {k[1][0]: v for k, v in p.items() if k[0] == LOCAL and k[1][1] == "close_wait"}
+
+    assert close_wait(p) == {"9090": 1, "8080": 5, "other": 0}  # 9090 is new; 8080 keeps its 5
     p = t.observe(snap(0, ports=(9090, OTHER)), 2.0)
-    assert len(p.local) == 2  # 8080 gone with its live row
-    assert [row[CW] for row in p.local] == [1, 0]
-    assert s.local.ports == (9090, 8080, OTHER)
+    assert close_wait(p) == {"9090": 1, "other": 0}  # 8080 gone with its live row
 
 
 def test_clock_going_back_starts_over_instead_of_keeping_stale_buckets():
-    t = PeakTracker(60.0)
+    t = Tracker(60.0)
     t.observe(snap(9), 1000.0)
-    assert t.observe(snap(1), 10.0).states[("ipv4", "close_wait")] == 1
+    assert t.observe(snap(1), 10.0)[(TOTAL, ("ipv4", "close_wait"))] == 1
 
 
 class OneSocketReader:
@@ -98,11 +125,12 @@ class OneSocketReader:
     def __init__(self):
         self.n = [0]
 
-    def poll(self, start):
+    def poll(self, start, states=None):
         sink = start()
         lo = socket.inet_aton("127.0.0.1") + bytes(12)
-        sink([(socket.AF_INET, 10, 8080, 0, lo, bytes(16), 0, 128, 0, 1)]
-             + [(socket.AF_INET, 8, 8080, 40000 + i, lo, lo, 1, 0, 0, 2 + i) for i in range(self.n[0])])
+        sink(Batch.from_records(
+            [(socket.AF_INET, 10, 8080, 0, lo, bytes(16), 0, 128, 0, 1)]
+            + [(socket.AF_INET, 8, 8080, 40000 + i, lo, lo, 1, 0, 0, 2 + i) for i in range(self.n[0])]))
         return DumpStats(("ipv4",), 1 + self.n[0], 0, 0)
 
     def close(self):
@@ -112,16 +140,17 @@ class OneSocketReader:
 def test_poller_publishes_peaks_and_every_scraper_sees_the_same_values():
     clock = [100.0]
     reader = OneSocketReader()
-    poller = Poller(reader, Rules(), 1.0, monotonic=lambda: clock[0], peaks=PeakTracker(30.0))
+    features = [TcpSockets(Rules()), WindowPeaks(30.0, list(TcpSockets.metrics))]
+    poller = Poller(features, {socket.IPPROTO_TCP: reader}, 1.0, monotonic=lambda: clock[0])
     for n in (0, 6, 6, 0):
         reader.n[0] = n
         poller.poll()
         clock[0] += 1
     status = poller.status()
     assert status.snapshot.states[("ipv4", "close_wait")] == 0
-    assert status.snapshot.peaks.states[("ipv4", "close_wait")] == 6
+    assert status.samples.value(TOTAL, "ipv4", "close_wait") == 6
     registry = CollectorRegistry()
-    registry.register(SnapshotCollector(poller.status, 10.0, monotonic=lambda: clock[0]))
+    registry.register(StatusCollector(poller.status, 10.0, monotonic=lambda: clock[0]))
     bodies = [generate_latest(registry) for _ in range(3)]
     assert bodies[0] == bodies[1] == bodies[2]  # no reset on scrape
     text = bodies[0].decode()
@@ -131,10 +160,10 @@ def test_poller_publishes_peaks_and_every_scraper_sees_the_same_values():
 
 
 def test_without_a_window_there_are_no_peak_series():
-    poller = Poller(OneSocketReader(), Rules(), 1.0)
+    poller = Poller([TcpSockets(Rules())], {socket.IPPROTO_TCP: OneSocketReader()}, 1.0)
     poller.poll()
     registry = CollectorRegistry()
-    registry.register(SnapshotCollector(poller.status, 10.0))
+    registry.register(StatusCollector(poller.status, 10.0))
     assert b"_peak" not in generate_latest(registry)
 
 

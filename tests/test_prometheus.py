@@ -21,12 +21,21 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import sockscope
 from conftest import require
+from sockscope.aggregate import Rules
+from sockscope.catalogue import peak_metric
+from sockscope.features import PollContext
+from sockscope.features.kernel import KernelCounters
+from sockscope.features.peaks import WINDOW, WindowPeaks
+from sockscope.features.tcp import TcpSockets
+from sockscope.httpserver import Request, _dual_stack_available
 from sockscope.kernelstats import KernelStats
 from sockscope.kernelstats import build as build_kernel_stats
-from sockscope.peaks import Peaks
-from sockscope.httpserver import Request, _dual_stack_available
-from sockscope.prometheus import MetricsApp, SnapshotCollector, make_registry, metrics_server
-from sockscope.snapshot import OTHER, STATES, Listener, PollStatus, PortTable, QueueStats, Snapshot
+from sockscope.poller import samples_of
+from sockscope.prometheus import MetricsApp, StatusCollector, make_registry, metrics_server
+from sockscope.snapshot import OTHER, STATES, Listener, PollStatus, PortTable, QueueStats, Snapshot, SourceHealth
+
+ALL_METRICS = [*TcpSockets.metrics, WINDOW, *(peak_metric(m) for m in TcpSockets.metrics if m.peak),
+               *KernelCounters.metrics]
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.prom"
 STALE_AFTER = 30.0
@@ -87,25 +96,23 @@ def fixed_snapshot() -> Snapshot:
     return Snapshot(
         timestamp=1700000000.0, duration=0.125, families=("ipv4", "ipv6"), states=states,
         local=local, remote=remote, listeners=listeners, folded_listeners=1, messages=7,
-        peaks=fixed_peaks(states, local, remote, listeners),
     )
 
 
-def fixed_peaks(states, local, remote, listeners) -> Peaks:
-    """Peaks = live values, except a CLOSE-WAIT spike of 9 on local port 8080 (ipv4) and an
-    accept queue that reached 4096 on [::]:8080 within the window."""
-    local_rows = [list(row) for row in local.counts]
-    local_rows[1][STATES.index("close_wait")] = 9
-    remote_rows = [list(row) for row in remote.counts]
-    remote_rows[1][STATES.index("close_wait")] = 9
-    return Peaks(
-        window=60.0,
-        states=states | {("ipv4", "close_wait"): 9},
-        local=tuple(map(tuple, local_rows)),
-        remote=tuple(map(tuple, remote_rows)),
-        listeners={(ln.family, ln.address, ln.port): ln.queue_length for ln in listeners}
-        | {("ipv6", "::", 8080): 4096},
-    )
+def spike_snapshot(snap: Snapshot) -> Snapshot:
+    """`snap` as an earlier poll in the window saw it: a CLOSE-WAIT spike of 9 on local port
+    8080 (ipv4) and a full accept queue (4096) on [::]:8080."""
+    cw = STATES.index("close_wait")
+    local_rows = [list(row) for row in snap.local.counts]
+    local_rows[1][cw] = 9
+    remote_rows = [list(row) for row in snap.remote.counts]
+    remote_rows[1][cw] = 9
+    return dataclasses.replace(
+        snap, states=snap.states | {("ipv4", "close_wait"): 9},
+        local=dataclasses.replace(snap.local, counts=tuple(map(tuple, local_rows))),
+        remote=dataclasses.replace(snap.remote, counts=tuple(map(tuple, remote_rows))),
+        listeners=tuple(dataclasses.replace(ln, queue_length=4096) if ln.port == 8080 else ln
+                        for ln in snap.listeners))
 
 
 def fixed_kernel() -> KernelStats:
@@ -124,12 +131,26 @@ def fixed_kernel() -> KernelStats:
     return stats
 
 
+def status_of(snapshot: Snapshot | None, kernel: KernelStats | None = None, *, peaks: bool = True,
+              spike: bool = True, **counters) -> PollStatus:
+    """A PollStatus as the poller publishes it, its samples made by the real features: the
+    TCP table, window peaks (60 s; with `spike` an earlier poll saw spike_snapshot()), the
+    kernel counters."""
+    features: list = [TcpSockets(Rules())]
+    if peaks:
+        features.append(WindowPeaks(60.0, list(TcpSockets.metrics) + list(KernelCounters.metrics)))
+    features.append(KernelCounters(reader=object()))
+    results = {name: r for name, r in (("tcp", snapshot), ("kernel", kernel)) if r is not None}
+    if peaks and spike and snapshot is not None:
+        samples_of(features, {**results, "tcp": spike_snapshot(snapshot)}, PollContext(0.0, LAST_SUCCESS - 1), True)
+    samples, _ = samples_of(features, results, PollContext(0.0, LAST_SUCCESS), True)
+    return PollStatus(results=results, samples=samples, **counters)
+
+
 def fixed_status(snapshot: Snapshot | None = None) -> PollStatus:
-    return PollStatus(
-        snapshot=snapshot or fixed_snapshot(), last_success_monotonic=LAST_SUCCESS,
-        polls=42, errors=2, dump_retries=5, dump_interrupted=1, last_error="EPERM",
-        kernel=fixed_kernel(),
-    )
+    return status_of(snapshot or fixed_snapshot(), fixed_kernel(), last_success_monotonic=LAST_SUCCESS,
+                     polls=42, errors=2, dump_retries=5, dump_interrupted=1, last_error="EPERM",
+                     sources={"kernel": SourceHealth(True, 0.0025), "tcp": SourceHealth(True, 0.125)})
 
 
 class FakeClock:
@@ -140,10 +161,11 @@ class FakeClock:
         return self.now
 
 
-def golden_collector(status: PollStatus | None = None, clock: FakeClock | None = None) -> SnapshotCollector:
+def golden_collector(status: PollStatus | None = None, clock: FakeClock | None = None) -> StatusCollector:
     status = status or fixed_status()
-    return SnapshotCollector(lambda: status, STALE_AFTER, clock or FakeClock(LAST_SUCCESS + 2.5),
-                             version="9.9.9", python_version="3.11.0", poll_interval=STALE_AFTER / 3)
+    return StatusCollector(lambda: status, STALE_AFTER, clock or FakeClock(LAST_SUCCESS + 2.5),
+                           metrics=ALL_METRICS, version="9.9.9", python_version="3.11.0",
+                           poll_interval=STALE_AFTER / 3)
 
 
 def only(collector) -> CollectorRegistry:
@@ -259,7 +281,7 @@ def test_values_follow_the_snapshot():
 
 
 def test_build_info_defaults_to_the_running_versions():
-    samples = parse(generate_latest(only(SnapshotCollector(lambda: PollStatus(), STALE_AFTER))))
+    samples = parse(generate_latest(only(StatusCollector(lambda: PollStatus(), STALE_AFTER))))
     assert samples["sockscope_build_info"] == [
         ({"version": sockscope.__version__, "python_version": platform.python_version()}, 1.0)
     ]
@@ -339,7 +361,7 @@ def test_collect_reads_status_once_and_register_not_at_all():
         calls.append(1)
         return fixed_status()
 
-    collector = SnapshotCollector(status, STALE_AFTER, FakeClock(LAST_SUCCESS))
+    collector = StatusCollector(status, STALE_AFTER, FakeClock(LAST_SUCCESS))
     registry = only(collector)
     assert calls == []
     generate_latest(registry)
@@ -454,7 +476,7 @@ def test_collect_error_is_a_500_logged_once_and_the_server_survives(caplog):
     def broken():
         raise RuntimeError("poller exploded")
 
-    with metrics_server(only(SnapshotCollector(broken, STALE_AFTER)), "127.0.0.1", 0) as srv:
+    with metrics_server(only(StatusCollector(broken, STALE_AFTER)), "127.0.0.1", 0) as srv:
         for _ in range(20):
             status, _, body = request(srv.port)
             assert status == 500
@@ -522,13 +544,13 @@ def consistent_status(n: int) -> PollStatus:
                       queues=(QueueStats(), QueueStats()))
     snap = Snapshot(timestamp=1.0, duration=0.01, families=("ipv4", "ipv6"), states=states,
                     local=table, remote=table, listeners=())
-    return PollStatus(snapshot=snap, last_success_monotonic=time.monotonic(), polls=n + 1)
+    return status_of(snap, peaks=False, last_success_monotonic=time.monotonic(), polls=n + 1)
 
 
 def test_concurrent_scrapes_during_status_swaps():
     statuses = [consistent_status(n) for n in range(64)]
     current = [statuses[0]]
-    registry = only(SnapshotCollector(lambda: current[0], STALE_AFTER))
+    registry = only(StatusCollector(lambda: current[0], STALE_AFTER))
     stop = threading.Event()
     swaps = [0]
 

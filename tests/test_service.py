@@ -382,7 +382,7 @@ def test_a_failing_peak_tracker_is_counted_and_polling_goes_on(tmp_path):
         env = env_with(NOTIFY_SOCKET=n.address, WATCHDOG_USEC="600000")
         d = start_daemon(tmp_path, "poll:\n  interval: 100ms\n", env=env, program=(WEDGE_DRIVER,))
         try:
-            d.signal(signal.SIGRTMIN + 1)  # PeakTracker.apply raises from now on
+            d.signal(signal.SIGRTMIN + 1)  # PeakTracker.observe raises from now on
             _wait_log(d, "poll failed: injected peaks failure", 1)
             t_broken = time.monotonic()
             before = d.samples()

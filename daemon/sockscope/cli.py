@@ -18,6 +18,7 @@ from typing import TextIO
 from . import __version__, config, report, survey, watch
 from .aggregate import Rules
 from .kernelstats import KernelStatsReader
+from .features import DumpNeed
 from .netlink import NetlinkError, Reader
 from .owners import port_owners
 from .sdnotify import ServiceNotifier
@@ -242,7 +243,7 @@ def _load_web(args):
 def main(
     argv: list[str] | None = None,
     *,
-    reader_factory: Callable[[config.Config], Reader] = make_reader,
+    reader_factory: Callable[[config.Config, DumpNeed], Reader] = make_reader,
     environ: Mapping[str, str] | None = None,
 ) -> int:
     """The command line. reader_factory and environ (for NOTIFY_SOCKET, WATCHDOG_USEC) are
@@ -389,7 +390,7 @@ def run(
     *,
     web=None,
     reload_config: Callable[[], tuple[config.Config, object]] | None = None,
-    reader_factory: Callable[[config.Config], Reader] = make_reader,
+    reader_factory: Callable[[config.Config, DumpNeed], Reader] = make_reader,
     environ: Mapping[str, str] | None = None,
 ) -> int:
     """The daemon until SIGTERM/SIGINT (exit 0); SIGHUP calls reload_config() and applies it;

@@ -1104,6 +1104,24 @@ def read_yaml(path: str) -> Any:
         raise ConfigError(f"invalid YAML: {type(exc).__name__}: {_clip(str(exc))}", path) from None
 
 
+def format_endpoint(host: str, port: int) -> str:
+    """host:port as parse_listen_address reads it back: [v6addr]:port for IPv6."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def changed_keys(old: Config, new: Config) -> set[str]:
+    """The key paths ("poll.interval", ...) whose values differ between two Configs: a
+    reload applies exactly these (features rebuilt by their keys, readers, the server,
+    the Graphite pusher)."""
+    changed = set()
+    for section in _SECTIONS:
+        a, b = getattr(old, section.name), getattr(new, section.name)
+        for f in fields(a):
+            if getattr(a, f.name) != getattr(b, f.name):
+                changed.add(f"{section.name}.{f.name}")
+    return changed
+
+
 def override(
     cfg: Config,
     *,

@@ -51,7 +51,10 @@ from typing import TYPE_CHECKING
 
 import graphyte
 
-from .snapshot import FAMILIES, OTHER, STATES, PollStatus, PortTable, Snapshot
+from . import selfmetrics
+from .config import format_endpoint
+from .catalogue import GraphitePath, Metric, Samples
+from .snapshot import OTHER, STATES, PollStatus, Snapshot
 
 if TYPE_CHECKING:
     from .config import Config
@@ -69,7 +72,6 @@ __all__ = [
     "Transport",
     "collectd_hostname",
     "default_buffer_lines",
-    "series_per_push",
 ]
 
 # carbon's LineReceiver (twisted LineOnlyReceiver.MAX_LENGTH): a longer line makes carbon
@@ -87,8 +89,9 @@ BACKOFF_INITIAL = 0.5  # seconds before the first reconnect
 BACKOFF_MAX = 30.0  # cap of the exponential backoff
 # The default buffer holds this much outage at the configured series count.
 OUTAGE_SECONDS = 1800
-# Self-metric lines per push (see LineBuilder._self_series).
-SELF_SERIES = 11
+# Lines per push of the poll loop's and the pusher's own series (selfmetrics, METRICS),
+# besides the features' (Feature.max_series): a bound, not an exact count.
+SELF_SERIES = 16
 # Pusher.detach (reload): how long to wait for the interrupted sender thread to stop.
 HANDOVER_WAIT = 2.0
 # A chunk acknowledged by carbon's TCP counts as sent only if the connection is still open
@@ -241,6 +244,60 @@ class GraphiteStats:
     connected: bool = False
 
 
+_G = ("sockscope", "graphite")
+SENT = Metric("sockscope_graphite_sent_lines", "counter",
+              "Lines delivered to carbon: TCP, read by carbon as far as sockscope can confirm (docs/graphite.md); "
+              "UDP, accepted by the kernel.", (), GraphitePath((*_G, "sent_lines")))
+SEND_ERRORS = Metric("sockscope_graphite_send_errors", "counter",
+                     "Failed connects and sends, and connections carbon closed before confirming what was written "
+                     "on them (those lines are sent again).", (), GraphitePath((*_G, "send_errors")))
+DROPPED = Metric("sockscope_graphite_dropped_lines", "counter",
+                 "Oldest lines dropped from the full buffer before they were written: they never reach carbon.",
+                 (), GraphitePath((*_G, "dropped_lines")))
+DROPPED_UNCONFIRMED = Metric("sockscope_graphite_dropped_unconfirmed_lines", "counter",
+                             "Oldest lines dropped from the full buffer after being written, before carbon "
+                             "confirmed them.", (), GraphitePath((*_G, "dropped_unconfirmed_lines")))
+RESENT = Metric("sockscope_graphite_resent_lines", "counter",
+                "Lines written again because their connection failed before carbon confirmed them.",
+                (), GraphitePath((*_G, "resent_lines")))
+INVALID = Metric("sockscope_graphite_invalid_lines", "counter",
+                 "Lines refused before queueing (NaN/inf/bool value, line over 16384 bytes).",
+                 (), GraphitePath((*_G, "invalid_lines")))
+PUSHES = Metric("sockscope_graphite_pushes", "counter", "Polls rendered and queued for Graphite.",
+                (), GraphitePath((*_G, "pushes")))
+QUEUE = Metric("sockscope_graphite_queue_lines", "gauge",
+               "Lines not yet confirmed sent: waiting, being written, or written and unconfirmed.",
+               (), GraphitePath((*_G, "queue_lines")))
+UNCONFIRMED = Metric("sockscope_graphite_unconfirmed_lines", "gauge",
+                     "Queued lines written on the current connection and not yet confirmed read by carbon.",
+                     (), GraphitePath((*_G, "unconfirmed_lines")))
+CAPACITY = Metric("sockscope_graphite_queue_capacity_lines", "gauge",
+                  "Size of the buffer in lines (graphite.buffer_lines, resolved).", (),
+                  GraphitePath((*_G, "queue_capacity_lines")))
+LAST_SUCCESS = Metric("sockscope_graphite_last_success_timestamp_seconds", "gauge",
+                      "UNIX time lines were last counted in sockscope_graphite_sent_lines_total (0 before the first).",
+                      (), GraphitePath((*_G, "last_success_timestamp_seconds")))
+CONNECTED = Metric("sockscope_graphite_connected", "gauge",
+                   "1 while a connection (or UDP socket) to carbon is open.", (), GraphitePath((*_G, "connected")))
+METRICS = (SENT, SEND_ERRORS, DROPPED, DROPPED_UNCONFIRMED, RESENT, INVALID, PUSHES, QUEUE, UNCONFIRMED,
+           CAPACITY, LAST_SUCCESS, CONNECTED)
+
+
+def stats_samples(stats: GraphiteStats | None) -> Samples | None:
+    """The pusher's own series (None while Graphite is disabled)."""
+    if stats is None:
+        return None
+    out = Samples()
+    for metric, value in ((SENT, stats.sent_lines), (SEND_ERRORS, stats.send_errors),
+                          (DROPPED, stats.dropped_lines), (DROPPED_UNCONFIRMED, stats.dropped_unconfirmed_lines),
+                          (RESENT, stats.resent_lines), (INVALID, stats.invalid_lines), (PUSHES, stats.pushes),
+                          (QUEUE, stats.queue_lines), (UNCONFIRMED, stats.unconfirmed_lines),
+                          (CAPACITY, stats.capacity_lines), (LAST_SUCCESS, stats.last_success_timestamp),
+                          (CONNECTED, 1.0 if stats.connected else 0.0)):
+        out.add(metric, (), value)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Rendered:
     lines: list[bytes]
@@ -303,85 +360,54 @@ class LineBuilder:
 
     # -- series: (path or name;tags, value) -------------------------------------------------
 
-    def series(self, snap: Snapshot, status: PollStatus | None = None,
-               stats: GraphiteStats | None = None) -> Iterator[tuple[str, object]]:
-        """Every series of one push, in a fixed order: sockets, ports, listeners, self."""
+    def series(self, status: PollStatus, stats: GraphiteStats | None = None,
+               poll_interval: float | None = None) -> Iterator[tuple[str, object]]:
+        """Every series of one push: the features' samples (status.samples), the poll
+        loop's own series, the pusher's; each metric as its catalogue entry says
+        (catalogue.GraphitePath), metrics without a Graphite path left out."""
+        parts = [status.samples, selfmetrics.poll_samples(status, poll_interval)]
+        own = stats_samples(stats)
+        if own is not None:
+            parts.append(own)
+        for samples in parts:
+            for metric, rows in samples:
+                if metric.graphite is not None and rows:
+                    yield from self._metric_series(metric, rows)
+
+    def _metric_series(self, metric: Metric, rows) -> Iterator[tuple[str, object]]:
+        g = metric.graphite
         if self.naming == "collectd":
-            yield from self._collectd_series(snap)
-        else:
-            yield from self._sockscope_series(snap)
-        yield from self._self_series(snap, status, stats)
-
-    def _name(self, untagged: Iterable[str], metric: str, tags: Iterable[tuple[str, str]]) -> str:
-        """Untagged: <base>.<components, sanitised>. Tagged: <base>.<metric>;k=v...;host=H."""
-        if not self.tags:
-            return ".".join([self._base, *(sanitize(str(c)) for c in untagged)])
-        suffix = "".join(f";{k}={tag_value(str(v))}" for k, v in tags)
-        return f"{self._base}.{metric}{suffix};host={self._host_tag}"
-
-    def _sockscope_series(self, snap: Snapshot) -> Iterator[tuple[str, object]]:
-        rank = {f: i for i, f in enumerate(FAMILIES)}
-        for family in sorted(snap.families, key=lambda f: (rank.get(f, len(rank)), f)):
-            for state in STATES:
-                yield (self._name(("tcp", "states", family, state), "tcp.sockets",
-                                  (("family", family), ("state", state))),
-                       snap.states.get((family, state), 0))
-        for side in ("local", "remote"):
-            table: PortTable = getattr(snap, side)
-            for i in _port_order(table):
-                port = table.ports[i]
-                for state, count in zip(STATES, table.counts[i]):
-                    yield (self._name(("tcp", f"{side}_port", port, state), f"tcp.{side}_port_sockets",
-                                      (("port", port), ("state", state))), count)
-                if side == "local":
-                    q = table.queues[i]
-                    for what, value in (("receive_queue_bytes", q.receive_bytes),
-                                        ("send_queue_bytes", q.send_bytes)):
-                        yield (self._name(("tcp", "local_port", port, what), f"tcp.local_port_{what}",
-                                          (("port", port),)), value)
-        for lst in sorted(snap.listeners, key=lambda x: (x.port, x.address)):
-            for what, value in (("queue_length", lst.queue_length), ("queue_limit", lst.queue_limit)):
-                yield (self._name(("tcp", "listen", f"{lst.address}_{lst.port}", what), f"tcp.listen_{what}",
-                                  (("address", lst.address), ("port", lst.port))), value)
-
-    def _collectd_series(self, snap: Snapshot) -> Iterator[tuple[str, object]]:
-        # tcpconns with AllPortsSummary: the per-state totals over every socket.
-        for state in STATES:
-            total = sum(snap.states.get((f, state), 0) for f in snap.families)
-            yield f"{self._base}.tcpconns-all.tcp_connections-{COLLECTD_STATES[state]}", total
-        for side in ("local", "remote"):
-            table: PortTable = getattr(snap, side)
-            for i in _port_order(table):
-                port = table.ports[i]
-                if port == OTHER:  # collectd has no such bucket
-                    continue
-                for state, count in zip(STATES, table.counts[i]):
-                    yield (f"{self._base}.tcpconns-{port}-{side}.tcp_connections-{COLLECTD_STATES[state]}",
-                           count)
-
-    def _self_series(self, snap: Snapshot, status: PollStatus | None,
-                     stats: GraphiteStats | None) -> Iterator[tuple[str, object]]:
-        if stats is None:
-            return
-        figures = [
-            ("graphite", "sent_lines", stats.sent_lines),
-            ("graphite", "send_errors", stats.send_errors),
-            ("graphite", "dropped_lines", stats.dropped_lines),
-            ("graphite", "dropped_unconfirmed_lines", stats.dropped_unconfirmed_lines),
-            ("graphite", "resent_lines", stats.resent_lines),
-            ("graphite", "invalid_lines", stats.invalid_lines),
-            ("graphite", "queue_lines", stats.queue_lines),
-        ]
-        if stats.last_success_timestamp:
-            figures.append(("graphite", "last_success_timestamp_seconds", stats.last_success_timestamp))
-        figures += [("poll", "duration_seconds", snap.duration), ("poll", "sockets", snap.sockets)]
-        if status is not None:
-            figures.append(("poll", "errors", status.errors))
-        for group, name, value in figures:
-            if self.naming == "collectd" or not self.tags:
-                yield ".".join([self._base, "sockscope", group, name]), value
+            if g.collectd_total is not None:
+                totals: dict[tuple[str, ...], float] = {}
+                for labels, value in rows:
+                    values = dict(zip(metric.labels, labels))
+                    key = tuple(_format(c, values) for c in g.collectd_total)
+                    totals[key] = totals.get(key, 0) + value
+                for key, value in totals.items():
+                    yield ".".join([self._base, *(sanitize(c) for c in key)]), _number(value)
+            elif g.collectd is not None:
+                for labels, value in rows:
+                    if OTHER in labels:  # collectd has no such bucket
+                        continue
+                    values = dict(zip(metric.labels, labels))
+                    yield ".".join([self._base, *(sanitize(_format(c, values)) for c in g.collectd)]), _number(value)
             else:
-                yield f"{self._base}.sockscope.{group}.{name};host={self._host_tag}", value
+                path = g.sockscope if g.sockscope[0] == "sockscope" else ("sockscope", *g.sockscope)
+                for labels, value in rows:
+                    values = dict(zip(metric.labels, labels))
+                    yield ".".join([self._base, *(sanitize(_format(c, values)) for c in path)]), _number(value)
+            return
+        own = g.sockscope[0] == "sockscope"  # sockscope's own series: a path even with tags
+        for labels, value in rows:
+            values = dict(zip(metric.labels, labels))
+            if not self.tags:
+                yield ".".join([self._base, *(sanitize(_format(c, values)) for c in g.sockscope)]), _number(value)
+            elif own:
+                path = ".".join(sanitize(_format(c, values)) for c in g.sockscope)
+                yield f"{self._base}.{path};host={self._host_tag}", _number(value)
+            else:
+                suffix = "".join(f";{k}={tag_value(v)}" for k, v in zip(metric.labels, labels))
+                yield f"{self._base}.{metric.tag_name}{suffix};host={self._host_tag}", _number(value)
 
     # -- lines ------------------------------------------------------------------------------
 
@@ -396,11 +422,11 @@ class LineBuilder:
             raise InvalidLine(f"line of {len(data)} bytes for {path[:80]!r}... exceeds carbon's {MAX_LINE_BYTES}")
         return data
 
-    def render(self, snap: Snapshot, timestamp: int, status: PollStatus | None = None,
-               stats: GraphiteStats | None = None) -> Rendered:
+    def render(self, status: PollStatus, timestamp: int, stats: GraphiteStats | None = None,
+               poll_interval: float | None = None) -> Rendered:
         lines: list[bytes] = []
         invalid: list[str] = []
-        for path, value in self.series(snap, status, stats):
+        for path, value in self.series(status, stats, poll_interval):
             try:
                 lines.append(self.line(path, value, timestamp))
             except InvalidLine as exc:
@@ -408,21 +434,19 @@ class LineBuilder:
         return Rendered(lines, invalid)
 
 
-def _port_order(table: PortTable) -> list[int]:
-    """Row indices: numeric ports ascending, then OTHER."""
-    return sorted(range(len(table.ports)),
-                  key=lambda i: (1, 0) if table.ports[i] == OTHER else (0, int(table.ports[i])))
+def _format(component: str, labels: dict[str, str]) -> str:
+    """A path template component with {label} (and {STATE}: collectd's state name) filled."""
+    if "{" not in component:
+        return component
+    if "state" in labels:
+        labels = {**labels, "STATE": COLLECTD_STATES.get(labels["state"], labels["state"])}
+    return component.format(**labels)
 
 
-def series_per_push(naming: str, families: int, max_local: int, max_remote: int, max_listeners: int) -> int:
-    """Upper bound of lines in one push for the configured caps (every tracked port full,
-    every listener slot used). sockscope/tags: per family 11 states; per local port (cap +
-    `other`) 11 states + 2 queue figures; per remote port 11 states; 2 per listener.
-    collectd: 11 totals + 11 per tracked port on each side. Plus SELF_SERIES."""
-    n = len(STATES)
-    if naming == "collectd":
-        return n + n * (max_local + max_remote) + SELF_SERIES
-    return families * n + (max_local + 1) * (n + 2) + (max_remote + 1) * n + 2 * max_listeners + SELF_SERIES
+def _number(value: float) -> int | float:
+    """Counts and byte sums as integers (carbon stores floats either way; the line reads
+    as it always did), other values as they are."""
+    return int(value) if float(value).is_integer() and abs(value) < 2**53 else value
 
 
 def default_buffer_lines(interval: float, per_push: int) -> int:
@@ -859,7 +883,7 @@ class Pusher:
         self._clock = clock
         self._monotonic = monotonic
         self._jitter = jitter
-        self.destination = f"{transport.protocol}://{_format_address(transport.host, transport.port)}"
+        self.destination = f"{transport.protocol}://{format_endpoint(transport.host, transport.port)}"
         self._confirming = transport.protocol == "tcp"
 
         self._lock = threading.Lock()
@@ -886,11 +910,12 @@ class Pusher:
         self._invalid_logged = False
 
     @classmethod
-    def from_config(cls, cfg: Config, **kwargs) -> Pusher:
+    def from_config(cls, cfg: Config, series: int, **kwargs) -> Pusher:
+        """`series`: the most series the enabled features can export with `cfg`
+        (features.max_series): the default buffer holds OUTAGE_SECONDS of pushes of that."""
         g = cfg.graphite
         interval = g.interval or cfg.poll.interval
-        per_push = series_per_push(g.naming, len(cfg.poll.families), cfg.ports.max_local,
-                                   cfg.ports.max_remote, cfg.listeners.max_tracked)
+        per_push = series + SELF_SERIES
         capacity = g.buffer_lines or default_buffer_lines(interval, per_push)
         if capacity < per_push:
             log.warning("graphite.buffer_lines (%d) is smaller than one push at the configured caps "
@@ -932,11 +957,11 @@ class Pusher:
                           snap.timestamp, stamp)
                 return 0
         self._last_pushed = (snap.timestamp, stamp)
-        return self.push(snap, stamp, status)
+        return self.push(status, stamp)
 
-    def push(self, snap: Snapshot, stamp: int, status: PollStatus | None = None) -> int:
-        """Render `snap` with timestamp `stamp` and queue it. Returns the lines queued."""
-        rendered = self.builder.render(snap, stamp, status, self.stats())
+    def push(self, status: PollStatus, stamp: int) -> int:
+        """Render `status` with timestamp `stamp` and queue it. Returns the lines queued."""
+        rendered = self.builder.render(status, stamp, self.stats(), self.poll_interval)
         chunks = pack(rendered.lines, self.transport.chunk_bytes)
         with self._cond:
             drops = self._buffer.add(chunks)
@@ -1269,5 +1294,3 @@ class Pusher:
         self._outage_started = None
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

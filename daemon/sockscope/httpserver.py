@@ -46,10 +46,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from .config import format_endpoint
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Limits", "Request", "Response", "HTTPServer", "ServerStats", "raise_fd_limit",
-           "format_address", "DROP_REASONS"]
+           "DROP_REASONS"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,10 +190,6 @@ def _has_body(req: Request) -> bool:
     return not (length.isdigit() and int(length) == 0)
 
 
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def raise_fd_limit(wanted: int) -> int:
     """Raise the soft RLIMIT_NOFILE towards the hard limit (as Go programs do at start) so
     that `wanted` descriptors fit. Returns the soft limit in force afterwards."""
@@ -328,8 +326,8 @@ class HTTPServer:
     @property
     def address(self) -> str:
         if self._bound is not None:
-            return format_address(*self._bound)
-        return format_address(self.host or "*", self._port)
+            return format_endpoint(*self._bound)
+        return format_endpoint(self.host or "*", self._port)
 
     def _resolve(self) -> tuple[int, str, bool]:
         host = self.host.strip("[]")
@@ -341,7 +339,7 @@ class HTTPServer:
             infos = socket.getaddrinfo(host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except socket.gaierror as exc:
             raise OSError(errno.EADDRNOTAVAIL,
-                          f"cannot listen on {format_address(host, self._port)}: {exc.strerror}") from exc
+                          f"cannot listen on {format_endpoint(host, self._port)}: {exc.strerror}") from exc
         family, _, _, _, sockaddr = infos[0]
         return family, sockaddr[0], False
 
@@ -350,7 +348,7 @@ class HTTPServer:
         if self._listener is not None:
             raise RuntimeError("server already started")
         family, host, dual_stack = self._resolve()
-        where = format_address(host, self._port)
+        where = format_endpoint(host, self._port)
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
@@ -536,7 +534,7 @@ class HTTPServer:
             if len(self._conns) >= self._max_connections:
                 self._evict_one()
             sock.setblocking(False)
-            client = format_address(str(addr[0]), addr[1]) if isinstance(addr, tuple) else str(addr)
+            client = format_endpoint(str(addr[0]), addr[1]) if isinstance(addr, tuple) else str(addr)
             web = self.web
             conn = _Conn(sock, client, None if web is None else web.tls)
             conn.deadline = now + self.limits.request_timeout

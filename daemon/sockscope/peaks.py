@@ -9,11 +9,11 @@ per-series maximum of the polls that fell into it, and the peak is the max of th
 maxima still in the window. A value therefore stays in the peak for at least `window`
 and at most `window + window/BUCKETS` seconds after the poll that saw it.
 
-The tracker runs in the poller thread; its result is a frozen `Peaks` stored in the
-Snapshot, so every scraper sees the same values and scraping never resets them.
+The tracker runs in the poller thread (features/peaks.py); its result is part of the
+poll's samples, so every scraper sees the same values and scraping never resets them.
 
 Series follow the live gauges: a peak is exported for exactly the label sets of the
-current snapshot. When a port becomes tracked (a new listener with ports.auto_listen) its
+current poll. When a port becomes tracked (a new listener with ports.auto_listen) its
 peak starts from the polls since then (before, its sockets counted under port="other",
 whose peak keeps them for the window); a port that stops being tracked loses its peak
 series with its live series, and its bucket entries age out with the window.
@@ -23,31 +23,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field, replace
-from typing import Hashable
-
-from .snapshot import STATES, PortTable, Snapshot
+from collections.abc import Hashable, Mapping
 
 BUCKETS = 12
 
 
-@dataclass(frozen=True, slots=True)
-class Peaks:
-    """Peaks for one Snapshot; shapes mirror the Snapshot's own fields.
-
-    local/remote: one tuple of len(STATES) per row of Snapshot.local/remote (same order).
-    listeners: (family, address, port) -> largest accept-queue length.
-    """
-
-    window: float
-    states: dict[tuple[str, str], int] = field(default_factory=dict)
-    local: tuple[tuple[int, ...], ...] = ()
-    remote: tuple[tuple[int, ...], ...] = ()
-    listeners: dict[tuple[str, str, int], int] = field(default_factory=dict)
-
-
 class PeakTracker:
-    """Keeps per-series bucket maxima; `observe()` folds in a Snapshot and returns its Peaks.
+    """Keeps per-series bucket maxima; `observe()` folds in one poll's values and returns
+    the peak of each of them over the window.
 
     `window` > 0 seconds. `now` passed to observe() is a monotonic time.
     """
@@ -59,13 +42,13 @@ class PeakTracker:
         self.buckets = buckets
         self.width = self.window / buckets
         # (bucket index, {series key: max}) oldest first; at most buckets + 1 entries.
-        self._buckets: deque[tuple[int, dict[Hashable, int]]] = deque()
+        self._buckets: deque[tuple[int, dict[Hashable, float]]] = deque()
 
     def series(self) -> int:
         """Entries held over all buckets (for tests of the memory bound)."""
         return sum(len(b) for _, b in self._buckets)
 
-    def _current(self, now: float) -> dict[Hashable, int]:
+    def _current(self, now: float) -> dict[Hashable, float]:
         index = math.floor(now / self.width)
         while self._buckets and self._buckets[0][0] < index - self.buckets:
             self._buckets.popleft()
@@ -75,46 +58,19 @@ class PeakTracker:
             self._buckets.append((index, {}))
         return self._buckets[-1][1]
 
-    def observe(self, snap: Snapshot, now: float) -> Peaks:
+    def observe(self, values: Mapping[Hashable, float], now: float) -> dict[Hashable, float]:
+        """The peak of every key of `values` (this poll's), this poll included."""
         current = self._current(now)
-        values: dict[Hashable, int] = {}
-        for (family, state), n in snap.states.items():
-            values[("s", family, state)] = n
-        for side, table in (("l", snap.local), ("r", snap.remote)):
-            for port, row in zip(table.ports, table.counts):
-                for state, n in zip(STATES, row):
-                    values[(side, port, state)] = n
-        for lst in snap.listeners:
-            values[("q", lst.family, lst.address, lst.port)] = lst.queue_length
-        for key, n in values.items():
-            if current.get(key, -1) < n:
-                current[key] = n
+        for key, v in values.items():
+            if current.get(key, -math.inf) < v:
+                current[key] = v
         older = [b for _, b in self._buckets if b is not current]
-
-        def peak(key: Hashable) -> int:
+        peaks = {}
+        for key in values:
             best = current[key]
             for bucket in older:
                 v = bucket.get(key)
                 if v is not None and v > best:
                     best = v
-            return best
-
-        def table_peaks(side: str, table: PortTable) -> tuple[tuple[int, ...], ...]:
-            return tuple(
-                tuple(peak((side, port, state)) for state in STATES) for port in table.ports
-            )
-
-        return Peaks(
-            window=self.window,
-            states={k: peak(("s", *k)) for k in snap.states},
-            local=table_peaks("l", snap.local),
-            remote=table_peaks("r", snap.remote),
-            listeners={
-                (lst.family, lst.address, lst.port): peak(("q", lst.family, lst.address, lst.port))
-                for lst in snap.listeners
-            },
-        )
-
-    def apply(self, snap: Snapshot, now: float) -> Snapshot:
-        """`snap` with its `peaks` filled in."""
-        return replace(snap, peaks=self.observe(snap, now))
+            peaks[key] = best
+        return peaks

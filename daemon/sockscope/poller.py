@@ -1,21 +1,78 @@
-"""The poll loop: one dump per interval, one immutable PollStatus swapped in per poll."""
+"""The poll loop: every interval, one dump per protocol the features need plus the
+sources that need no dump, one immutable PollStatus swapped in per poll.
+
+A poll (Poller.poll): the features that read on their own (kernel counters), then one
+dump per protocol (the union of the features' needs: one walk of the kernel's table
+serves them all; each batch goes to every fold that asked for it), then each feature's
+samples, then the features that work on samples (window peaks). Each source is timed and
+caught here, in one place: sockscope_source_up{source} / _duration_seconds{source}.
+"""
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
-from .aggregate import Accumulator, Rules
-from .kernelstats import KernelStatsReader
+from .aggregate import Rules
+from .catalogue import Samples
+from .features import DumpNeed, DumpStats, Feature, PollContext
+from .features.tcp import TcpSockets
+from .health import Problems, clip
 from .netlink import NetlinkError, Reader
-from .peaks import PeakTracker
-from .snapshot import PollStatus, Snapshot
+from .snapshot import PollStatus, Snapshot, SourceHealth
 
 log = logging.getLogger(__name__)
+
+PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
+
+
+def merge_needs(features: Sequence[Feature]) -> dict[int, DumpNeed]:
+    """One DumpNeed per protocol: the union of the features' states, extensions and
+    attributes."""
+    merged: dict[int, DumpNeed] = {}
+    for f in features:
+        need = f.needs()
+        if need is None:
+            continue
+        have = merged.get(need.protocol)
+        if have is None:
+            merged[need.protocol] = need
+        else:
+            merged[need.protocol] = DumpNeed(
+                need.protocol, have.states | need.states, have.ext | need.ext,
+                tuple(dict.fromkeys(have.attributes + need.attributes)))
+    return merged
+
+
+def dump_into(reader: Reader, features: Sequence[Feature], ctx: PollContext,
+              need: DumpNeed | None = None) -> tuple[dict[str, Any], int, int]:
+    """One dump of `reader` folded by every feature in `features` (they share its
+    protocol). Returns ({feature name: result}, retries, interrupted). Raises NetlinkError."""
+    folds: dict[str, Any] = {}
+    attributes = need.attributes if need is not None else ()
+
+    def start() -> Callable[[Any], None]:
+        # Fresh folds per attempt: an interrupted dump is thrown away whole.
+        folds.clear()
+        folds.update({f.name: f.fold(ctx) for f in features})
+        active = list(folds.values())
+
+        def sink(batch) -> None:
+            if attributes:
+                batch.attributes(attributes)  # located once, shared by every fold
+            for fold in active:
+                fold.add(batch)
+        return sink
+
+    stats = reader.poll(start)
+    done = DumpStats(stats.families, stats.messages, stats.retries, stats.interrupted)
+    return {name: fold.finish(done) for name, fold in folds.items()}, stats.retries, stats.interrupted
 
 
 def poll_once(
@@ -25,27 +82,12 @@ def poll_once(
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> tuple[Snapshot, int]:
-    """Dump the table and aggregate it. Returns (snapshot, dump retries). Raises NetlinkError."""
+    """One TCP dump aggregated into a Snapshot (one-shot use: CLI, tests). Returns
+    (snapshot, dump retries). Raises NetlinkError."""
     started = monotonic()
-    timestamp = clock()
-    attempt: list[Accumulator] = []
-
-    def start() -> Callable[[list], None]:
-        # A fresh accumulator per attempt: an interrupted dump is thrown away whole.
-        acc = Accumulator()
-        attempt[:] = [acc]
-        return acc.add
-
-    stats = reader.poll(start)
-    snapshot = attempt[0].finish(
-        rules,
-        families=stats.families,
-        timestamp=timestamp,
-        duration=monotonic() - started,
-        messages=stats.messages,
-        dump_interrupted=stats.interrupted,
-    )
-    return snapshot, stats.retries
+    feature = TcpSockets(rules, reader.families)
+    results, retries, _ = dump_into(reader, [feature], PollContext(clock(), started))
+    return replace(results["tcp"], duration=monotonic() - started), retries
 
 
 MAX_DUMP_PRIORITY = 5.0  # seconds; see DumpGate
@@ -99,20 +141,65 @@ class ConsumerError(Exception):
     of them raised (Service._dispatch). The poller counts it as a failed poll."""
 
 
-_MAX_MESSAGE = 500  # characters of an error message kept in PollStatus.last_error and logs
-_MAX_REMEMBERED = 64  # distinct error messages remembered as logged (then forgotten, relogged)
 _LOOP_RETRY = 1.0  # seconds the loop waits after a failure of its own schedule
+
+
+def samples_of(features: Sequence[Feature], results: Mapping[str, Any], ctx: PollContext,
+               fresh: bool, failed: Callable[[str, Exception], None] | None = None,
+               monotonic: Callable[[], float] = time.monotonic) -> tuple[Samples, dict[str, float]]:
+    """Every feature's samples in exposition order; then those made from them. A feature
+    that raises is left out and reported to `failed(name, exception)` (raised without it).
+    Also returns the seconds each feature took here."""
+    per: dict[str, Samples] = {}
+    took: dict[str, float] = {}
+
+    def guarded(feature: Feature, make: Callable[[], Samples | None]) -> None:
+        started = monotonic()
+        try:
+            out = make()
+        except Exception as e:  # noqa: BLE001 - one feature must not take the others down
+            if failed is None:
+                raise
+            per.pop(feature.name, None)
+            failed(feature.name, e)
+            return
+        finally:
+            took[feature.name] = took.get(feature.name, 0.0) + monotonic() - started
+        if out is not None:
+            per[feature.name] = out
+
+    def sampled(feature: Feature, result: Any) -> Samples:
+        out = Samples()
+        feature.samples(result, out)
+        return out
+
+    for feature in features:
+        result = results.get(feature.name)
+        if result is not None:
+            guarded(feature, lambda f=feature, r=result: sampled(f, r))
+    merged = Samples()
+    for part in per.values():
+        merged.merge(part)
+    for feature in features:
+        guarded(feature, lambda f=feature: f.after(merged, ctx, fresh))
+    ordered = Samples()
+    for feature in features:
+        if feature.name in per:
+            ordered.merge(per[feature.name])
+    return ordered, took
 
 
 class Poller:
     """Polls every `interval` seconds in its own thread and publishes a PollStatus.
 
-    A poll is: the kernel counters, the dump, the window peaks, then the consumers
-    (on_poll). Any exception in it is a failed poll, counted in PollStatus.errors: a failure
-    before the consumers keeps the last good Snapshot; a consumer's failure is counted
-    after the consumers had the new one. Each distinct error message is logged once (at
-    ERROR; unexpected exceptions with their traceback) until a poll succeeds again, and
-    recovery is logged once (at INFO). Missed slots are skipped, never caught up in a burst.
+    `features` (features.build) in exposition order; `readers` one netlink.Reader per
+    protocol the features need (their merged needs, merge_needs). Any exception in a poll
+    is caught here: a failed source leaves its series out (a sticky feature keeps its last
+    good result) and says so in sources; the primary source (the TCP dump) failing, or a
+    consumer (on_poll) raising, is a failed poll, counted in PollStatus.errors. Each
+    distinct error message is logged once (at ERROR; unexpected exceptions with their
+    traceback) until a poll succeeds again, and recovery is logged once (at INFO). Missed
+    slots are skipped, never caught up in a burst.
 
     The loop itself survives any Exception; only a BaseException (SystemExit raised by a
     callee) can end the thread, and `ended_unexpectedly` then says so: the daemon's main
@@ -121,34 +208,31 @@ class Poller:
 
     def __init__(
         self,
-        reader: Reader,
-        rules: Rules,
+        features: Sequence[Feature],
+        readers: Mapping[int, Reader],
         interval: float,
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         on_poll: Callable[[PollStatus], None] | None = None,
-        peaks: PeakTracker | None = None,
-        kernel: KernelStatsReader | None = None,
         gate: DumpGate | None = None,
     ):
-        self.reader = reader
+        self.features = list(features)
+        self.readers = dict(readers)
         self.gate = gate or DumpGate(0.0)  # the HTTP server defers to the dump through it
-        self.rules = rules
         self.interval = interval
         self._clock = clock
         self._monotonic = monotonic
         self._on_poll = on_poll
-        self.peaks = peaks  # window peaks folded into each good Snapshot (None = off)
-        self.kernel = kernel  # kernel counters read every poll, failing on their own
         self._status = PollStatus()
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by stop() and reconfigure()
         self._pending: dict[str, object] = {}  # attribute -> new value, see reconfigure()
         self._pending_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._logged: set[str] = set()  # error messages logged since the last good poll
-        self._failures = 0
+        # Each distinct failure logged once, recovery once: the poll's, each source's.
+        self._problems = Problems(log, "", recovery="poll recovered after {n} failed polls")
+        self._sources: dict[str, Problems] = {}
 
     def status(self) -> PollStatus:
         return self._status
@@ -157,39 +241,88 @@ class Poller:
         """Run one poll now (in the caller's thread), publish its outcome, hand it to
         on_poll. Never raises an Exception."""
         old = self._status
-        kernel = None
+        ctx = PollContext(self._clock(), self._monotonic())
+        sources: dict[str, SourceHealth] = {}
+        results: dict[str, Any] = {}
+        failure: Exception | None = None
+        retries = interrupted = 0
+        source_errors = dict(old.source_errors)
+
+        def source_failed(name: str, e: Exception, took: float = 0.0) -> None:
+            self._source_failed(name, e)
+            source_errors[name] = source_errors.get(name, 0) + 1
+            sources[name] = SourceHealth(False, took)
         try:
             self._apply_pending()
-            if self.kernel is not None:
-                kernel = self.kernel.read()  # flags a failed source itself; raising is a bug
-            with self.gate.dumping(min(self.interval / 2, MAX_DUMP_PRIORITY)):
-                snapshot, retries = poll_once(
-                    self.reader, self.rules, clock=self._clock, monotonic=self._monotonic
-                )
-            if self.peaks is not None:
-                snapshot = self.peaks.apply(snapshot, self._monotonic())
+            features = self.features
+            needs = merge_needs(features)
+            results = {f.name: r for f in features if f.sticky and (r := old.results.get(f.name)) is not None}
+            for feature in features:
+                if feature.reads():
+                    started = self._monotonic()
+                    try:
+                        result = feature.read(ctx)
+                    except Exception as e:  # noqa: BLE001 - a source fails on its own
+                        results.pop(feature.name, None)
+                        source_failed(feature.name, e, self._monotonic() - started)
+                        continue
+                    if result is not None:
+                        results[feature.name] = result
+                    self._source_ok(feature.name)
+                    sources[feature.name] = SourceHealth(True, self._monotonic() - started)
+            for protocol, reader in self.readers.items():
+                sharing = [f for f in features if (n := f.needs()) is not None and n.protocol == protocol]
+                label = PROTOCOL_NAMES.get(protocol, str(protocol))
+                started = self._monotonic()
+                try:
+                    with self.gate.dumping(min(self.interval / 2, MAX_DUMP_PRIORITY)):
+                        got, r, i = dump_into(reader, sharing, ctx, needs.get(protocol))
+                except Exception as e:  # noqa: BLE001 - counted below
+                    for f in sharing:
+                        if not f.sticky:
+                            results.pop(f.name, None)
+                    took = self._monotonic() - started
+                    if any(f.primary for f in sharing):
+                        failure = e  # a failed poll: counted and logged as such
+                        source_errors[label] = source_errors.get(label, 0) + 1
+                        sources[label] = SourceHealth(False, took)
+                    else:
+                        source_failed(label, e, took)
+                    continue
+                self._source_ok(label)
+                took = self._monotonic() - started
+                sources[label] = SourceHealth(True, took)
+                retries += r
+                interrupted += i
+                for name, result in got.items():
+                    results[name] = replace(result, duration=took) if isinstance(result, Snapshot) else result
+            samples, took_here = samples_of(features, results, ctx, fresh=failure is None,
+                                            failed=source_failed, monotonic=self._monotonic)
+            for name, seconds in took_here.items():
+                if name not in sources:  # features that work on samples only
+                    sources[name] = SourceHealth(True, seconds)
+                if sources[name].up:
+                    self._source_ok(name)
         except Exception as e:  # noqa: BLE001 - any failure keeps the daemon serving
-            message = self._failed("poll failed", e)
+            failure = e
+            samples = old.samples
+            results = dict(old.results)
+        if failure is not None:
+            message = self._failed("poll failed", failure)
             new = PollStatus(
-                snapshot=old.snapshot,
+                results=results, samples=samples, sources=sources, source_errors=source_errors,
                 last_success_monotonic=old.last_success_monotonic,
-                polls=old.polls + 1,
-                errors=old.errors + 1,
-                dump_retries=old.dump_retries,
-                dump_interrupted=old.dump_interrupted,
+                polls=old.polls + 1, errors=old.errors + 1,
+                dump_retries=old.dump_retries + retries, dump_interrupted=old.dump_interrupted,
                 last_error=message,
-                kernel=kernel,
             )
         else:
             new = PollStatus(
-                snapshot=snapshot,
+                results=results, samples=samples, sources=sources, source_errors=source_errors,
                 last_success_monotonic=self._monotonic(),
-                polls=old.polls + 1,
-                errors=old.errors,
-                dump_retries=old.dump_retries + retries,
-                dump_interrupted=old.dump_interrupted + snapshot.dump_interrupted,
+                polls=old.polls + 1, errors=old.errors,
+                dump_retries=old.dump_retries + retries, dump_interrupted=old.dump_interrupted + interrupted,
                 last_error=None,
-                kernel=kernel,
             )
         self._status = new
         consumed = True
@@ -202,27 +335,30 @@ class Poller:
                 if new.last_error is None:  # a failed poll is counted once
                     new = replace(new, errors=new.errors + 1, last_error=message)
                     self._status = new
-        if consumed and new.last_error is None and self._failures:
-            log.info("poll recovered after %d failed polls", self._failures)
-            self._failures = 0
-            self._logged.clear()
+        if consumed and new.last_error is None:
+            self._problems.ok()
         return new
 
     def _failed(self, what: str, e: Exception) -> str:
-        """Count a failure, log its message once; the message for PollStatus.last_error."""
-        text = str(e) or type(e).__name__
-        message = text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+        """Count a failed poll, log its message once; the message for last_error."""
+        message = clip(str(e) or type(e).__name__)
         if what != "poll failed":
             message = f"{what}: {message}"
-        self._failures += 1
-        if message not in self._logged:
-            if len(self._logged) >= _MAX_REMEMBERED:
-                self._logged.clear()
-            self._logged.add(message)
-            expected = isinstance(e, NetlinkError) or (isinstance(e, ConsumerError) and e.__cause__ is None)
-            shown = message if what != "poll failed" else f"poll failed: {message}"
-            log.error("%s", shown, exc_info=None if expected else e)
+        expected = isinstance(e, NetlinkError) or (isinstance(e, ConsumerError) and e.__cause__ is None)
+        self._problems.failed(message if what != "poll failed" else f"poll failed: {message}",
+                              traceback=None if expected else e)
         return message
+
+    def _source_failed(self, name: str, e: Exception) -> None:
+        problems = self._sources.get(name)
+        if problems is None:
+            problems = self._sources[name] = Problems(log, f"{name} source failed")
+        problems.failed(e, traceback=None if isinstance(e, (NetlinkError, OSError)) else e)
+
+    def _source_ok(self, name: str) -> None:
+        problems = self._sources.get(name)
+        if problems is not None:
+            problems.ok()
 
     def run(self) -> None:
         try:
@@ -231,8 +367,10 @@ class Poller:
             log.critical("the poll loop ended on %s: %s", type(e).__name__, e)
             raise
         finally:
-            self._close(self.reader)
-            self._close(self.kernel)
+            for reader in self.readers.values():
+                self._close(reader)
+            for feature in self.features:
+                self._close(feature)
 
     def _loop(self) -> None:
         next_slot = self._monotonic()
@@ -276,10 +414,11 @@ class Poller:
         return thread is not None and not thread.is_alive() and not self._stop.is_set()
 
     def reconfigure(self, **changes: object) -> None:
-        """Replace attributes (reader, rules, interval, ...) at the top of the next poll.
+        """Replace attributes (features, readers, interval) at the top of the next poll.
 
         Safe from any thread: the poller thread makes the swap, closes each replaced
-        object that has close() (a Reader is not thread-safe), and polls at once.
+        object that has close() (a Reader is not thread-safe; features and readers in a
+        replaced list that are not in the new one), and polls at once.
         """
         for name in changes:
             if not hasattr(self, name) or name.startswith("_"):
@@ -295,7 +434,12 @@ class Poller:
         for name, value in changes.items():
             old = getattr(self, name)
             setattr(self, name, value)
-            if old is not None and old is not value and callable(getattr(old, "close", None)):
+            if isinstance(old, (list, dict)):
+                olds = old.values() if isinstance(old, dict) else old
+                news = value.values() if isinstance(value, dict) else value
+                keep = {id(v) for v in news}
+                replaced += [o for o in olds if id(o) not in keep]
+            elif old is not None and old is not value and callable(getattr(old, "close", None)):
                 replaced.append(old)
         for old in replaced:  # every change is in place before any close can fail
             self._close(old)

@@ -17,13 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from . import __version__
-from .aggregate import Rules
-from .config import Config
-from .kernelstats import KernelStatsReader
+from . import __version__, features
+from .config import Config, changed_keys
+from .features import DumpNeed, Feature
 from .netlink import Reader
-from .peaks import PeakTracker
-from .poller import ConsumerError, DumpGate, Poller
+from .poller import ConsumerError, DumpGate, Poller, merge_needs
 from .snapshot import PollStatus
 
 log = logging.getLogger("sockscope")
@@ -31,13 +29,29 @@ log = logging.getLogger("sockscope")
 STOP_POLLER_WAIT = 5.0  # seconds stop() waits for the poll in progress
 
 
-def make_reader(cfg: Config) -> Reader:
+def make_reader(cfg: Config, need: DumpNeed = DumpNeed()) -> Reader:
+    """The reader of one protocol's dump, asking for what the features need of it."""
     return Reader(
         cfg.poll.families,
         netns=cfg.poll.netns,
         timeout=cfg.poll.timeout,
         dump_retries=cfg.poll.dump_retries,
+        protocol=need.protocol,
+        ext=need.ext,
+        states=need.states,
     )
+
+
+# Settings every reader is built from (besides the features' needs).
+_READER_KEYS = ("poll.families", "poll.netns", "poll.timeout", "poll.dump_retries")
+
+
+def max_series(enabled: list[Feature]) -> int:
+    """The most series the enabled features can export (peaks count their twins)."""
+    total = 0
+    for f in enabled:
+        total += f.max_series(enabled) if f.name == "peaks" else f.max_series()
+    return total
 
 
 def _consumer_name(callback: Callable) -> str:
@@ -49,22 +63,21 @@ def _consumer_name(callback: Callable) -> str:
 
 class Service:
     def __init__(
-        self, cfg: Config, *, reader_factory: Callable[[Config], Reader] = make_reader,
+        self, cfg: Config, *, reader_factory: Callable[[Config, DumpNeed], Reader] = make_reader,
         web=None,
     ):
         self.cfg = cfg
         self.web = web  # webconfig.WebConfig (TLS, basic auth) or None
         self._reader_factory = reader_factory
+        self.features = features.build(cfg)
         # Replaced (never mutated) under _dispatch_lock; _dispatch holds the lock while it
         # calls them, so a swap waits for the poll being dispatched (callbacks are quick).
         self._subscribers: list[Callable[[PollStatus], None]] = []
         self._dispatch_lock = threading.Lock()
+        self._needs = merge_needs(self.features)
         self.poller = Poller(
-            reader_factory(cfg), Rules.from_config(cfg), cfg.poll.interval,
-            on_poll=self._dispatch,
-            peaks=PeakTracker(cfg.poll.peak_window) if cfg.poll.peak_window else None,
-            kernel=KernelStatsReader(cfg.poll.netns) if cfg.poll.kernel_stats else None,
-            gate=DumpGate(),
+            self.features, self._readers(cfg, self._needs), cfg.poll.interval,
+            on_poll=self._dispatch, gate=DumpGate(),
         )
         self.server = None
         self.graphite = None  # graphite.Pusher when graphite.enabled
@@ -73,8 +86,14 @@ class Service:
         if cfg.graphite.enabled:
             from .graphite import Pusher
 
-            self.graphite = Pusher.from_config(cfg)
+            self.graphite = Pusher.from_config(cfg, max_series(self.features))
             self.on_poll(self.graphite.on_poll)
+
+    def _readers(self, cfg: Config, needs: dict[int, DumpNeed], keep: dict[int, Reader] | None = None
+                 ) -> dict[int, Reader]:
+        """One reader per protocol the features need; those in `keep` are reused."""
+        keep = keep or {}
+        return {p: keep[p] if p in keep else self._reader_factory(cfg, need) for p, need in needs.items()}
 
     def on_poll(self, callback: Callable[[PollStatus], None]) -> None:
         with self._dispatch_lock:
@@ -111,22 +130,29 @@ class Service:
         self.poller.start()
 
     def _exposition(self, cfg: Config):
-        from .prometheus import GraphiteCollector, HTTPCollector, PollExposition
+        from . import graphite
+        from .prometheus import HTTP_METRICS, PollExposition, SamplesCollector, http_samples
 
         # The Graphite and HTTP collectors read self.graphite / self.server at each scrape
         # (nothing while Graphite is off): a reload swaps, adds or removes them underneath
         # (counters carried over) without a new registry.
         return PollExposition(self.poller.status, cfg.poll.stale_after,
-                              GraphiteCollector(self._graphite_stats), HTTPCollector(self._http_stats),
+                              SamplesCollector(self._graphite_samples, graphite.METRICS),
+                              SamplesCollector(self._http_samples, HTTP_METRICS),
+                              metrics=[m for f in self.features for m in f.metrics],
                               poll_interval=cfg.poll.interval)
 
-    def _graphite_stats(self):
-        pusher = self.graphite
-        return None if pusher is None else pusher.stats()
+    def _graphite_samples(self):
+        from .graphite import stats_samples
 
-    def _http_stats(self):
+        pusher = self.graphite
+        return None if pusher is None else stats_samples(pusher.stats())
+
+    def _http_samples(self):
+        from .prometheus import http_samples
+
         server = self.server
-        return None if server is None else server.stats()
+        return http_samples(None if server is None else server.stats())
 
     def _metrics_server(self, cfg: Config):
         from .httpserver import Limits
@@ -161,28 +187,30 @@ class Service:
         built first, so a ValueError from it also leaves everything unchanged.
         """
         old, old_web = self.cfg, self.web
-        graphite_changed = (old.graphite, old.poll.interval) != (cfg.graphite, cfg.poll.interval) and (
+        changed = changed_keys(old, cfg)
+        rebuilt = features.changed_features(changed)
+        new_features = features.build(cfg, keep=[f for f in self.features if f.name not in rebuilt])
+        graphite_changed = any(k.startswith("graphite.") or k == "poll.interval" for k in changed) and (
             old.graphite.enabled or cfg.graphite.enabled)
         new_pusher = None
         if graphite_changed and cfg.graphite.enabled:
             from .graphite import Pusher
 
-            new_pusher = Pusher.from_config(cfg)  # before anything changes (may raise ValueError)
+            # before anything changes (may raise ValueError)
+            new_pusher = Pusher.from_config(cfg, max_series(new_features))
         self.web = web
+        previous = self.features
+        self.features = new_features
         try:
             self._reload_server(old, cfg)
         except OSError:
-            self.web = old_web
+            self.web, self.features = old_web, previous
             raise
-        changes: dict[str, object] = {"rules": Rules.from_config(cfg), "interval": cfg.poll.interval}
-        reader_keys = ("families", "netns", "timeout", "dump_retries")
-        if any(getattr(old.poll, k) != getattr(cfg.poll, k) for k in reader_keys):
-            changes["reader"] = self._reader_factory(cfg)
-        if old.poll.peak_window != cfg.poll.peak_window:
-            changes["peaks"] = PeakTracker(cfg.poll.peak_window) if cfg.poll.peak_window else None
-        if (old.poll.kernel_stats, old.poll.netns) != (cfg.poll.kernel_stats, cfg.poll.netns):
-            changes["kernel"] = KernelStatsReader(cfg.poll.netns) if cfg.poll.kernel_stats else None
-        self.poller.reconfigure(**changes)
+        needs = merge_needs(new_features)
+        readers_changed = needs != self._needs or any(k in changed for k in _READER_KEYS)
+        self._needs = needs
+        readers = self._readers(cfg, needs, None if readers_changed else self.poller.readers)
+        self.poller.reconfigure(features=new_features, readers=readers, interval=cfg.poll.interval)
         if graphite_changed:
             self._reload_graphite(new_pusher)
         self.cfg = cfg
@@ -236,7 +264,7 @@ class Service:
             return
         same_server = replace(old.prometheus, listen_address="") == replace(cfg.prometheus, listen_address="")
         if server is not None and same_server:
-            server.app.source = self._exposition(cfg)  # poll.stale_after may have changed
+            server.app.source = self._exposition(cfg)  # poll.stale_after, the features may have changed
             server.web = self.web
             return
         new = self._metrics_server(cfg)

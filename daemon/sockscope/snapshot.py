@@ -1,42 +1,27 @@
-"""The immutable result of one poll, shared by every exporter.
+"""The immutable results of one poll, shared by every exporter.
 
-The poller builds a new Snapshot per poll and swaps one reference; readers (scrapes,
-the Graphite pusher, the CLI) never see a half-built one and never lock.
+The poller builds a new PollStatus per poll and swaps one reference; readers (scrapes,
+the Graphite pusher, the CLI) never see a half-built one and never lock. Snapshot is the
+TCP feature's result (features/tcp.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from .catalogue import Samples
+from .states import STATES, TcpState
 
 if TYPE_CHECKING:
     from .kernelstats import KernelStats
-    from .peaks import Peaks
 
-# Kernel TCP states, include/net/tcp_states.h. Index = kernel number.
-# TCP_NEW_SYN_RECV (12, request sockets) is reported as syn_recv, as `ss` does.
-STATE_NAMES = (
-    None,
-    "established",  # 1
-    "syn_sent",  # 2
-    "syn_recv",  # 3
-    "fin_wait1",  # 4
-    "fin_wait2",  # 5
-    "time_wait",  # 6
-    "close",  # 7
-    "close_wait",  # 8
-    "last_ack",  # 9
-    "listen",  # 10
-    "closing",  # 11
-)
-# The label values in exposition order (kernel order).
-STATES = tuple(s for s in STATE_NAMES if s)
-TCP_LISTEN = 10
-TCP_NEW_SYN_RECV = 12
-TCP_SYN_RECV = 3
-# Index into STATES for a kernel state number (0-based), NEW_SYN_RECV folded into SYN_RECV.
-STATE_INDEX = {n: n - 1 for n in range(1, 12)} | {TCP_NEW_SYN_RECV: TCP_SYN_RECV - 1}
-LISTEN_INDEX = TCP_LISTEN - 1
+# Re-exported for the modules that take the state label values from here (states.py
+# is the one definition).
+__all__ = ["STATES", "FAMILIES", "OTHER", "QueueStats", "PortTable", "Listener", "Snapshot",
+           "SourceHealth", "PollStatus", "TcpState"]
+LISTEN_INDEX = TcpState.LISTEN.slot
 
 FAMILIES = ("ipv4", "ipv6")
 OTHER = "other"
@@ -89,7 +74,7 @@ class Listener:
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     timestamp: float  # wall-clock time the poll started (UNIX seconds)
-    duration: float  # seconds the poll took (dump + aggregation)
+    duration: float  # seconds the TCP dump took (dump + aggregation)
     families: tuple[str, ...]  # families that were read (ipv6 missing if disabled)
     states: dict[tuple[str, str], int]  # (family, state) -> count, zero-filled
     local: PortTable
@@ -98,7 +83,6 @@ class Snapshot:
     folded_listeners: int = 0  # listeners beyond listeners.max_tracked, not exported
     dump_interrupted: int = 0  # dumps accepted with NLM_F_DUMP_INTR after all retries
     messages: int = field(default=0)  # netlink messages decoded in this poll
-    peaks: Peaks | None = None  # window peaks up to this poll (None: poll.peak_window 0)
 
     @property
     def sockets(self) -> int:
@@ -106,20 +90,41 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceHealth:
+    """How one source of the latest poll went: a dump (`tcp`, `udp`) or a feature that
+    reads on its own (`kernel`)."""
+
+    up: bool
+    duration: float  # seconds
+
+
+@dataclass(frozen=True, slots=True)
 class PollStatus:
     """What the poller publishes after every poll, good or bad, swapped as one reference.
 
-    `snapshot` is the last good Snapshot (None before the first success); a failed poll
-    keeps it and only bumps the counters. Counters are cumulative since start.
+    `results` holds each feature's latest result by feature name ("tcp": the last good
+    Snapshot, None before the first success; "kernel": KernelStats ...), `samples` what
+    the features made of them (catalogue.Samples, in exposition order), `sources` how each
+    source went. A failed primary poll (the TCP dump) keeps the last good Snapshot and only
+    bumps the counters. Counters are cumulative since start.
     """
 
-    snapshot: Snapshot | None = None
+    results: Mapping[str, Any] = field(default_factory=dict)
+    samples: Samples = field(default_factory=Samples)
+    sources: Mapping[str, SourceHealth] = field(default_factory=dict)
+    source_errors: Mapping[str, int] = field(default_factory=dict)  # failures per source since start
     last_success_monotonic: float | None = None  # time.monotonic() of the last good poll
     polls: int = 0
     errors: int = 0
     dump_retries: int = 0  # dumps restarted because of NLM_F_DUMP_INTR
     dump_interrupted: int = 0  # dumps accepted with NLM_F_DUMP_INTR after all retries
     last_error: str | None = None
-    # Kernel TCP counters/limits read in the same poll (None: poll.kernel_stats off or
-    # not read yet). Read and reported independently of the socket dump.
-    kernel: KernelStats | None = None
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The TCP feature's last good Snapshot."""
+        return self.results.get("tcp")
+
+    @property
+    def kernel(self) -> KernelStats | None:
+        return self.results.get("kernel")

@@ -24,17 +24,16 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .aggregate import Accumulator, Rules
+from .batch import Batch, format_address
 from .netlink import ALL_STATES, Reader
-from .snapshot import FAMILIES, STATE_INDEX, STATES, Listener
+from .snapshot import FAMILIES, Listener
+from .states import NSTATES, STATES, TcpState
+from .states import SLOT as _SLOT
+from .states import UNKNOWN_SLOT as _UNKNOWN
 
-NSTATES = len(STATES)
-_UNKNOWN = 15  # slot of a kernel state number this build does not know
-_SLOT = np.full(256, _UNKNOWN, np.uint8)
-for _n, _i in STATE_INDEX.items():
-    _SLOT[_n] = _i
-LISTEN_SLOT = STATES.index("listen")
-CLOSE_WAIT_SLOT = STATES.index("close_wait")
-TIME_WAIT_SLOT = STATES.index("time_wait")
+LISTEN_SLOT = TcpState.LISTEN.slot
+CLOSE_WAIT_SLOT = TcpState.CLOSE_WAIT.slot
+TIME_WAIT_SLOT = TcpState.TIME_WAIT.slot
 # Queue slots per port, as aggregate.py: receive/send sums, maxima, non-empty counts.
 QUEUE_FIELDS = ("receive_bytes", "send_bytes", "receive_max_bytes", "send_max_bytes",
                 "receive_backlogged", "send_backlogged")
@@ -242,48 +241,6 @@ class Survey:
 # --- the sink of one dump ----------------------------------------------------------------
 
 
-def _gather(batch, rows: np.ndarray, offset: int) -> np.ndarray:
-    """(len(rows), 16) bytes at `offset` of each message of a MessageBatch (16: src, 40: dst
-    in nlmsghdr + inet_diag_msg)."""
-    u8 = np.frombuffer(batch.data, np.uint8)
-    base = (batch.words[rows].astype(np.intp) << 2) + offset
-    return u8[base[:, None] + np.arange(16)]
-
-
-class _Columns:
-    """The columns of one batch: a netlink.MessageBatch, or record tuples (Record order)
-    from the exact decoder, which are few."""
-
-    def __init__(self, batch, with_inode: bool):
-        if isinstance(batch, (list, tuple)):
-            cols = list(zip(*batch)) if batch else [()] * 10
-            self.family = np.array(cols[0], np.uint8)
-            self.state = np.array(cols[1], np.uint8)
-            self.sport = np.array(cols[2], np.uint16)
-            self.dport = np.array(cols[3], np.uint16)
-            self.rqueue = np.array(cols[6], np.uint32)
-            self.wqueue = np.array(cols[7], np.uint32)
-            self.inode = np.array(cols[9], np.uint32)
-            self._src = np.frombuffer(b"".join(cols[4]), np.uint8).reshape(-1, 16)
-            self._dst = np.frombuffer(b"".join(cols[5]), np.uint8).reshape(-1, 16)
-            self._batch = None
-        else:
-            self._batch = batch
-            self.family = batch.family
-            self.state = batch.state
-            self.sport = batch.sport
-            self.dport = batch.dport
-            self.rqueue = batch.rqueue
-            self.wqueue = batch.wqueue
-            self.inode = batch.inode if with_inode else None
-
-    def src(self, rows: np.ndarray) -> np.ndarray:
-        return self._src[rows] if self._batch is None else _gather(self._batch, rows, 24)
-
-    def dst(self, rows: np.ndarray) -> np.ndarray:
-        return self._dst[rows] if self._batch is None else _gather(self._batch, rows, 40)
-
-
 class Tally:
     """Folds the batches of one dump attempt (pass `add` as the Reader.poll sink)."""
 
@@ -303,12 +260,11 @@ class Tally:
         self.unknown = 0
         self.other_families = 0
 
-    def add(self, batch) -> None:
+    def add(self, batch: Batch) -> None:
         n = len(batch)
         if not n:
             return
-        c = _Columns(batch, self.index_sockets)
-        fam, state, sport, dport = c.family, c.state, c.sport, c.dport
+        fam, state, sport, dport = batch.family, batch.state, batch.sport, batch.dport
         slot = _SLOT[state]
         # Every listening port is noted, also when the filter leaves LISTEN sockets out
         # (take() always asks the kernel for them; they are few): see `client` below.
@@ -344,12 +300,12 @@ class Tally:
         np.add.at(self.remote, (dport_i << 4) | slot_i, ones)
 
         listen = slot == LISTEN_SLOT
-        rq = c.rqueue[rows]
-        wq = c.wqueue[rows]
-        inode = c.inode[rows] if c.inode is not None else None
+        rq = batch.rqueue[rows]
+        wq = batch.wqueue[rows]
+        inode = batch.inode[rows] if self.index_sockets else None
         if listen.any():
             at = np.flatnonzero(listen)
-            srcs = c.src(rows[at])
+            srcs = batch.addresses("src", rows[at])
             for j, i in enumerate(at.tolist()):
                 self.listen_rows.append((
                     int(fam[i]), 10, int(sport[i]), 0, srcs[j].tobytes(), b"\0" * 16,
@@ -378,7 +334,7 @@ class Tally:
                 np.add.at(qa[_SN], port, sn)
         waits = np.flatnonzero((slot == CLOSE_WAIT_SLOT) | (slot == TIME_WAIT_SLOT))
         if len(waits):
-            addr = np.ascontiguousarray(c.dst(rows[waits])).view(">u8").astype(np.uint64)
+            addr = np.ascontiguousarray(batch.addresses("dst", rows[waits])).view(">u8").astype(np.uint64)
             part = np.empty((len(waits), 4), np.uint64)
             part[:, 0] = slot[waits]
             part[:, 1] = fam[waits]
@@ -399,12 +355,12 @@ class Tally:
                     states[(name, state)] = int(self.fam[(f << 4) | i])
         # Listeners through the daemon's own code: same grouping and fullest-member rule.
         acc = Accumulator()
-        acc.add(self.listen_rows)
+        acc.add(Batch.from_records(self.listen_rows))
         snap = acc.finish(Rules(auto_listen=False, max_listeners=rules.max_listeners),
                           families=families, timestamp=timestamp, duration=0.0)
         inodes: dict[tuple[str, int], set[int]] = {}
         for fam, _st, port, _dp, src, _dst, _rq, _wq, _uid, ino in self.listen_rows:
-            address = socket.inet_ntop(fam, src[:4] if fam == socket.AF_INET else src)
+            address = format_address(fam, src)
             members = inodes.setdefault((address, port), set())
             if ino:
                 members.add(ino)
