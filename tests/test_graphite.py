@@ -38,11 +38,18 @@ from sockscope.graphite import (
     collectd_hostname,
     default_buffer_lines,
     pack,
+    SELF_SERIES,
     sanitize,
-    series_per_push,
+    stats_samples,
     tag_value,
 )
-from sockscope.prometheus import GraphiteCollector
+from sockscope import features
+from sockscope.aggregate import Rules
+from sockscope.catalogue import Samples
+from sockscope.features import tcp as tcp_feature
+from sockscope.features.tcp import TcpSockets
+from sockscope.prometheus import SamplesCollector, families
+from sockscope.service import max_series
 from sockscope.snapshot import OTHER, STATES, Listener, PollStatus, PortTable, QueueStats, Snapshot
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -90,8 +97,17 @@ FIXED_STATS = GraphiteStats(sent_lines=1000, send_errors=2, dropped_lines=0, dro
 FIXED_STATUS = PollStatus(polls=5, errors=1)
 
 
+def status_with(snap: Snapshot | None = None, counters: PollStatus = FIXED_STATUS) -> PollStatus:
+    """A PollStatus of `snap` (fixed_snapshot() by default) as the poller publishes it: the
+    TCP feature's samples, the counters of `counters`."""
+    snap = snap or fixed_snapshot()
+    samples = Samples()
+    tcp_feature.samples(snap, samples)
+    return PollStatus(results={"tcp": snap}, samples=samples, polls=counters.polls, errors=counters.errors)
+
+
 def golden_text(b: LineBuilder) -> str:
-    rendered = b.render(fixed_snapshot(), STAMP, FIXED_STATUS, FIXED_STATS)
+    rendered = b.render(status_with(fixed_snapshot()), STAMP, FIXED_STATS)
     assert rendered.invalid == []
     return b"".join(rendered.lines).decode()
 
@@ -117,7 +133,7 @@ def test_golden_lines(name):
 
 
 def lines_of(b: LineBuilder, snap: Snapshot | None = None) -> dict[str, str]:
-    rendered = b.render(snap or fixed_snapshot(), STAMP, FIXED_STATUS, FIXED_STATS)
+    rendered = b.render(status_with(snap or fixed_snapshot()), STAMP, FIXED_STATS)
     out = {}
     for line in rendered.lines:
         path, value, stamp = line.decode().split(" ")
@@ -145,8 +161,12 @@ def test_sockscope_paths():
     assert got[f"{p}.sockscope.poll.errors"] == "1"
     # every state of every family, every tracked port side, nothing else
     assert sum(k.startswith(f"{p}.tcp.states.") for k in got) == 2 * 11
-    assert sum(k.startswith(f"{p}.tcp.local_port.") for k in got) == 3 * 13
-    assert sum(k.startswith(f"{p}.tcp.remote_port.") for k in got) == 2 * 11
+    assert got[f"{p}.tcp.local_port.8080.receive_queue_max_bytes"] == "0"
+    assert got[f"{p}.tcp.remote_port.other.backlogged.send"] == "0"
+    assert got[f"{p}.tcp.listen.127_0_0_1_8080.sockets"] == "1"
+    # per port: 11 states, 4 queue figures, 2 backlogged counts
+    assert sum(k.startswith(f"{p}.tcp.local_port.") for k in got) == 3 * 17
+    assert sum(k.startswith(f"{p}.tcp.remote_port.") for k in got) == 2 * 17
     assert all(set(k) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.") for k in got)
 
 
@@ -159,9 +179,12 @@ def test_collectd_paths_are_tcpconns_write_graphite():
     assert got[f"{h}.tcpconns-all.tcp_connections-ESTABLISHED"] == "7"  # both families
     assert got[f"{h}.tcpconns-all.tcp_connections-TIME_WAIT"] == "3"
     assert got[f"{h}.tcpconns-22-local.tcp_connections-CLOSED"] == "0"  # zero-filled, collectd name
-    # collectd has no "other" bucket, no listeners, no queue figures
-    assert not any("other" in k or "listen" in k.lower().split("tcp_connections-")[0] for k in got)
+    # collectd has no "other" bucket, no listeners, no queue figures: those go under sockscope.
     tcpconns = [k for k in got if ".tcpconns-" in k]
+    assert not any("other" in k for k in tcpconns)
+    assert got[f"{h}.sockscope.tcp.local_port.8080.receive_queue_bytes"] == "131072"
+    assert got[f"{h}.sockscope.tcp.listen.127_0_0_1_8080.queue_limit"] == "511"
+    assert all(k.startswith(f"{h}.sockscope.") for k in got if k not in tcpconns)
     assert len(tcpconns) == 11 * (1 + 2 + 1)  # all + local 22, 8080 + remote 5432
     assert {k.rsplit("-", 1)[1] for k in tcpconns} == set(COLLECTD_STATES.values())
     assert set(COLLECTD_STATES.values()) == {"ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
@@ -248,7 +271,7 @@ def test_ipv4_only_snapshot_has_no_ipv6_series():
 
 def test_lines_use_the_given_timestamp_not_the_clock():
     b = builder()
-    (line, *_) = b.render(fixed_snapshot(timestamp=1234.4), 1234).lines
+    (line, *_) = b.render(status_with(fixed_snapshot(timestamp=1234.4)), 1234).lines
     assert line.endswith(b" 1234\n")
 
 
@@ -285,9 +308,9 @@ def test_render_counts_refused_lines_and_keeps_the_rest():
     snap = fixed_snapshot()
     bad = Snapshot(timestamp=snap.timestamp, duration=math.nan, families=snap.families, states=snap.states,
                    local=snap.local, remote=snap.remote, listeners=snap.listeners)
-    rendered = builder().render(bad, STAMP, FIXED_STATUS, FIXED_STATS)
+    rendered = builder().render(status_with(bad), STAMP, FIXED_STATS)
     assert len(rendered.invalid) == 1 and "nan" in rendered.invalid[0]
-    good = builder().render(snap, STAMP, FIXED_STATUS, FIXED_STATS)
+    good = builder().render(status_with(snap), STAMP, FIXED_STATS)
     assert len(rendered.lines) == len(good.lines) - 1
     assert not any(b"nan" in line for line in rendered.lines)
 
@@ -297,8 +320,8 @@ def test_long_listener_address_is_refused_not_sent():
     long = Snapshot(timestamp=snap.timestamp, duration=0.1, families=snap.families, states=snap.states,
                     local=snap.local, remote=snap.remote,
                     listeners=(Listener("ipv6", "f" * 20000, 1, 0, 1),))
-    rendered = builder().render(long, STAMP)
-    assert len(rendered.invalid) == 2  # queue_length, queue_limit
+    rendered = builder().render(status_with(long), STAMP)
+    assert len(rendered.invalid) == 3  # queue_length, queue_limit, sockets
     assert all(len(line) <= MAX_LINE_BYTES for line in rendered.lines)
 
 
@@ -325,21 +348,21 @@ def test_builder_refuses_tags_with_collectd_and_empty_components():
 
 
 def test_series_bound_holds_for_a_full_snapshot():
-    b = builder()
-    n = len(b.render(fixed_snapshot(), STAMP, FIXED_STATUS, FIXED_STATS).lines)
-    # fixed_snapshot: 2 local ports + other, 1 remote + other, 3 listeners
-    assert n == series_per_push("sockscope", 2, 2, 1, 3)
-    c = builder(naming="collectd")
-    assert len(c.render(fixed_snapshot(), STAMP, FIXED_STATUS, FIXED_STATS).lines) == \
-        series_per_push("collectd", 2, 2, 1, 3)
+    # fixed_snapshot fills caps of 2 local ports, 1 remote port and 3 listeners exactly.
+    bound = TcpSockets(Rules(max_local=2, max_remote=1, max_listeners=3)).max_series() + SELF_SERIES
+    n = len(builder().render(status_with(fixed_snapshot()), STAMP, FIXED_STATS).lines)
+    assert bound - 12 <= n <= bound, (n, bound)
+    # collectd naming: state totals instead of per family, no `other` tcpconns rows: fewer
+    n = len(builder(naming="collectd").render(status_with(fixed_snapshot()), STAMP, FIXED_STATS).lines)
+    assert n <= bound
 
 
 def test_default_buffer_is_30_minutes():
-    cfg = config.DEFAULTS
-    per_push = series_per_push("sockscope", 2, 64, 64, 256)
-    assert per_push == 22 + 65 * 13 + 65 * 11 + 512 + 11
+    cfg = _enabled(config.DEFAULTS)
+    per_push = max_series(features.build(cfg)) + SELF_SERIES
+    assert per_push > 22 + 65 * 13 + 65 * 11 + 512  # states, ports, listeners at the default caps
     assert default_buffer_lines(5.0, per_push) == 360 * per_push
-    pusher = Pusher.from_config(_enabled(cfg), hostname=lambda: "h", fqdn=lambda: "h")
+    pusher = Pusher.from_config(cfg, max_series(features.build(cfg)), hostname=lambda: "h", fqdn=lambda: "h")
     assert pusher.stats().capacity_lines == 360 * per_push
     assert default_buffer_lines(7.0, 10) == 258 * 10  # rounds up: >= 30 minutes
 
@@ -624,7 +647,7 @@ def make_pusher(port: int, *, capacity=100_000, interval=1.0, poll_interval=1.0,
 
 
 def status_at(t: float) -> PollStatus:
-    return PollStatus(snapshot=fixed_snapshot(timestamp=t), polls=1)
+    return status_with(fixed_snapshot(timestamp=t), PollStatus(polls=1))
 
 
 def test_pusher_sends_every_line_over_one_connection():
@@ -988,7 +1011,7 @@ def test_tcp_chunks_are_bounded():
 
 def test_graphite_collector_renders_stats():
     registry = CollectorRegistry()
-    registry.register(GraphiteCollector(lambda: FIXED_STATS))
+    registry.register(SamplesCollector(lambda: stats_samples(FIXED_STATS), []))
     samples = {s.name: s.value for fam in text_string_to_metric_families(generate_latest(registry).decode())
                for s in fam.samples}
     assert samples["sockscope_graphite_sent_lines_total"] == 1000
@@ -1021,7 +1044,7 @@ def test_service_registers_the_collector_and_flushes_on_stop():
         "prometheus": {"enabled": False},
         "graphite": {"enabled": True, "address": f"127.0.0.1:{sink.port}", "flush_timeout": "2s"},
     })
-    service = Service(cfg, reader_factory=lambda c: NoReader())
+    service = Service(cfg, reader_factory=lambda c, need: NoReader())
     try:
         assert service.graphite is not None
         exposition = service._exposition(cfg)

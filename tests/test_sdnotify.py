@@ -91,7 +91,8 @@ def test_watchdog_kicks_at_most_once_per_interval():
 
 
 def _status(snapshot, error=None, polls=1, errors=0):
-    return PollStatus(snapshot=snapshot, last_success_monotonic=1.0 if snapshot else None,
+    return PollStatus(results={"tcp": snapshot} if snapshot else {},
+                      last_success_monotonic=1.0 if snapshot else None,
                       polls=polls, errors=errors, last_error=error)
 
 
@@ -131,11 +132,11 @@ def test_status_text_has_the_figures(fake_snapshot):
 @pytest.fixture
 def fake_snapshot():
     from sockscope.aggregate import Accumulator, Rules
-    from sockscope.netlink import Record
+    from sockscope.batch import Batch, Record
 
     acc = Accumulator()
     lo = socket.inet_pton(socket.AF_INET, "127.0.0.1") + bytes(12)
-    acc.add([tuple(Record(socket.AF_INET, 10, 80, 0, lo, bytes(16), 0, 128, 0, 1)),
-             tuple(Record(socket.AF_INET, 1, 80, 5000, lo, lo, 0, 0, 0, 2))])
+    acc.add(Batch.from_records([Record(socket.AF_INET, 10, 80, 0, lo, bytes(16), 0, 128, 0, 1),
+                                Record(socket.AF_INET, 1, 80, 5000, lo, lo, 0, 0, 0, 2)]))
     return acc.finish(Rules(), families=("ipv4",), timestamp=0.0, duration=0.002, messages=2,
                       dump_interrupted=False)

@@ -1,7 +1,6 @@
 """survey.py: the `snapshot` dump folded column-wise, on hand-built records (pure).
 
-Every test feeds the same records as tuples (the exact decoder's lists), as column batches
-(netlink.MessageBatch over encoded messages, the reader's fast path) and mixed. The
+Records are fed as batch.Batch objects (the messages the kernel would send for them). The
 figures are checked against the daemon's own Accumulator where both compute them.
 """
 
@@ -11,7 +10,7 @@ import socket
 
 import numpy as np
 import pytest
-from test_aggregate import as_batch
+from sockscope.batch import Batch
 
 from sockscope.aggregate import Accumulator, Rules
 from sockscope.netlink import ALL_STATES, DumpStats, Reader
@@ -71,32 +70,24 @@ RECORDS = [
 ]
 
 
-def survey_of(records, flt=Filter(), feed="tuples", rules=Rules(), batches=3):
+def survey_of(records, flt=Filter(), rules=Rules(), batches=3):
     tally = Tally(flt)
     # listeners first, as the kernel dumps them (the client/server split relies on it)
     parts = [records[i::batches] for i in range(batches)]
     parts = sorted(parts, key=lambda p: not any(r[1] == LISTEN for r in p))
-    for i, part in enumerate(parts):
-        if feed == "columns" or (feed == "mixed" and i % 2 == 0):
-            tally.add(as_batch(part))
-        else:
-            tally.add(part)
+    for part in parts:
+        tally.add(Batch.from_records(part))
     return tally.finish(rules, families=("ipv4", "ipv6"), timestamp=100.0, duration=0.01)
-
-
-@pytest.fixture(params=["tuples", "columns", "mixed"])
-def feed(request):
-    return request.param
 
 
 def reference(records, rules):
     acc = Accumulator()
-    acc.add(records)
+    acc.add(Batch.from_records(records))
     return acc.finish(rules, families=("ipv4", "ipv6"), timestamp=100.0, duration=0.01)
 
 
-def test_figures_equal_the_daemons_accumulator(feed):
-    survey = survey_of(RECORDS, feed=feed)
+def test_figures_equal_the_daemons_accumulator():
+    survey = survey_of(RECORDS)
     rules = Rules(local=(80, 9000, 51003), remote=(5432, 6379, 443), auto_listen=False)
     ref = reference(RECORDS, rules)
     assert survey.states == ref.states
@@ -115,8 +106,8 @@ def test_figures_equal_the_daemons_accumulator(feed):
     assert survey.listeners == ref.listeners
 
 
-def test_listening_ports_and_client_side_remote_ports(feed):
-    survey = survey_of(RECORDS, feed=feed)
+def test_listening_ports_and_client_side_remote_ports():
+    survey = survey_of(RECORDS)
     assert survey.listening == (80, 9000)
     client = dict(zip(survey.remote.ports.tolist(), survey.remote_client.tolist()))
     # The server's ends (local port 80) are not clients: their remote ports count 0.
@@ -124,8 +115,8 @@ def test_listening_ports_and_client_side_remote_ports(feed):
     assert client[40001] == 0
 
 
-def test_peers_of_close_wait_and_time_wait(feed):
-    survey = survey_of(RECORDS, feed=feed)
+def test_peers_of_close_wait_and_time_wait():
+    survey = survey_of(RECORDS)
     cw = [(peer_address(k), n) for k, n in survey.close_wait_peers.top(10)]
     assert cw == [(("ipv4", "10.0.0.7"), 2), (("ipv4", "10.0.0.5"), 1), (("ipv4", "10.0.0.8"), 1)]
     tw = [(peer_address(k), n) for k, n in survey.time_wait_peers.top(10)]
@@ -136,8 +127,8 @@ def test_peers_of_close_wait_and_time_wait(feed):
     assert survey.close_wait_peers.count((V4, 1, 2)) == 0
 
 
-def test_socket_index_and_listener_inodes(feed):
-    survey = survey_of(RECORDS, feed=feed)
+def test_socket_index_and_listener_inodes():
+    survey = survey_of(RECORDS)
     index = survey.sockets_index
     with_inode = [r for r in RECORDS if r[9]]
     assert sorted(index.inode.tolist()) == sorted(r[9] for r in with_inode)
@@ -149,8 +140,8 @@ def test_socket_index_and_listener_inodes(feed):
     assert survey.without_index().sockets_index is None
 
 
-def test_port_filter_keeps_sockets_with_either_port(feed):
-    survey = survey_of(RECORDS, Filter.of(ports=[5432]), feed=feed)
+def test_port_filter_keeps_sockets_with_either_port():
+    survey = survey_of(RECORDS, Filter.of(ports=[5432]))
     assert survey.sockets == 4
     assert survey.local.ports.tolist() == [51000, 51001, 51002, 51003]
     assert survey.remote.ports.tolist() == [5432]
@@ -159,8 +150,8 @@ def test_port_filter_keeps_sockets_with_either_port(feed):
     assert survey.listening == (80, 9000)
 
 
-def test_state_filter(feed):
-    survey = survey_of(RECORDS, Filter.of(states=["close-wait", "syn-recv"]), feed=feed)
+def test_state_filter():
+    survey = survey_of(RECORDS, Filter.of(states=["close-wait", "syn-recv"]))
     totals = dict(zip(STATES, survey.totals().tolist()))
     assert totals == {s: 0 for s in STATES} | {"close_wait": 4, "syn_recv": 1}
     assert survey.time_wait_peers.total == 0
@@ -187,8 +178,8 @@ def test_state_names_and_groups():
     assert Filter.of(ports=[80])
 
 
-def test_unknown_state_numbers_are_skipped_and_counted(feed):
-    survey = survey_of([*RECORDS, rec(13, 80, 1)], feed=feed)
+def test_unknown_state_numbers_are_skipped_and_counted():
+    survey = survey_of([*RECORDS, rec(13, 80, 1)])
     assert survey.sockets == len(RECORDS)
     assert survey.unknown_states == 1
 
