@@ -91,6 +91,7 @@ def poll_once(
 
 
 MAX_DUMP_PRIORITY = 5.0  # seconds; see DumpGate
+DUMP_PRIORITY_SHARE = 0.9  # of poll.interval; see DumpGate
 
 
 class DumpGate:
@@ -103,7 +104,8 @@ class DumpGate:
     (docs/performance.md). The HTTP server calls `wait()` before each round of work: while
     a dump runs it blocks, at most until `hold` seconds after the dump began (then the
     server carries on, so a slow or stuck dump delays a scrape by at most `hold`:
-    min(poll.interval / 2, MAX_DUMP_PRIORITY)). Requests meanwhile wait in the kernel's
+    min(0.9 x poll.interval, MAX_DUMP_PRIORITY): the poll comes first, but no scrape waits
+    more than 5 s, half of Prometheus' default scrape timeout). Requests meanwhile wait in the kernel's
     socket buffers, not in our memory.
     """
 
@@ -275,7 +277,7 @@ class Poller:
                 label = PROTOCOL_NAMES.get(protocol, str(protocol))
                 started = self._monotonic()
                 try:
-                    with self.gate.dumping(min(self.interval / 2, MAX_DUMP_PRIORITY)):
+                    with self.gate.dumping(min(self.interval * DUMP_PRIORITY_SHARE, MAX_DUMP_PRIORITY)):
                         got, r, i = dump_into(reader, sharing, ctx, needs.get(protocol))
                 except Exception as e:  # noqa: BLE001 - counted below
                     for f in sharing:
