@@ -49,6 +49,7 @@ def poll_once(
 
 
 MAX_DUMP_PRIORITY = 5.0  # seconds; see DumpGate
+DUMP_PRIORITY_SHARE = 0.9  # of poll.interval; see DumpGate
 
 
 class DumpGate:
@@ -61,7 +62,8 @@ class DumpGate:
     (docs/performance.md). The HTTP server calls `wait()` before each round of work: while
     a dump runs it blocks, at most until `hold` seconds after the dump began (then the
     server carries on, so a slow or stuck dump delays a scrape by at most `hold`:
-    min(poll.interval / 2, MAX_DUMP_PRIORITY)). Requests meanwhile wait in the kernel's
+    min(0.9 x poll.interval, MAX_DUMP_PRIORITY): the poll comes first, but no scrape waits
+    more than 5 s, half of Prometheus' default scrape timeout). Requests meanwhile wait in the kernel's
     socket buffers, not in our memory.
     """
 
@@ -162,7 +164,7 @@ class Poller:
             self._apply_pending()
             if self.kernel is not None:
                 kernel = self.kernel.read()  # flags a failed source itself; raising is a bug
-            with self.gate.dumping(min(self.interval / 2, MAX_DUMP_PRIORITY)):
+            with self.gate.dumping(min(self.interval * DUMP_PRIORITY_SHARE, MAX_DUMP_PRIORITY)):
                 snapshot, retries = poll_once(
                     self.reader, self.rules, clock=self._clock, monotonic=self._monotonic
                 )
