@@ -54,7 +54,8 @@ import graphyte
 from . import selfmetrics
 from .config import format_endpoint
 from .catalogue import GraphitePath, Metric, Samples
-from .snapshot import OTHER, STATES, PollStatus, Snapshot
+from .snapshot import OTHER, PollStatus, Snapshot
+from .states import COUNTED
 
 if TYPE_CHECKING:
     from .config import Config
@@ -122,22 +123,9 @@ TCPI_SND_WND_OFFSET = 228
 TCP_INFO_BYTES = 256
 
 # collectd tcpconns' names for the kernel states (src/tcpconns.c, tcp_state[]), keyed by
-# sockscope's names. collectd never sees TCP_NEW_SYN_RECV; sockscope counts request
+# sockscope's label values. collectd never sees TCP_NEW_SYN_RECV; sockscope counts request
 # sockets as syn_recv, as `ss` shows them.
-COLLECTD_STATES = {
-    "established": "ESTABLISHED",
-    "syn_sent": "SYN_SENT",
-    "syn_recv": "SYN_RECV",
-    "fin_wait1": "FIN_WAIT1",
-    "fin_wait2": "FIN_WAIT2",
-    "time_wait": "TIME_WAIT",
-    "close": "CLOSED",
-    "close_wait": "CLOSE_WAIT",
-    "last_ack": "LAST_ACK",
-    "listen": "LISTEN",
-    "closing": "CLOSING",
-}
-assert tuple(COLLECTD_STATES) == STATES
+COLLECTD_STATES = {s.label: s.collectd for s in COUNTED}
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _UNSAFE_PREFIX = re.compile(r"[^A-Za-z0-9_.-]")

@@ -26,6 +26,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .health import Problems
 from .namespace import NamespaceWatch, run_in
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,7 @@ class KernelStatsReader:
         self.page_size = page_size
         self._fds: dict[str, int | Exception | None] | None = None
         self._ns = NamespaceWatch(netns)
-        self._logged: dict[str, str] = {}
+        self._problems: dict[str, Problems] = {}  # per source: each problem logged once
 
     def _open(self) -> dict[str, int | Exception | None]:
         if self._ns.replaced():  # OSError: the namespace is gone
@@ -364,13 +365,14 @@ class KernelStatsReader:
 
     def _log(self, stats: KernelStats, problems: dict[str, str]) -> None:
         for source, message in problems.items():
-            if self._logged.get(source) != message:
-                log.warning("kernel statistics from %s unavailable: %s", source, message)
-                self._logged[source] = message
-        for source in list(self._logged):
+            if source not in self._problems:
+                self._problems[source] = Problems(log, f"kernel statistics from {source} unavailable",
+                                                  level=logging.WARNING,
+                                                  recovery=f"kernel statistics from {source} readable again")
+            self._problems[source].failed(message)
+        for source, problems_of in self._problems.items():
             if stats.ok.get(source):
-                log.info("kernel statistics from %s readable again", source)
-                del self._logged[source]
+                problems_of.ok()
 
     def close(self) -> None:
         if self._fds is not None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .owners import Owner, PortOwners
 from .snapshot import FAMILIES, STATES
+from .states import COUNTED
 from .survey import (
     ALL_STATES,
     CLOSE_WAIT_SLOT,
@@ -49,19 +50,7 @@ SORT_KEYS = ("sockets", "port", "recv-q", "send-q", *STATE_OPTIONS)
 _SORT_STATE = {SS_NAME[s]: i for i, s in enumerate(STATES)}
 
 # `ss` spellings, for the text view.
-STATE_LABELS = {
-    "established": "ESTAB",
-    "syn_sent": "SYN-SENT",
-    "syn_recv": "SYN-RECV",
-    "fin_wait1": "FIN-WAIT-1",
-    "fin_wait2": "FIN-WAIT-2",
-    "time_wait": "TIME-WAIT",
-    "close": "CLOSE",
-    "close_wait": "CLOSE-WAIT",
-    "last_ack": "LAST-ACK",
-    "listen": "LISTEN",
-    "closing": "CLOSING",
-}
+STATE_LABELS = {s.label: s.shown for s in COUNTED}
 # States with their own column in the port tables; the others share one compact column.
 PORT_COLUMNS = ("established", "close_wait", "time_wait")
 # Kernel counters on the watch-mode line: (KernelStats.counters stem, label).

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from .health import Problems
 from .snapshot import PollStatus
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class Notifier:
         elif value:
             log.warning("ignoring NOTIFY_SOCKET=%r: neither a path nor an @abstract name", value)
         self._sock: socket.socket | None = None
-        self._last_error: str | None = None
+        self._problems = Problems(log, "", level=logging.WARNING,
+                                 recovery="notifying systemd works again")
         self._lock = threading.Lock()  # the poller thread and the main thread both send
 
     @property
@@ -77,15 +79,10 @@ class Notifier:
                 self._sock.settimeout(1.0)
             self._sock.sendto(payload, self.address)
         except OSError as e:
-            message = f"cannot notify systemd at {self._shown()}: {e.strerror or e}"
-            if message != self._last_error:
-                log.warning("%s", message)
-                self._last_error = message
+            self._problems.failed(f"cannot notify systemd at {self._shown()}: {e.strerror or e}")
             self.close()
             return False
-        if self._last_error is not None:
-            log.info("notifying systemd at %s works again", self._shown())
-            self._last_error = None
+        self._problems.ok()
         return True
 
     def _shown(self) -> str:

@@ -13,7 +13,7 @@ import enum
 
 import numpy as np
 
-__all__ = ["TcpState", "STATES", "SLOT", "NSTATES", "UNKNOWN_SLOT", "slot_of", "state_bits"]
+__all__ = ["TcpState", "STATES", "COUNTED", "SLOT", "NSTATES", "UNKNOWN_SLOT", "slot_of", "state_bits"]
 
 
 class TcpState(enum.IntEnum):
@@ -43,6 +43,11 @@ class TcpState(enum.IntEnum):
         return _SS[self.counted_as]
 
     @property
+    def shown(self) -> str:
+        """How `ss` prints the state in its State column."""
+        return _SHOWN.get(self.counted_as, self.counted_as.name.replace("_", "-"))
+
+    @property
     def collectd(self) -> str:
         return "CLOSED" if self is TcpState.CLOSE else self.counted_as.name
 
@@ -61,8 +66,11 @@ _SS = {
     TcpState.CLOSING: "closing",
 }
 
+_SHOWN = {TcpState.ESTABLISHED: "ESTAB", TcpState.FIN_WAIT1: "FIN-WAIT-1", TcpState.FIN_WAIT2: "FIN-WAIT-2"}
+
 # Label values in exposition order (kernel order): the `state` label of every metric.
-STATES: tuple[str, ...] = tuple(s.label for s in TcpState if s is not TcpState.NEW_SYN_RECV)
+COUNTED: tuple[TcpState, ...] = tuple(s for s in TcpState if s is not TcpState.NEW_SYN_RECV)
+STATES: tuple[str, ...] = tuple(s.label for s in COUNTED)
 NSTATES = len(STATES)
 UNKNOWN_SLOT = 15  # slot of a state number this build does not know (a 16-wide row)
 # kernel state number -> slot (index into STATES), UNKNOWN_SLOT for numbers not listed.

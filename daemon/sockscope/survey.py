@@ -27,7 +27,7 @@ from .aggregate import Accumulator, Rules
 from .batch import Batch, format_address
 from .netlink import ALL_STATES, Reader
 from .snapshot import FAMILIES, Listener
-from .states import NSTATES, STATES, TcpState
+from .states import COUNTED, NSTATES, STATES, TcpState
 from .states import SLOT as _SLOT
 from .states import UNKNOWN_SLOT as _UNKNOWN
 
@@ -47,17 +47,7 @@ def _bits(*states: int) -> int:
 # ss(8) STATE-FILTER names -> kernel state bit mask (include/net/tcp_states.h numbers;
 # syn-recv includes TCP_NEW_SYN_RECV, 12, the request sockets `ss` also shows as SYN-RECV).
 SS_STATES: dict[str, int] = {
-    "established": _bits(1),
-    "syn-sent": _bits(2),
-    "syn-recv": _bits(3, 12),
-    "fin-wait-1": _bits(4),
-    "fin-wait-2": _bits(5),
-    "time-wait": _bits(6),
-    "closed": _bits(7),
-    "close-wait": _bits(8),
-    "last-ack": _bits(9),
-    "listening": _bits(10),
-    "closing": _bits(11),
+    s.ss: _bits(s, TcpState.NEW_SYN_RECV) if s is TcpState.SYN_RECV else _bits(s) for s in COUNTED
 }
 # ss's groups, same definitions as ss.c.
 _CONNECTED = ALL_STATES & ~(SS_STATES["listening"] | SS_STATES["closed"])
@@ -70,8 +60,7 @@ STATE_GROUPS: dict[str, int] = {
 }
 # Also accepted: sockscope's own label values (close_wait) and `listen`, `close`.
 _ALIASES: dict[str, str] = {"listen": "listening", "close": "closed"}
-_ALIASES |= {s: s.replace("_", "-").replace("wait1", "wait-1").replace("wait2", "wait-2")
-             for s in STATES if s not in ("listen", "close")}
+_ALIASES |= {s.label: s.ss for s in COUNTED if s.label not in ("listen", "close")}
 STATE_FILTERS: tuple[str, ...] = (*SS_STATES, *STATE_GROUPS)
 # The ss name of each STATES entry (label value), for flags and sort keys.
 SS_NAME: dict[str, str] = {s: _ALIASES.get(s, s) for s in STATES}
