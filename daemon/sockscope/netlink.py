@@ -265,8 +265,8 @@ class Reader:
     """Dumps the sockets of one protocol (TCP by default, or UDP) of one network
     namespace, with the extensions `ext` asks for. Not thread-safe: one per poller.
 
-    The netlink socket is kept open across polls (in another namespace opening one forks
-    a helper process) and re-opened after any error. When watching a namespace by path,
+    The netlink socket is kept open across polls (in another namespace it is created by a
+    short-lived thread that entered it) and re-opened after any error. When watching a namespace by path,
     the path is re-checked every poll: our open socket would otherwise keep a deleted
     namespace alive and report its frozen table forever.
     """

@@ -174,9 +174,7 @@ def peer_address(key: tuple[int, int, int]) -> tuple[str, str]:
     """(family name, address text) of a PeerCounts key."""
     family, high, low = key
     raw = high.to_bytes(8, "big") + low.to_bytes(8, "big")
-    if family == socket.AF_INET:
-        return "ipv4", socket.inet_ntop(socket.AF_INET, raw[:4])
-    return "ipv6", socket.inet_ntop(socket.AF_INET6, raw)
+    return ("ipv4" if family == socket.AF_INET else "ipv6"), format_address(family, raw)
 
 
 @dataclass(frozen=True, slots=True)
