@@ -695,7 +695,7 @@ def test_watch_memory_does_not_grow_with_frames():
         i[0] += 1
         records = [rec(EST, 1000 + (i[0] * 7 + k) % 3000, 20000 + (k * i[0]) % 40000,
                        rq=k % 5) for k in range(2000)]
-        return Frame(survey_of(records, feed="columns").without_index())
+        return Frame(survey_of(records).without_index())
 
     used = []
 

@@ -19,12 +19,14 @@ import sockmix as sockmix_mod
 import ss_parse
 from daemon_helpers import DaemonError, samples, scrape, start_daemon
 from sockscope.aggregate import Rules
-from sockscope.netlink import Reader, Record, format_address
+from sockscope.batch import Record, format_address
+from sockscope.netlink import Reader
 from sockscope.poller import poll_once
-from sockscope.snapshot import OTHER, STATE_NAMES, STATES
+from sockscope.snapshot import OTHER, STATES
+from sockscope.states import TcpState
 
 BULK_PAIRS = 1500
-SS_STATE = dict(enumerate(STATE_NAMES)) | {12: "syn_recv"}
+SS_STATE = {s.value: s.label for s in TcpState}
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,18 @@ from sockscope.kernelstats import (
     parse_sockstat,
     parse_tcp_mem,
 )
+from sockscope.features.kernel import KernelCounters
+from sockscope.features.tcp import TcpSockets
 from sockscope.netlink import NetlinkError
 from sockscope.poller import Poller
 from test_peaks import OneSocketReader
+
+
+def poller_of(reader, kernel: KernelStatsReader) -> Poller:
+    """The TCP table over `reader` and the kernel counters of `kernel`."""
+    import socket as _socket
+
+    return Poller([TcpSockets(Rules()), KernelCounters(reader=kernel)], {_socket.IPPROTO_TCP: reader}, 1.0)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -179,7 +188,8 @@ def fake_proc(root: Path, snmp: str | None = None) -> Path:
 def test_a_broken_source_does_not_fail_the_socket_poll_and_is_logged_once(tmp_path, caplog):
     proc = fake_proc(tmp_path, snmp="Tcp: A B\nTcp: 1\n")
     caplog.set_level(logging.INFO, logger="sockscope")
-    poller = Poller(OneSocketReader(), Rules(), 1.0, kernel=KernelStatsReader(proc=str(proc)))
+    kernel = KernelStatsReader(proc=str(proc))
+    poller = poller_of(OneSocketReader(), kernel)
     for _ in range(3):
         status = poller.poll()
     assert status.errors == 0 and status.snapshot is not None
@@ -193,35 +203,35 @@ def test_a_broken_source_does_not_fail_the_socket_poll_and_is_logged_once(tmp_pa
     (proc / "net/snmp").write_text((FIXTURES / "proc_net_snmp").read_text())
     assert poller.poll().kernel.ok["snmp"] is True
     assert any("readable again" in r.getMessage() for r in caplog.records)
-    poller.kernel.close()
+    kernel.close()
 
 
 def test_exposition_of_a_broken_source(tmp_path):
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from sockscope.prometheus import SnapshotCollector
+    from sockscope.prometheus import StatusCollector
 
-    poller = Poller(OneSocketReader(), Rules(), 1.0,
-                    kernel=KernelStatsReader(proc=str(fake_proc(tmp_path, snmp="broken\n"))))
+    kernel = KernelStatsReader(proc=str(fake_proc(tmp_path, snmp="broken\n")))
+    poller = poller_of(OneSocketReader(), kernel)
     poller.poll()
     registry = CollectorRegistry()
-    registry.register(SnapshotCollector(poller.status, 10.0))
+    registry.register(StatusCollector(poller.status, 10.0))
     text = generate_latest(registry).decode()
     assert 'sockscope_kernel_stats_up{source="snmp"} 0.0' in text
     assert 'sockscope_kernel_stats_up{source="netstat"} 1.0' in text
     assert "sockscope_tcp_out_resets_total" not in text  # absent, not a false 0
     assert "sockscope_tcp_listen_overflows_total 0.0" in text
     assert "sockscope_up 1.0" in text
-    poller.kernel.close()
+    kernel.close()
 
 
 def exposition(status) -> str:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from sockscope.prometheus import SnapshotCollector
+    from sockscope.prometheus import StatusCollector
 
     registry = CollectorRegistry()
-    registry.register(SnapshotCollector(lambda: status, 10.0))
+    registry.register(StatusCollector(lambda: status, 10.0))
     return generate_latest(registry).decode()
 
 
@@ -234,9 +244,9 @@ def family_names(status) -> set[str]:
 def test_tcp_mem_limits_are_exported_in_bytes_per_level(tmp_path):
     proc = fake_proc(tmp_path)
     (proc / "sys/net/ipv4/tcp_mem").write_text("1000\t2000\t3000\n")  # as in the initial namespace
-    poller = Poller(OneSocketReader(), Rules(), 1.0, kernel=KernelStatsReader(proc=str(proc), page_size=16384))
-    status = poller.poll()
-    poller.kernel.close()
+    kernel = KernelStatsReader(proc=str(proc), page_size=16384)
+    status = poller_of(OneSocketReader(), kernel).poll()
+    kernel.close()
     s = samples(exposition(status))
     assert s[("sockscope_kernel_stats_up", (("source", "tcp_mem"),))] == 1.0
     assert {labels: v for (name, labels), v in s.items() if name == "sockscope_tcp_memory_bytes_limit"} == {
@@ -247,7 +257,7 @@ def test_tcp_mem_limits_are_exported_in_bytes_per_level(tmp_path):
 
 
 class FailingReader:
-    def poll(self, start):
+    def poll(self, start, states=None):
         raise NetlinkError("netlink dump AF_INET failed: EPERM")
 
     def close(self):
@@ -299,17 +309,18 @@ def test_before_the_first_successful_poll_exactly_what_metrics_md_lists(tmp_path
 def test_a_failed_poll_still_exports_the_kernel_series_it_read(tmp_path):
     """The kernel counters are read even when the socket dump fails; whatever a failed poll
     adds is in the kernel section of docs/metrics.md."""
-    poller = Poller(FailingReader(), Rules(), 1.0, kernel=KernelStatsReader(proc=str(fake_proc(tmp_path))))
+    kernel = KernelStatsReader(proc=str(fake_proc(tmp_path)))
+    poller = poller_of(FailingReader(), kernel)
     before = family_names(poller.status())  # no poll yet
     failed = poller.poll()
-    poller.kernel.close()
+    kernel.close()
     assert failed.snapshot is None and failed.errors == 1
     after = family_names(failed)
     assert "sockscope_tcp_sockets" not in after  # no socket series without a good poll
     assert after - before >= {"sockscope_kernel_stats_up", "sockscope_tcp_listen_overflows",
                                "sockscope_tcp_in_segments"}
-    kernel_doc = metrics_md_section("## Kernel TCP counters")
-    assert [n for n in after - before if f"`{n}" not in kernel_doc] == []
+    documented = metrics_md_section("## Kernel TCP counters") + metrics_md_section("## Health of the exporter")
+    assert [n for n in after - before if f"`{n}" not in documented] == []
 
 
 def nstat(ns) -> dict[str, int]:

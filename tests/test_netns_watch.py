@@ -1,11 +1,13 @@
 """Watching another network namespace: it vanishes, comes back, and is never created."""
 
 import os
+import socket
 
 import pytest
 
 from netns import NetNS
 from sockscope.aggregate import Rules
+from sockscope.features.tcp import TcpSockets
 from sockscope.netlink import NetlinkError, Reader
 from sockscope.poller import Poller
 
@@ -18,7 +20,7 @@ def test_vanishing_namespace_is_a_counted_poll_error_then_recovers(netns_factory
         "print('up', flush=True); sys.stdin.read()")],
         stdin=-1, stdout=-1, text=True)
     assert listener.stdout.readline().strip() == "up"
-    poller = Poller(Reader(netns=name), Rules(), 5.0)
+    poller = Poller([TcpSockets(Rules())], {socket.IPPROTO_TCP: Reader(netns=name)}, 5.0)
     st = poller.poll()
     assert st.errors == 0
     assert st.snapshot.states[("ipv4", "listen")] == 1
@@ -37,7 +39,8 @@ def test_vanishing_namespace_is_a_counted_poll_error_then_recovers(netns_factory
         # A fresh namespace: the old listener (pinned by a stale socket) must not show.
         assert st.snapshot.states[("ipv4", "listen")] == 0
     finally:
-        poller.reader.close()
+        for reader in poller.readers.values():
+            reader.close()
         again.delete()
 
 
@@ -62,7 +65,7 @@ def test_replaced_namespace_is_noticed(netns_factory):
     try:
         assert listener.stdout.readline().strip() == "up"
         reader = Reader(netns=ns.name)
-        poller = Poller(reader, Rules(), 5.0)
+        poller = Poller([TcpSockets(Rules())], {socket.IPPROTO_TCP: reader}, 5.0)
         assert poller.poll().snapshot.states[("ipv4", "listen")] == 1
         subprocess.run(["ip", "netns", "del", ns.name], check=True)
         subprocess.run(["ip", "netns", "add", ns.name], check=True)

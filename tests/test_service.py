@@ -243,12 +243,13 @@ class _FakeReader:
         self.closed_by = None
         self.polled_by = set()
 
-    def poll(self, start):
+    def poll(self, start, states=None):
         import threading
+        from sockscope.batch import Batch
         from sockscope.netlink import DumpStats
 
         self.polled_by.add(threading.current_thread().name)
-        start()([])
+        start()(Batch.from_records([]))
         return DumpStats(("ipv4",), 0, 0, 0)
 
     def close(self):
@@ -265,7 +266,7 @@ def test_reload_swaps_reader_in_the_poller_thread_and_rebinds_the_same_port():
                                "prometheus": {"listen_address": f":{port}"}})
     readers = []
 
-    def factory(c):
+    def factory(c, need):
         readers.append(_FakeReader(len(readers)))
         return readers[-1]
 
@@ -376,29 +377,36 @@ def test_sighup_onto_hostile_files_keeps_the_running_configuration(tmp_path):
 
 
 def test_a_failing_peak_tracker_is_counted_and_polling_goes_on(tmp_path):
-    """Before: PeakTracker.apply ran outside the poll's try; its exception ended the poller
-    thread and the daemon served sockscope_polls_total frozen forever."""
+    """Before (issue 9): PeakTracker.apply ran outside the poll's try; its exception ended
+    the poller thread and the daemon served sockscope_polls_total frozen forever. Now the
+    peaks are a source that fails on its own (issue 11): counted in
+    sockscope_source_errors_total{source="peaks"}, its series left out, the TCP figures and
+    the polls go on."""
     with NotifyListener(tmp_path) as n:
         env = env_with(NOTIFY_SOCKET=n.address, WATCHDOG_USEC="600000")
         d = start_daemon(tmp_path, "poll:\n  interval: 100ms\n", env=env, program=(WEDGE_DRIVER,))
         try:
             d.signal(signal.SIGRTMIN + 1)  # PeakTracker.observe raises from now on
-            _wait_log(d, "poll failed: injected peaks failure", 1)
+            _wait_log(d, "peaks source failed: injected peaks failure", 1)
             t_broken = time.monotonic()
             before = d.samples()
-            errors_key, polls_key = ("sockscope_poll_errors_total", ()), ("sockscope_polls_total", ())
+            errors_key = ("sockscope_source_errors_total", (("source", "peaks"),))
+            polls_key = ("sockscope_polls_total", ())
             after = _wait(lambda: (s := d.samples())[errors_key] >= before[errors_key] + 4 and s,
-                          timeout=10, what="4 more failed polls")
-            # Every poll since is a counted failure, and polls go on (a poll may end between
-            # the two reads of a scrape: allow one).
+                          timeout=10, what="4 more failed peak updates")
+            # Every poll since counts a peaks failure, and polls go on (a poll may end
+            # between the two reads of a scrape: allow one).
             assert abs((after[polls_key] - before[polls_key]) - (after[errors_key] - before[errors_key])) <= 1
-            # Failed polls still complete: the watchdog is fed (docs/service.md).
+            assert after[("sockscope_source_up", (("source", "peaks"),))] == 0.0
+            assert after[("sockscope_poll_errors_total", ())] == before[("sockscope_poll_errors_total", ())]
+            assert not any(name == "sockscope_tcp_sockets_peak" for name, _ in after)
+            assert after[("sockscope_up", ())] == 1.0
             _wait(lambda: len(n.times("WATCHDOG", "1", after=t_broken)) >= 2, timeout=5, what="2 pings")
             d.signal(signal.SIGRTMIN + 1)  # healed
-            log = _wait_log(d, "poll recovered after", 1)
-            assert log.count("poll failed: injected peaks failure") == 1
+            log = _wait_log(d, "peaks source failed: recovered after", 1)
+            assert log.count("peaks source failed: injected peaks failure") == 1
             assert log.count("Traceback") == 1  # the unexpected error's, logged once
-            assert d.wait_polls(2)[("sockscope_up", ())] == 1.0
+            assert d.wait_polls(2)[("sockscope_source_up", (("source", "peaks"),))] == 1.0
             stop_within(d)
         finally:
             d.stop()

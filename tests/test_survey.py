@@ -186,7 +186,7 @@ def test_unknown_state_numbers_are_skipped_and_counted():
 
 def test_memory_is_per_port_not_per_socket():
     many = [rec(EST, 8080, 20000 + i % 40000) for i in range(50_000)]
-    survey = survey_of(many, feed="columns", batches=10)
+    survey = survey_of(many, batches=10)
     assert survey.sockets == 50_000
     # one row per port seen, one per distinct peer: not one per socket
     assert len(survey.local.ports) == 1 and len(survey.remote.ports) == 40_000
@@ -204,7 +204,7 @@ class FakeReader:
         self.states_asked = states
         for records in self.attempts:
             sink = start()
-            sink(records)
+            sink(Batch.from_records(records))
         return DumpStats(("ipv4", "ipv6"), sum(map(len, self.attempts)), len(self.attempts) - 1, 0)
 
 

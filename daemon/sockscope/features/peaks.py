@@ -35,21 +35,22 @@ class WindowPeaks(Feature):
         self.metrics = (WINDOW, *self._twins.values())
 
     def after(self, samples: Samples, ctx: PollContext, fresh: bool) -> Samples | None:
-        if fresh or self._last is None:
-            values = {}
-            for metric in self.tracked:
-                for labels, value in samples.get(metric.name):
-                    values[(metric.name, labels)] = value
-            peaks = self.tracker.observe(values, ctx.monotonic)
-            out = Samples()
-            out.add(WINDOW, (), self.tracker.window)
-            for metric in self.tracked:
-                if metric.name not in samples.series:
-                    continue  # its feature is off or its source failed
-                rows = out.declare(self._twins[metric.name])
-                for labels, _ in samples.get(metric.name):
-                    rows.append((labels, float(peaks[(metric.name, labels)])))
-            self._last = out
+        if not fresh:
+            return self._last  # no peaks before the first good poll; then the last good ones
+        values = {}
+        for metric in self.tracked:
+            for labels, value in samples.get(metric.name):
+                values[(metric.name, labels)] = value
+        peaks = self.tracker.observe(values, ctx.monotonic)
+        out = Samples()
+        out.add(WINDOW, (), self.tracker.window)
+        for metric in self.tracked:
+            if metric.name not in samples.series:
+                continue  # its feature is off or its source failed
+            rows = out.declare(self._twins[metric.name])
+            for labels, _ in samples.get(metric.name):
+                rows.append((labels, float(peaks[(metric.name, labels)])))
+        self._last = out
         return self._last
 
     def max_series(self, others: list[Feature] = ()) -> int:  # type: ignore[override]
