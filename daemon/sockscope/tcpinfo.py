@@ -1,0 +1,113 @@
+"""struct tcp_info, as sock_diag sends it in INET_DIAG_INFO, read column-wise.
+
+Layout from include/uapi/linux/tcp.h (Linux 6.x; every field keeps its offset across
+kernels, new ones are appended). A kernel sends the struct as long as it knows it
+(`tcp_info` 280 bytes on 6.18): `columns()` gives each asked field for the messages whose
+attribute is long enough, and marks the others absent (a shorter struct from an older
+kernel is read as far as it goes, never past it).
+
+Times are milliseconds (last_*), microseconds (rtt, rttvar, min_rtt; busy_time and the
+*_limited chronographs, cumulative per socket), counters are cumulative per socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .batch import Batch
+
+__all__ = ["INET_DIAG_INFO", "INFO_EXT", "FIELDS", "Field", "columns"]
+
+INET_DIAG_INFO = 2  # include/uapi/linux/inet_diag.h: the attribute, and ext bit (1 << (2 - 1))
+INFO_EXT = 1 << (INET_DIAG_INFO - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    offset: int
+    dtype: str  # numpy dtype of the field, native byte order
+
+
+# name -> where it is (bytes from the start of struct tcp_info)
+FIELDS: dict[str, Field] = {
+    "state": Field(0, "u1"),
+    "ca_state": Field(1, "u1"),
+    "retransmits": Field(2, "u1"),
+    "probes": Field(3, "u1"),
+    "backoff": Field(4, "u1"),
+    "rto": Field(8, "u4"),  # µs
+    "ato": Field(12, "u4"),
+    "snd_mss": Field(16, "u4"),
+    "rcv_mss": Field(20, "u4"),
+    "unacked": Field(24, "u4"),
+    "sacked": Field(28, "u4"),
+    "lost": Field(32, "u4"),
+    "retrans": Field(36, "u4"),
+    "last_data_sent": Field(44, "u4"),  # ms ago
+    "last_ack_sent": Field(48, "u4"),  # not kept by Linux: always 0
+    "last_data_recv": Field(52, "u4"),  # ms ago
+    "last_ack_recv": Field(56, "u4"),  # ms ago
+    "pmtu": Field(60, "u4"),
+    "rcv_ssthresh": Field(64, "u4"),
+    "rtt": Field(68, "u4"),  # µs, smoothed
+    "rttvar": Field(72, "u4"),  # µs
+    "snd_ssthresh": Field(76, "u4"),
+    "snd_cwnd": Field(80, "u4"),
+    "advmss": Field(84, "u4"),
+    "reordering": Field(88, "u4"),
+    "rcv_rtt": Field(92, "u4"),
+    "rcv_space": Field(96, "u4"),
+    "total_retrans": Field(100, "u4"),
+    "pacing_rate": Field(104, "u8"),
+    "max_pacing_rate": Field(112, "u8"),
+    "bytes_acked": Field(120, "u8"),  # RFC 4898 tcpEStatsAppHCThruOctetsAcked
+    "bytes_received": Field(128, "u8"),  # RFC 4898 tcpEStatsAppHCThruOctetsReceived
+    "segs_out": Field(136, "u4"),
+    "segs_in": Field(140, "u4"),
+    "notsent_bytes": Field(144, "u4"),
+    "min_rtt": Field(148, "u4"),  # µs
+    "data_segs_in": Field(152, "u4"),
+    "data_segs_out": Field(156, "u4"),
+    "delivery_rate": Field(160, "u8"),
+    "busy_time": Field(168, "u8"),  # µs the socket had data to send
+    "rwnd_limited": Field(176, "u8"),  # µs of it limited by the peer's receive window
+    "sndbuf_limited": Field(184, "u8"),  # µs of it limited by our send buffer
+    "delivered": Field(192, "u4"),
+    "delivered_ce": Field(196, "u4"),
+    "bytes_sent": Field(200, "u8"),
+    "bytes_retrans": Field(208, "u8"),
+    "dsack_dups": Field(216, "u4"),
+    "reord_seen": Field(220, "u4"),
+    "rcv_ooopack": Field(224, "u4"),
+    "snd_wnd": Field(228, "u4"),
+    "rcv_wnd": Field(232, "u4"),
+}
+
+
+def columns(batch: Batch, names: Iterable[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The tcp_info fields `names` of every message of `batch`, and a boolean mask of the
+    messages that carry them all (INET_DIAG_INFO present and long enough). Values of the
+    other messages are 0. The attribute's offsets are located once per batch
+    (Batch.attributes); each field is one numpy gather."""
+    names = tuple(names)
+    attr = batch.attribute(INET_DIAG_INFO)
+    need = max(FIELDS[n].offset + np.dtype(FIELDS[n].dtype).itemsize for n in names) if names else 0
+    ok = attr.present & (attr.length >= need)
+    rows = np.flatnonzero(ok)
+    base = attr.offset[rows]
+    u8 = np.frombuffer(batch.data, np.uint8)
+    out = {}
+    for name in names:
+        f = FIELDS[name]
+        size = np.dtype(f.dtype).itemsize
+        col = np.zeros(len(batch), f.dtype)
+        if len(rows):
+            # Gather the bytes of each field (attribute payloads are 4-aligned, u8 fields
+            # and u64 fields at 8-aligned struct offsets may not be 8-aligned in the buffer).
+            raw = u8[(base + f.offset)[:, None] + np.arange(size)]
+            col[rows] = np.ascontiguousarray(raw).view(f.dtype).reshape(-1)
+        out[name] = col
+    return out, ok
