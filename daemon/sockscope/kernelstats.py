@@ -266,38 +266,6 @@ def build(
 
 # --- I/O -----------------------------------------------------------------------------------
 
-def _open_all(proc: str, netns_path: str | None) -> dict[str, int | Exception | None]:
-    """fd per source (None = absent, Exception = could not open), opened in the namespace."""
-    fds: dict[str, int | Exception | None] = {}
-
-    def open_in(base: str, sources) -> None:
-        for source in sources:
-            try:
-                fds[source] = os.open(os.path.join(base, _PATHS[source]), os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fds[source] = None
-            except OSError as e:
-                fds[source] = e
-
-    if netns_path is None:
-        open_in(proc, SOURCES)
-        return fds
-
-    def in_namespace() -> None:
-        own = [s for s in SOURCES if s not in _HOST_WIDE]
-        # /proc/thread-self/net is this thread's namespace; /proc/net is the process's.
-        open_in(os.path.join(proc, "thread-self"), [s for s in own if s in (SNMP, NETSTAT, SOCKSTAT)])
-        open_in(proc, [s for s in own if s not in (SNMP, NETSTAT, SOCKSTAT)])
-
-    try:
-        run_in(netns_path, in_namespace)
-    except BaseException:
-        _close_all(fds)
-        raise
-    open_in(proc, _HOST_WIDE)
-    return fds
-
-
 def _close_all(fds: Mapping[str, int | Exception | None]) -> None:
     for fd in fds.values():
         if isinstance(fd, int):
@@ -315,6 +283,92 @@ def _pread_all(fd: int) -> str:
     return b"".join(chunks).decode("ascii", "replace")
 
 
+class ProcFiles:
+    """Files under /proc of one network namespace (None = the daemon's own), opened in it
+    once and re-read with os.pread every poll (see the module docstring).
+
+    `paths` maps a name to a path relative to /proc: `net/...` files are opened through
+    /proc/thread-self by a thread inside the namespace, `sys/...` files by that same
+    thread through /proc; names in `host_wide` are opened where the daemon runs. The
+    namespace path is stat'ed every read and the files reopened when it was replaced,
+    and after any I/O error. Not thread-safe: one per poller."""
+
+    def __init__(self, paths: Mapping[str, str], netns: str | None = None, *, proc: str = "/proc",
+                 host_wide: frozenset[str] = frozenset()) -> None:
+        self.paths = dict(paths)
+        self.netns = netns
+        self.proc = proc
+        self.host_wide = host_wide
+        self._fds: dict[str, int | Exception | None] | None = None
+        self._ns = NamespaceWatch(netns)
+
+    def _open_in(self, base: str, names, fds: dict[str, int | Exception | None]) -> None:
+        for name in names:
+            try:
+                fds[name] = os.open(os.path.join(base, self.paths[name]), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fds[name] = None
+            except OSError as e:
+                fds[name] = e
+
+    def _open_all(self) -> dict[str, int | Exception | None]:
+        """fd per name (None = absent, Exception = could not open), opened in the namespace."""
+        fds: dict[str, int | Exception | None] = {}
+        netns_path = self._ns.path
+        if netns_path is None:
+            self._open_in(self.proc, self.paths, fds)
+            return fds
+        own = [n for n in self.paths if n not in self.host_wide]
+
+        def in_namespace() -> None:
+            # /proc/thread-self/net is this thread's namespace; /proc/net is the process's.
+            self._open_in(os.path.join(self.proc, "thread-self"),
+                          [n for n in own if self.paths[n].startswith("net/")], fds)
+            self._open_in(self.proc, [n for n in own if not self.paths[n].startswith("net/")], fds)
+
+        try:
+            run_in(netns_path, in_namespace)
+        except BaseException:
+            _close_all(fds)
+            raise
+        self._open_in(self.proc, [n for n in self.paths if n in self.host_wide], fds)
+        return fds
+
+    def read(self) -> dict[str, str | Exception | None]:
+        """Text per name; None = the file does not exist on this kernel; an OSError = it
+        could not be opened or read (the namespace gone: every name gets that error)."""
+        texts: dict[str, str | Exception | None] = {}
+        try:
+            if self._ns.replaced():  # OSError: the namespace is gone
+                log.info("network namespace %s was replaced; reopening %s", self.netns,
+                         ", ".join(self.paths.values()))
+                self.close()
+            if self._fds is None:
+                self._fds = self._open_all()
+                self._ns.opened()
+        except OSError as e:
+            where = f"network namespace {self.netns!r}: " if self.netns else ""
+            err = OSError(e.errno, f"{where}{e.strerror or e}")
+            return {name: err for name in self.paths}
+        for name, fd in self._fds.items():
+            if isinstance(fd, int):
+                try:
+                    texts[name] = _pread_all(fd)
+                except OSError as e:
+                    texts[name] = e
+            else:
+                texts[name] = fd
+        if any(isinstance(t, OSError) for t in texts.values()):
+            self.close()  # reopen next read
+        return texts
+
+    def close(self) -> None:
+        if self._fds is not None:
+            _close_all(self._fds)
+            self._fds = None
+            self._ns.closed()
+
+
 class KernelStatsReader:
     """Reads KernelStats of one network namespace (None = the daemon's own) every poll.
 
@@ -327,40 +381,12 @@ class KernelStatsReader:
         self.netns = netns
         self.proc = proc
         self.page_size = page_size
-        self._fds: dict[str, int | Exception | None] | None = None
-        self._ns = NamespaceWatch(netns)
+        self._files = ProcFiles(_PATHS, netns, proc=proc, host_wide=_HOST_WIDE)
         self._problems: dict[str, Problems] = {}  # per source: each problem logged once
 
-    def _open(self) -> dict[str, int | Exception | None]:
-        if self._ns.replaced():  # OSError: the namespace is gone
-            log.info("network namespace %s was replaced; reopening kernel statistics", self.netns)
-            self.close()
-        if self._fds is None:
-            self._fds = _open_all(self.proc, self._ns.path)
-            self._ns.opened()
-        return self._fds
-
     def read(self) -> KernelStats:
-        texts: dict[str, str | Exception | None] = {}
-        try:
-            fds = self._open()
-        except OSError as e:
-            where = f"network namespace {self.netns!r}: " if self.netns else ""
-            err = OSError(e.errno, f"{where}{e.strerror or e}")
-            texts = {s: err for s in SOURCES}
-        else:
-            for source, fd in fds.items():
-                if isinstance(fd, int):
-                    try:
-                        texts[source] = _pread_all(fd)
-                    except OSError as e:
-                        texts[source] = e
-                else:
-                    texts[source] = fd
-        stats, problems = build(texts, self.page_size)
+        stats, problems = build(self._files.read(), self.page_size)
         self._log(stats, problems)
-        if problems and self._fds is not None and any(isinstance(t, OSError) for t in texts.values()):
-            self.close()  # reopen next poll
         return stats
 
     def _log(self, stats: KernelStats, problems: dict[str, str]) -> None:
@@ -375,10 +401,7 @@ class KernelStatsReader:
                 problems_of.ok()
 
     def close(self) -> None:
-        if self._fds is not None:
-            _close_all(self._fds)
-            self._fds = None
-            self._ns.closed()
+        self._files.close()
 
     def __enter__(self) -> KernelStatsReader:
         return self
