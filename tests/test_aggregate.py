@@ -5,11 +5,8 @@ batches as datagrams arrive.
 
 import random
 import socket
-import struct
 
-import numpy as np
 import pytest
-
 from sockscope.aggregate import Accumulator, Rules
 from sockscope.batch import Batch
 from sockscope.snapshot import OTHER, STATES, QueueStats
@@ -142,8 +139,8 @@ def test_listeners_reuseport_fullest_member_and_members():
         rec(LISTEN, 8080, 0, rq=0, wq=0, src=LO4),
     ]
     s = snap(records)
-    got = [(l.family, l.address, l.port, l.queue_length, l.queue_limit, l.members)
-           for l in s.listeners]
+    got = [(lst.family, lst.address, lst.port, lst.queue_length, lst.queue_limit, lst.members)
+           for lst in s.listeners]
     assert got == [
         ("ipv4", "0.0.0.0", 80, 9, 10, 3),
         ("ipv6", "::", 80, 1, 4096, 1),
@@ -154,7 +151,7 @@ def test_listeners_reuseport_fullest_member_and_members():
 def test_listener_cap_is_counted():
     s = snap([rec(LISTEN, p, 0, src=ANY4) for p in range(1, 11)],
              Rules(max_listeners=4, max_local=64))
-    assert [l.port for l in s.listeners] == [1, 2, 3, 4]
+    assert [lst.port for lst in s.listeners] == [1, 2, 3, 4]
     assert s.folded_listeners == 6
 
 
@@ -204,3 +201,49 @@ def test_a_random_table_equals_a_naive_count():
     recv = sum(r[6] for r in known if r[3] == 5432 and r[1] != LISTEN)
     assert got.remote.queues[got.remote.ports.index(5432)].receive_bytes == recv
     assert got.local.folded > 0
+
+
+def _random_table(seed, n=3000):
+    rnd = random.Random(seed)
+    listen = [rec(LISTEN, p, 0, rq=rnd.randrange(5), wq=128, src=ANY4) for p in rnd.sample(range(1, 2000), 4)]
+    return listen + [
+        rec(rnd.choice([EST, EST, TIME_WAIT, CLOSE_WAIT, NEW_SYN_RECV, 13]),
+            rnd.choice([listen[0][2], rnd.randrange(1, 65536)]),
+            rnd.choice([5432, 443, rnd.randrange(1, 65536)]),
+            rq=rnd.choice([0, 0, rnd.randrange(1 << 32)]), wq=rnd.choice([0, 0, rnd.randrange(1 << 20)]),
+            fam=rnd.choice([V4, V6]))
+        for _ in range(n)
+    ]
+
+
+def test_a_reused_accumulator_equals_a_fresh_one_poll_after_poll():
+    """The daemon's TCP feature keeps one Accumulator and resets it per poll (and per
+    retried attempt, whose batches are thrown away half-fed): nothing of an earlier poll
+    may leak into a later one, even where the port ranges of two polls differ."""
+    rules = Rules(local=(22,), remote=(5432, 443), max_local=3)
+    reused = Accumulator(remote=rules.remote)
+    for seed in range(6):
+        records = _random_table(seed, n=500 + 700 * seed)
+        if seed % 2:  # an attempt thrown away after two batches
+            reused.reset()
+            for i in range(2):
+                feed_batch(reused, records[i::5], i)
+        reused.reset()
+        for i in range(3):
+            feed_batch(reused, records[i::3], i)
+        got = reused.finish(rules, families=("ipv4", "ipv6"), timestamp=1.0, duration=0.1)
+        assert got == snap(records, rules), seed
+
+
+def test_counting_only_the_configured_remote_ports_changes_no_figure():
+    """Accumulator(remote=ports) counts per remote port only those (a port -> row table;
+    nothing per socket with none configured) and must give the dense side's figures."""
+    records = _random_table(3)
+    for remote in ((), (443,), (5432, 443, 1)):
+        rules = Rules(remote=remote)
+        acc = Accumulator(remote=remote)
+        for i in range(3):
+            feed_batch(acc, records[i::3], i)
+        assert acc.finish(rules, families=("ipv4", "ipv6"), timestamp=1.0, duration=0.1) == snap(records, rules)
+    with pytest.raises(ValueError, match="port 80"):
+        acc.finish(Rules(remote=(80,)), families=("ipv4",), timestamp=1, duration=0)

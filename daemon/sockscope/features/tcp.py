@@ -118,8 +118,9 @@ def samples(snap: Snapshot, out: Samples) -> None:
 
 
 class _TcpFold(Fold):
-    def __init__(self, rules: Rules, ctx: PollContext) -> None:
-        self._acc = Accumulator()
+    def __init__(self, acc: Accumulator, rules: Rules, ctx: PollContext) -> None:
+        acc.reset()  # the feature's arrays, reused: a poll allocates nothing big
+        self._acc = acc
         self._rules = rules
         self._ctx = ctx
 
@@ -140,6 +141,7 @@ class TcpSockets(Feature):
     def __init__(self, rules: Rules, families: tuple[str, ...] = FAMILIES) -> None:
         self.rules = rules
         self.families = families
+        self._acc: Accumulator | None = None  # allocated at the first poll, then reused
 
     @classmethod
     def from_config(cls, cfg) -> TcpSockets:
@@ -149,7 +151,11 @@ class TcpSockets(Feature):
         return DumpNeed(socket.IPPROTO_TCP)
 
     def fold(self, ctx: PollContext) -> Fold:
-        return _TcpFold(self.rules, ctx)
+        # One fold at a time (the poller thread's): each new one, for the next poll or a
+        # retried attempt, resets the same Accumulator.
+        if self._acc is None:
+            self._acc = Accumulator(remote=self.rules.remote)
+        return _TcpFold(self._acc, self.rules, ctx)
 
     def samples(self, snap: Snapshot, out: Samples) -> None:
         samples(snap, out)
