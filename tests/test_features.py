@@ -31,14 +31,14 @@ def test_changed_keys_names_exactly_the_keys_that_differ():
 def test_features_rebuilt_are_those_whose_keys_changed():
     assert features.changed_features({"ports.local"}) == {"tcp"}
     assert features.changed_features({"poll.peak_window"}) == {"peaks"}
-    assert features.changed_features({"poll.netns"}) == {"kernel"}
+    assert features.changed_features({"poll.netns"}) == {"kernel", "udp_counters"}
     assert features.changed_features({"poll.interval", "graphite.enabled"}) == set()
 
 
 def test_build_follows_the_configuration_and_keeps_what_did_not_change():
     on = features.build(config.DEFAULTS)
-    assert [f.name for f in on] == ["tcp", "peaks", "kernel"]  # the registry's order
-    off = features.build(cfg(poll={"peak_window": 0, "kernel_stats": False}))
+    assert [f.name for f in on] == ["tcp", "peaks", "kernel", "udp", "udp_counters"]  # the registry's order
+    off = features.build(cfg(poll={"peak_window": 0, "kernel_stats": False}, udp={"enabled": False}))
     assert [f.name for f in off] == ["tcp"]
     # A reload that changed only ports: the peaks (with their buckets) and the kernel
     # counters (with their open files) are the same objects.

@@ -27,6 +27,7 @@ from sockscope.features import PollContext
 from sockscope.features.kernel import KernelCounters
 from sockscope.features.peaks import WINDOW, WindowPeaks
 from sockscope.features.tcp import TcpSockets
+from sockscope.features.udp import UdpCounters, UdpCounts, UdpPort, UdpSockets, UdpTable, counts_from
 from sockscope.httpserver import Request, _dual_stack_available
 from sockscope.kernelstats import KernelStats
 from sockscope.kernelstats import build as build_kernel_stats
@@ -35,7 +36,7 @@ from sockscope.prometheus import MetricsApp, StatusCollector, make_registry, met
 from sockscope.snapshot import OTHER, STATES, Listener, PollStatus, PortTable, QueueStats, Snapshot, SourceHealth
 
 ALL_METRICS = [*TcpSockets.metrics, WINDOW, *(peak_metric(m) for m in TcpSockets.metrics if m.peak),
-               *KernelCounters.metrics]
+               *KernelCounters.metrics, *UdpSockets.metrics, *UdpCounters.metrics]
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.prom"
 STALE_AFTER = 30.0
@@ -131,16 +132,35 @@ def fixed_kernel() -> KernelStats:
     return stats
 
 
+def fixed_udp() -> UdpTable:
+    """Tracked UDP ports 53 (a full socket that dropped datagrams) and 123, + other."""
+    return UdpTable(
+        sockets={"ipv4": 5, "ipv6": 2},
+        ports=(UdpPort(53, sockets=2, receive_bytes=4352, receive_max_bytes=3840, drops=297),
+               UdpPort(123, sockets=1),
+               UdpPort(OTHER, sockets=4, receive_bytes=768, receive_max_bytes=768, send_bytes=1024, drops=3)),
+        folded=1, messages=7)
+
+
+def fixed_udp_counts() -> UdpCounts:
+    """Parsed from the recorded tests/fixtures/proc_net_udp_snmp{,6}."""
+    fixtures = Path(__file__).parent / "fixtures"
+    return counts_from({"snmp": (fixtures / "proc_net_udp_snmp").read_text(),
+                        "snmp6": (fixtures / "proc_net_udp_snmp6").read_text()}, ("ipv4", "ipv6"))
+
+
 def status_of(snapshot: Snapshot | None, kernel: KernelStats | None = None, *, peaks: bool = True,
-              spike: bool = True, **counters) -> PollStatus:
+              spike: bool = True, udp: UdpTable | None = None, udp_counts: UdpCounts | None = None,
+              **counters) -> PollStatus:
     """A PollStatus as the poller publishes it, its samples made by the real features: the
     TCP table, window peaks (60 s; with `spike` an earlier poll saw spike_snapshot()), the
-    kernel counters."""
+    kernel counters, the UDP table and counters."""
     features: list = [TcpSockets(Rules())]
     if peaks:
         features.append(WindowPeaks(60.0, list(TcpSockets.metrics) + list(KernelCounters.metrics)))
-    features.append(KernelCounters(reader=object()))
-    results = {name: r for name, r in (("tcp", snapshot), ("kernel", kernel)) if r is not None}
+    features += [KernelCounters(reader=object()), UdpSockets(), UdpCounters()]
+    results = {name: r for name, r in (("tcp", snapshot), ("kernel", kernel), ("udp", udp),
+                                       ("udp_counters", udp_counts)) if r is not None}
     if peaks and spike and snapshot is not None:
         samples_of(features, {**results, "tcp": spike_snapshot(snapshot)}, PollContext(0.0, LAST_SUCCESS - 1), True)
     samples, _ = samples_of(features, results, PollContext(0.0, LAST_SUCCESS), True)
@@ -148,9 +168,11 @@ def status_of(snapshot: Snapshot | None, kernel: KernelStats | None = None, *, p
 
 
 def fixed_status(snapshot: Snapshot | None = None) -> PollStatus:
-    return status_of(snapshot or fixed_snapshot(), fixed_kernel(), last_success_monotonic=LAST_SUCCESS,
+    return status_of(snapshot or fixed_snapshot(), fixed_kernel(), udp=fixed_udp(), udp_counts=fixed_udp_counts(),
+                     last_success_monotonic=LAST_SUCCESS,
                      polls=42, errors=2, dump_retries=5, dump_interrupted=1, last_error="EPERM",
-                     sources={"kernel": SourceHealth(True, 0.0025), "tcp": SourceHealth(True, 0.125)})
+                     sources={"kernel": SourceHealth(True, 0.0025), "udp_counters": SourceHealth(True, 0.0005),
+                              "tcp": SourceHealth(True, 0.125), "udp": SourceHealth(True, 0.0041)})
 
 
 class FakeClock:

@@ -41,6 +41,7 @@ __all__ = [
     "PollConfig",
     "PortsConfig",
     "PrometheusConfig",
+    "UdpConfig",
     "MAX_DEPTH",
     "MAX_FILE_BYTES",
     "MAX_NODES",
@@ -107,6 +108,14 @@ class ListenersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UdpConfig:
+    enabled: bool
+    auto_bound: bool  # track every local port with an unconnected socket (ss -ul)
+    local_ports: tuple[int, ...]
+    max_local_ports: int
+
+
+@dataclass(frozen=True, slots=True)
 class PrometheusConfig:
     enabled: bool
     listen_address: str
@@ -148,6 +157,7 @@ class Config:
     poll: PollConfig
     ports: PortsConfig
     listeners: ListenersConfig
+    udp: UdpConfig
     prometheus: PrometheusConfig
     graphite: GraphiteConfig
     log: LogConfig
@@ -653,6 +663,19 @@ _SECTIONS: tuple[_Section, ...] = (
         checks=(_cap_check("local"), _cap_check("remote")),
     ),
     _Section("listeners", ListenersConfig, (_Field("max_tracked", _integer(0, 65536), 256),)),
+    _Section(
+        "udp",
+        UdpConfig,
+        (
+            _Field("enabled", _boolean, True),
+            _Field("auto_bound", _boolean, True),
+            _Field("local_ports", _list_of(_PORT), []),
+            _Field("max_local_ports", _integer(0, 4096), 64),
+        ),
+        checks=(_Check(("local_ports", "max_local_ports"), "local_ports",
+                       lambda ports, cap: f"{len(ports)} ports listed but udp.max_local_ports is {cap}"
+                       if len(ports) > cap else None),),
+    ),
     _Section(
         "prometheus",
         PrometheusConfig,

@@ -16,6 +16,7 @@ from .base import DumpNeed, DumpStats, Feature, Fold, PollContext
 from .kernel import KernelCounters
 from .peaks import WindowPeaks
 from .tcp import TcpSockets
+from .udp import UdpCounters, UdpSockets
 
 __all__ = ["DumpNeed", "DumpStats", "Feature", "Fold", "PollContext", "REGISTRY", "Entry", "build",
            "changed_features"]
@@ -36,6 +37,10 @@ REGISTRY: tuple[Entry, ...] = (
           if cfg.poll.peak_window else None, build_last=True),
     Entry("kernel", ("poll.kernel_stats", "poll.netns"),
           lambda cfg, built: KernelCounters(cfg.poll.netns) if cfg.poll.kernel_stats else None),
+    Entry("udp", ("udp", "poll.families"),
+          lambda cfg, built: UdpSockets.from_config(cfg) if cfg.udp.enabled else None),
+    Entry("udp_counters", ("udp.enabled", "poll.netns", "poll.families"),
+          lambda cfg, built: UdpCounters(cfg.poll.netns, cfg.poll.families) if cfg.udp.enabled else None),
 )
 
 
