@@ -32,6 +32,7 @@ from sockscope.graphite import (
     InvalidLine,
     LineBuffer,
     LineBuilder,
+    Probe,
     Pusher,
     Transport,
     check_value,
@@ -39,6 +40,7 @@ from sockscope.graphite import (
     default_buffer_lines,
     pack,
     SELF_SERIES,
+    SETTLE_AFTER,
     sanitize,
     stats_samples,
     tag_value,
@@ -861,6 +863,57 @@ def test_carbon_that_stops_reading_is_confirmed_by_its_clean_close():
     finally:
         pusher.close(1)
         sink.close()
+
+
+class ClampedCarbon(Transport):
+    """A carbon that reads everything at once but whose window, empty receive queue and
+    all, settles below the largest it offered: what Linux's receiver did in the flaky
+    handover test (Recv-Q 0, rcv_ssthresh 704512 after offering 717824, window_clamp
+    lowered as it measured its segments). Only its FIN can confirm: finish() succeeds."""
+
+    def __init__(self, windows: list[int]):
+        super().__init__("127.0.0.1", 9)
+        self.windows = windows  # offered in turn; the last one for ever
+        self.written: list[bytes] = []
+        self.finishes = 0
+
+    def connect(self, timeout):
+        self.close()
+        self._sock = socket.socket()  # never connected: only `connected` and close() use it
+
+    def send_message(self, message, timeout=None):
+        self.written.append(message)
+
+    def probe(self):
+        window = self.windows.pop(0) if len(self.windows) > 1 else self.windows[0]
+        return Probe(False, None, 0, window)
+
+    def finish(self, timeout):
+        self.finishes += 1
+        self.close()
+        return True
+
+
+def test_a_window_that_settles_below_its_largest_is_confirmed_by_a_clean_close_soon():
+    # The cause of test_handover_interrupts_a_blocked_send_and_loses_no_line failing ~1 run
+    # in 20 (`queue_lines == 0` never held within 10 s): the sink had read everything, its
+    # window stayed 13 KB below its largest, so nothing was confirmed before recycle_after
+    # (30 s). With this carbon the old pusher left every line unconfirmed for 30 s.
+    transport = ClampedCarbon([100_000, 200_000, 717_824, 704_512])
+    pusher = Pusher(builder(), transport, interval=1, poll_interval=1, capacity_lines=100_000)
+    pusher.start()
+    try:
+        total = push_many(pusher, 3)
+        t0 = time.monotonic()
+        assert wait_for(lambda: pusher.stats().sent_lines == total, timeout=6), pusher.stats()
+        took = time.monotonic() - t0
+        assert SETTLE_AFTER <= took < SETTLE_AFTER + 1.5, took  # not before it went quiet
+        stats = pusher.stats()
+        assert transport.finishes == 1 and stats.send_errors == 0 and stats.resent_lines == 0
+        assert stats.queue_lines == 0 and accounted(stats) == total
+        assert sum(chunk.count(b"\n") for chunk in transport.written) == total  # each line once
+    finally:
+        pusher.close(1)
 
 
 def test_shutdown_confirms_by_a_clean_close():

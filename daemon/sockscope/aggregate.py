@@ -3,22 +3,30 @@
 Batches (batch.Batch) stream in per netlink batch (Accumulator.add); nothing per socket
 is kept. What is kept is bounded by the port space and the rules, not by traffic:
 - local side: counts per (port, state) in a dense 65,536 x 16 int32 array (key
-  port << 4 | state slot, np.add.at) and six queue figures per port (65,536 x 6 int64):
-  dense because the tracked local ports (the listening ones) are known only at the end;
+  port << 4 | state slot, np.add.at) and queue figures per port: dense because the
+  tracked local ports (the listening ones) are known only at the end;
 - remote side: only configured ports are ever tracked, so a port -> row table sends every
   other port to one `other` row ((k + 1) rows); with no remote port configured nothing is
   counted per socket there at all (its `other` row is the per-state totals);
+- queue figures of both sides in two shared arrays (sums and backlogged counts per row,
+  maxima per row), so each batch costs one np.add.at and one np.maximum.at for them;
 - per-state totals per family (np.bincount) and one entry per listening address:port.
 The arrays are allocated once per Accumulator and reused poll after poll (`reset()`
-zeroes the port range the last poll touched): allocating them per poll cost ~2,000 fresh
+zeroes the rows the last poll touched): allocating them per poll cost ~2,000 fresh
 page faults per poll, ~15 ms of CPU at 100k sockets (docs/performance.md). Folding into
 tracked ports + `other` happens once, in finish(), so the series count depends only on
 the rules.
+
+The fold reads the four words of inet_diag_msg it needs straight from Batch.data at
+Batch.words (batch.py has the layout): word 4 = family, state, timer, retrans; word 5 =
+sport, dport (big-endian); words 18, 19 = rqueue, wqueue. One gather per word for every
+column it holds: each gather of a ~1 MiB batch misses the cache once per message.
 """
 
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -34,15 +42,23 @@ from .states import UNKNOWN_SLOT as _UNKNOWN
 _FAMILY_NAME = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 _PORTS = 65536
 _WIDTH = 16  # count slots per row: a row is port << 4 | state slot (UNKNOWN_SLOT 15 ignored)
-# Queue figures per row: receive sum, send sum, receive max, send max, receive n, send n.
-_RSUM, _SSUM, _RMAX, _SMAX, _RN, _SN = range(6)
-_QW = 6
+_HEAD, _PORT_WORD, _RQUEUE = 4, 5, 18  # words of a socket message (wqueue follows rqueue)
+_SWAP = sys.byteorder == "little"  # ports are big-endian on the wire
+# Queue sums per row (_qsums, row-major) and maxima (_qmax, one block of rows per figure).
+_RSUM, _SSUM, _RN, _SN = range(4)
+_RMAX, _SMAX = range(2)
 # Family of a message -> offset of its 16 state slots in the per-poll totals: AF_INET,
-# AF_INET6, anything else (never seen in TCP dumps; counted exactly on a slow path).
+# AF_INET6, anything else (never seen in TCP dumps; counted, but in no family's figures).
 _V4, _V6, _ELSE = 0, 16, 32
 _FAMILY_OFFSET = np.full(256, _ELSE, np.uint8)
 _FAMILY_OFFSET[socket.AF_INET] = _V4
 _FAMILY_OFFSET[socket.AF_INET6] = _V6
+# The first two bytes of word 4 (family, state) read as one uint16 in memory order ->
+# family offset + state slot: one table lookup per message instead of two gathers.
+_pair = np.arange(65536, dtype=np.uint32)
+_first, _second = (_pair & 0xFF, _pair >> 8) if sys.byteorder == "little" else (_pair >> 8, _pair & 0xFF)
+_FAMILY_SLOT = (_FAMILY_OFFSET[_first] + _STATE_LUT[_second]).astype(np.uint8)
+del _pair, _first, _second
 # Slots whose queues are bytes: not LISTEN (accept queue length / limit), not unknown.
 _QUEUED_SLOT = np.ones(_WIDTH, bool)
 _QUEUED_SLOT[LISTEN_INDEX] = _QUEUED_SLOT[_UNKNOWN] = False
@@ -72,14 +88,13 @@ class Rules:
 
 
 class _Side:
-    """Counts and queue figures of one side (local or remote port).
+    """The rows of one side (local or remote port): ports (dense), or, given `ports`, the
+    sorted ports then one row for every other port. `first` is its first row in the
+    Accumulator's queue arrays; `lo`/`hi` bound the rows a poll touched."""
 
-    Rows are ports (dense), or, given `ports`, the sorted ports then one row for every
-    other port. `lo`/`hi` bound the rows a poll touched (reset() zeroes them)."""
+    __slots__ = ("ports", "lut", "rows", "first", "counts", "lo", "hi")
 
-    __slots__ = ("ports", "lut", "rows", "counts", "queues", "lo", "hi")
-
-    def __init__(self, ports: Iterable[int] | None) -> None:
+    def __init__(self, ports: Iterable[int] | None, first: int) -> None:
         if ports is None:
             self.ports = None
             self.lut = None
@@ -89,8 +104,8 @@ class _Side:
             self.rows = len(self.ports) + 1
             self.lut = np.full(_PORTS, len(self.ports), np.uint32)  # port -> row; other: last
             self.lut[list(self.ports)] = np.arange(len(self.ports), dtype=np.uint32)
+        self.first = first
         self.counts = np.zeros(self.rows * _WIDTH, np.int32)
-        self.queues = np.zeros(self.rows * _QW, np.int64)
         self.lo, self.hi = self.rows, -1
 
     @property
@@ -115,37 +130,9 @@ class _Side:
         if hi > self.hi:
             self.hi = hi
 
-    def reset(self) -> None:
-        if self.hi >= 0:
-            self.counts[self.lo * _WIDTH:(self.hi + 1) * _WIDTH] = 0
-            self.queues[self.lo * _QW:(self.hi + 1) * _QW] = 0
-            self.lo, self.hi = self.rows, -1
-
     def row(self, port: int) -> tuple[int, ...]:
         at = self.row_of(port) * _WIDTH
         return tuple(self.counts[at:at + _NSTATES].tolist())
-
-    def queue(self, port: int) -> list[int]:
-        at = self.row_of(port) * _QW
-        return self.queues[at:at + _QW].tolist()
-
-    def rest(self, tracked: list[int], total: list[int]) -> list[int]:
-        """Queue figures of the rows not in `tracked`: sums are the totals minus the
-        tracked rows', maxima a pass over the touched rows with the tracked ones left out."""
-        rest = list(total)
-        for port in tracked:
-            q = self.queue(port)
-            for slot in (_RSUM, _SSUM, _RN, _SN):
-                rest[slot] -= q[slot]
-        if self.hi < 0:
-            return rest
-        rows = [self.row_of(p) for p in tracked]
-        inside = [r - self.lo for r in rows if self.lo <= r <= self.hi]
-        for slot in (_RMAX, _SMAX):
-            col = self.queues[self.lo * _QW + slot:(self.hi + 1) * _QW:_QW].copy()
-            col[inside] = 0
-            rest[slot] = int(col.max())
-        return rest
 
 
 class Accumulator:
@@ -156,23 +143,32 @@ class Accumulator:
     are counted per port. None (the default, for one-shot use) counts every remote port.
     """
 
-    __slots__ = ("listeners", "local", "remote", "_totals", "_qtotal", "_ones")
+    __slots__ = ("listeners", "local", "remote", "_totals", "_ones", "_qsums", "_qmax", "_rows")
 
     def __init__(self, remote: Iterable[int] | None = None) -> None:
-        self.local = _Side(None)
-        self.remote = _Side(remote)
+        self.local = _Side(None, 0)
+        self.remote = _Side(remote, _PORTS)
+        self._rows = _PORTS + self.remote.rows
+        self._qsums = np.zeros(self._rows * 4, np.int64)  # _RSUM, _SSUM, _RN, _SN per row
+        self._qmax = np.zeros(2 * self._rows, np.int64)  # _RMAX rows, then _SMAX rows
         self._ones = np.ones(0, np.int32)
         self.listeners: dict[tuple[int, bytes, int], list[int]] = {}
         self._totals = np.zeros(48, np.int64)  # family offset (_V4, _V6, _ELSE) + state slot
-        self._qtotal = [0] * _QW  # sums and counts over every socket (maxima unused)
 
     def reset(self) -> None:
-        """Forget the last poll (a finished one, or an attempt thrown away)."""
-        self.local.reset()
-        self.remote.reset()
+        """Forget the last poll (a finished one, or an attempt thrown away): zero the rows
+        it touched."""
+        for side in (self.local, self.remote):
+            if side.hi < 0:
+                continue
+            side.counts[side.lo * _WIDTH:(side.hi + 1) * _WIDTH] = 0
+            lo, hi = side.first + side.lo, side.first + side.hi + 1
+            self._qsums[lo * 4:hi * 4] = 0
+            self._qmax[lo:hi] = 0
+            self._qmax[self._rows + lo:self._rows + hi] = 0
+            side.lo, side.hi = side.rows, -1
         self.listeners = {}
         self._totals[:] = 0
-        self._qtotal = [0] * _QW
 
     @property
     def unknown(self) -> int:
@@ -183,16 +179,20 @@ class Accumulator:
         n = len(batch)
         if not n:
             return
-        slot = _STATE_LUT[batch.state]
-        fam = batch.family
-        famslot = _FAMILY_OFFSET[fam]
-        famslot += slot
+        u32 = np.frombuffer(batch.data, np.uint32, len(batch.data) >> 2)
+        words = batch.words
+        head = u32[words + _HEAD]
+        famslot = _FAMILY_SLOT[head.view(np.uint16)[0::2]]
         per = np.bincount(famslot, minlength=48)
         self._totals += per
+        slot = famslot & 15
+        ports = u32[words + _PORT_WORD].view(np.uint16)
+        if _SWAP:
+            ports = ports.byteswap()
+        sport, dport = ports[0::2], ports[1::2]
         if len(self._ones) < n:
             self._ones = np.ones(n, np.int32)
         ones = self._ones[:n]
-        sport = batch.sport
         # np.add.at is fast only when index, array and values agree in kind: intp keys
         # and an int32 ones array (a Python 1 takes a casting path 100x slower). Sockets
         # of unknown states land in slot 15 of their row, which nothing reads.
@@ -201,47 +201,42 @@ class Accumulator:
         np.add.at(self.local.counts, key, ones)
         self.local.touch(sport)
         remote = self.remote
-        dport = batch.dport
         if remote.counting:
             rows = remote.rows_of(dport)
             key = np.left_shift(rows, 4, dtype=np.intp)
             key |= slot
             np.add.at(remote.counts, key, ones)
             remote.touch(rows)
-        rq = batch.rqueue
-        wq = batch.wqueue
+        rq = u32[words + _RQUEUE]
+        wq = u32[words + _RQUEUE + 1]
         if per[LISTEN_INDEX::16].any():
-            src = batch.src
+            family = head.view(np.uint8)[0::4]
             for i in np.flatnonzero(slot == LISTEN_INDEX).tolist():
-                self._add_listener(int(fam[i]), src(i), int(sport[i]), int(rq[i]), int(wq[i]))
+                self._add_listener(int(family[i]), batch.src(i), int(sport[i]), int(rq[i]), int(wq[i]))
         queued = np.flatnonzero(rq | wq)
         if len(queued):
             queued = queued[_QUEUED_SLOT[slot[queued]]]
             if len(queued):
-                self._add_queues(queued, sport, dport, rq, wq)
+                self._add_queues(rq[queued], wq[queued], sport[queued], dport[queued])
 
-    def _add_queues(self, queued: np.ndarray, sport: np.ndarray, dport: np.ndarray,
-                    rq: np.ndarray, wq: np.ndarray) -> None:
-        r = rq[queued].astype(np.int64)
-        w = wq[queued].astype(np.int64)
-        rn = r != 0
-        sn = w != 0
-        total = self._qtotal
-        total[_RSUM] += int(r.sum())
-        total[_SSUM] += int(w.sum())
-        total[_RN] += int(np.count_nonzero(rn))
-        total[_SN] += int(np.count_nonzero(sn))
-        # One np.add.at for the four sums and one np.maximum.at for the two maxima per
-        # side: the calls, not the few elements, are the cost.
-        sums = np.concatenate((r, w, rn, sn))
-        maxima = np.concatenate((r, w))
-        for side, ports in ((self.local, sport), (self.remote, dport)):
-            rows = side.rows_of(ports[queued])
-            base = np.multiply(rows, _QW, dtype=np.intp)
-            np.add.at(side.queues, np.concatenate((base + _RSUM, base + _SSUM, base + _RN, base + _SN)), sums)
-            np.maximum.at(side.queues, np.concatenate((base + _RMAX, base + _SMAX)), maxima)
-            if not side.counting:  # otherwise add() touched these rows already
-                side.touch(rows)
+    def _add_queues(self, rq: np.ndarray, wq: np.ndarray, sport: np.ndarray, dport: np.ndarray) -> None:
+        """Queue figures of the sockets with queues, on both sides at once: one np.add.at
+        and one np.maximum.at over flat indices (the calls, not the few elements, cost)."""
+        k = len(rq)
+        rows = np.empty(2 * k, np.intp)
+        rows[:k] = sport
+        remote = self.remote
+        rows[k:] = remote.rows_of(dport)
+        if not remote.counting:  # otherwise add() touched these rows already
+            remote.touch(rows[k:])
+        rows[k:] += remote.first
+        r = np.concatenate((rq, rq)).astype(np.int64)
+        w = np.concatenate((wq, wq)).astype(np.int64)
+        at = rows * 4
+        np.add.at(self._qsums, np.concatenate((at + _RSUM, at + _SSUM, at + _RN, at + _SN)),
+                  np.concatenate((r, w, r != 0, w != 0)))
+        np.maximum.at(self._qmax, np.concatenate((rows + _RMAX * self._rows, rows + _SMAX * self._rows)),
+                      np.concatenate((r, w)))
 
     def _add_listener(self, fam: int, src: bytes, port: int, rq: int, wq: int) -> None:
         key = (fam, src, port)
@@ -258,6 +253,31 @@ class Accumulator:
 
     def listen_ports(self) -> set[int]:
         return {port for (_, _, port) in self.listeners}
+
+    def _queue(self, side: _Side, port: int) -> list[int]:
+        """[receive sum, send sum, receive max, send max, receive n, send n] of a port."""
+        row = side.first + side.row_of(port)
+        rsum, ssum, rn, sn = self._qsums[row * 4:row * 4 + 4].tolist()
+        return [rsum, ssum, int(self._qmax[row]), int(self._qmax[self._rows + row]), rn, sn]
+
+    def _rest(self, side: _Side, tracked: list[int], total: list[int]) -> list[int]:
+        """Queue figures of the rows not in `tracked`: sums are the totals minus the
+        tracked rows', maxima a pass over the rows the poll touched, tracked ones left out."""
+        rsum, ssum, rn, sn = total
+        rest = [rsum, ssum, 0, 0, rn, sn]
+        for port in tracked:
+            q = self._queue(side, port)
+            for i in (0, 1, 4, 5):
+                rest[i] -= q[i]
+        if side.hi < 0:
+            return rest
+        inside = [r - side.lo for r in map(side.row_of, tracked) if side.lo <= r <= side.hi]
+        for i, base in ((2, _RMAX * self._rows), (3, _SMAX * self._rows)):
+            at = base + side.first
+            figures = self._qmax[at + side.lo:at + side.hi + 1].copy()
+            figures[inside] = 0
+            rest[i] = int(figures.max())
+        return rest
 
     def finish(
         self,
@@ -278,14 +298,20 @@ class Accumulator:
             for i, (state, n) in enumerate(zip(STATES, self._totals[at:at + _NSTATES].tolist())):
                 states[(name, state)] = n
                 totals[i] += n
-        qtotal = self._qtotal
+        # Every socket with queues is in exactly one row of each side: the remote side's
+        # rows (few, unless every remote port is counted) sum to the totals.
+        remote = self.remote
+        qtotal = [0, 0, 0, 0]
+        if remote.hi >= 0:
+            lo, hi = remote.first + remote.lo, remote.first + remote.hi + 1
+            qtotal = self._qsums[lo * 4:hi * 4].reshape(-1, 4).sum(axis=0).tolist()
 
         local_candidates = list(rules.local)
         if rules.auto_listen:
             configured = set(rules.local)
             local_candidates += sorted(self.listen_ports() - configured)
-        local = _port_table(local_candidates, rules.max_local, self.local, totals, qtotal)
-        remote = _port_table(list(rules.remote), rules.max_remote, self.remote, totals, qtotal)
+        local = self._port_table(local_candidates, rules.max_local, self.local, totals, qtotal)
+        remote_table = self._port_table(list(rules.remote), rules.max_remote, remote, totals, qtotal)
         listeners, folded_listeners = self._listeners(rules.max_listeners)
         return Snapshot(
             timestamp=timestamp,
@@ -293,11 +319,30 @@ class Accumulator:
             families=families,
             states=states,
             local=local,
-            remote=remote,
+            remote=remote_table,
             listeners=listeners,
             folded_listeners=folded_listeners,
             dump_interrupted=dump_interrupted,
             messages=messages,
+        )
+
+    def _port_table(self, candidates: list[int], cap: int, side: _Side, totals: list[int],
+                    qtotal: list[int]) -> PortTable:
+        """Tracked ports (first `cap` candidates, ascending) + `other` holding the rest."""
+        tracked = sorted(candidates[:cap])
+        folded = max(0, len(candidates) - cap)
+        rows: list[tuple[int, ...]] = []
+        other = list(totals)
+        for port in tracked:
+            row = side.row(port)
+            rows.append(row)
+            for i, n in enumerate(row):
+                other[i] -= n
+        rows.append(tuple(other))
+        qrows = [QueueStats(*self._queue(side, port)) for port in tracked]
+        qrows.append(QueueStats(*self._rest(side, tracked, qtotal)))
+        return PortTable(
+            ports=(*tracked, OTHER), counts=tuple(rows), queues=tuple(qrows), folded=folded
         )
 
     def _listeners(self, cap: int) -> tuple[tuple[Listener, ...], int]:
@@ -314,35 +359,3 @@ class Accumulator:
             for (fam, src, port), (members, rq, wq) in ordered[:cap]
         )
         return out, max(0, len(ordered) - cap)
-
-
-def _port_table(candidates: list[int], cap: int, side: _Side, totals: list[int],
-                qtotal: list[int]) -> PortTable:
-    """Tracked ports (first `cap` candidates, ascending) + `other` holding the rest."""
-    tracked = sorted(candidates[:cap])
-    folded = max(0, len(candidates) - cap)
-    rows: list[tuple[int, ...]] = []
-    other = list(totals)
-    for port in tracked:
-        row = side.row(port)
-        rows.append(row)
-        for i, n in enumerate(row):
-            other[i] -= n
-    rows.append(tuple(other))
-
-    qrows = [_queue_stats(side.queue(port)) for port in tracked]
-    qrows.append(_queue_stats(side.rest(tracked, qtotal)))
-    return PortTable(
-        ports=(*tracked, OTHER), counts=tuple(rows), queues=tuple(qrows), folded=folded
-    )
-
-
-def _queue_stats(q: list[int]) -> QueueStats:
-    return QueueStats(
-        receive_bytes=q[_RSUM],
-        send_bytes=q[_SSUM],
-        receive_max_bytes=q[_RMAX],
-        send_max_bytes=q[_SMAX],
-        receive_backlogged=q[_RN],
-        send_backlogged=q[_SN],
-    )

@@ -29,7 +29,7 @@ from .lines import (
     stats_samples,
     tag_value,
 )
-from .pusher import SELF_SERIES, GraphiteStats, Pusher, default_buffer_lines
+from .pusher import SELF_SERIES, SETTLE_AFTER, GraphiteStats, Pusher, default_buffer_lines
 from .transport import TCP_CHUNK_BYTES, UDP_DATAGRAM_BYTES, Probe, Transport
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "MAX_LINE_BYTES",
     "METRICS",
     "SELF_SERIES",
+    "SETTLE_AFTER",
     "TCP_CHUNK_BYTES",
     "UDP_DATAGRAM_BYTES",
     "Chunk",

@@ -75,6 +75,16 @@ CHECK_INTERVAL = 0.1
 # carbon, or a receiver whose window shrank for good): half-close the connection and wait
 # for carbon's FIN, which confirms everything, or write it all again on a new connection.
 RECYCLE_AFTER = 30.0
+# The same, sooner, once the connection has gone quiet: everything written acknowledged,
+# nothing written and carbon's window unchanged for this long (at least confirm_delay), yet
+# below the largest it offered. Linux lowers the window it offers with an empty receive
+# queue when it lowers window_clamp/rcv_ssthresh (e.g. window_clamp follows the measured
+# payload/truesize ratio of received segments, tcp_measure_rcv_mss); seen here after a
+# 280 KB burst: Recv-Q 0 and rcv_ssthresh 704512 at the receiver after it had offered
+# 717824. Such a window never comes back, and neither does a stalled carbon's; only
+# carbon's FIN tells them apart. 3 s: the first keepalive answer comes KEEPALIVE_IDLE after
+# the last ACK, then one every KEEPALIVE_INTERVAL; two of them agree before we give up.
+SETTLE_AFTER = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +134,7 @@ class Pusher:
         confirm_delay: float | None = None,
         check_interval: float = CHECK_INTERVAL,
         recycle_after: float = RECYCLE_AFTER,
+        settle_after: float = SETTLE_AFTER,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
@@ -139,6 +150,7 @@ class Pusher:
                               else confirm_delay)
         self.check_interval = check_interval
         self.recycle_after = recycle_after
+        self.settle_after = max(settle_after, self.confirm_delay)
         self._backoff = backoff
         self._clock = clock
         self._monotonic = monotonic
@@ -163,6 +175,8 @@ class Pusher:
         self._outage_started: float | None = None
         self._written_bytes = 0  # on the current connection
         self._max_window = 0  # largest receive window carbon advertised on it
+        self._quiet_since = 0.0  # monotonic: last write, or last change of carbon's window
+        self._last_window: int | None = None
         # poller thread only
         self._last_snapshot: Snapshot | None = None
         self._last_pushed: tuple[float, int] | None = None  # (poll timestamp, line timestamp)
@@ -422,6 +436,7 @@ class Pusher:
                     self._resent += chunk.lines
                 if self._confirming:
                     self._written_bytes += len(chunk.data)
+                    self._quiet_since = self._monotonic()
                     self._count_drops(self._buffer.written(self._written_bytes))
                 else:  # UDP: fire and forget
                     self._buffer.done()
@@ -447,6 +462,9 @@ class Pusher:
         if probe.window is not None:
             self._max_window = max(self._max_window, probe.window)
         window_full = probe.window is None or probe.window >= self._max_window
+        if probe.window != self._last_window:
+            self._last_window = probe.window
+            self._quiet_since = self._monotonic()
         if probe.closed:
             if probe.error is None and probe.unacked == 0 and window_full:
                 # A clean FIN after acknowledging everything: carbon read it all.
@@ -472,6 +490,7 @@ class Pusher:
                                              now, self.confirm_delay)
             self._confirmed(confirmed)
             acked_at = self._buffer.oldest_acked_at()
+            unconfirmed = self._buffer.unconfirmed
         if confirmed:
             log.debug("graphite: %d lines confirmed (%d of %d bytes acknowledged, window %s of %d)", confirmed,
                       self._written_bytes - probe.unacked, self._written_bytes, probe.window, self._max_window)
@@ -481,6 +500,14 @@ class Pusher:
             log.info("graphite: %s acknowledged lines %.0fs ago without its window coming back; "
                      "closing the connection to have them confirmed", self.destination, now - acked_at)
             self._finish("recycle", self._remaining(self.send_timeout))
+        elif (acked_at is not None and probe.unacked == 0 and not window_full
+              and now - self._quiet_since >= self.settle_after):
+            # Quiet: nothing more will move the window (SETTLE_AFTER). Half-close now
+            # rather than after recycle_after: carbon's FIN confirms what it read.
+            log.debug("graphite: %s acknowledged everything, window %s below its largest %d for %.1fs; "
+                      "closing the connection to have %d lines confirmed", self.destination, probe.window,
+                      self._max_window, now - self._quiet_since, unconfirmed)
+            self._finish("settle", self._remaining(self.send_timeout))
 
     def _confirmed(self, lines: int) -> None:
         """Under the lock."""
@@ -516,6 +543,8 @@ class Pusher:
             self._failed("connect", exc)
             return False
         self._written_bytes = self._max_window = 0
+        self._last_window = None
+        self._quiet_since = self._monotonic()
         log.debug("graphite: connected to %s", self.destination)
         return True
 
