@@ -7,6 +7,7 @@ regenerate with `SOCKSCOPE_UPDATE_GOLDEN=1 pytest tests/test_graphite.py` and re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import select
@@ -28,6 +29,7 @@ from sockscope.graphite import (
     UDP_DATAGRAM_BYTES,
     Chunk,
     Drops,
+    METRICS,
     GraphiteStats,
     InvalidLine,
     LineBuffer,
@@ -41,18 +43,25 @@ from sockscope.graphite import (
     pack,
     SELF_SERIES,
     SETTLE_AFTER,
+    SOURCE_SERIES,
     sanitize,
     stats_samples,
     tag_value,
 )
-from sockscope import features
+from sockscope import features, selfmetrics
 from sockscope.aggregate import Rules
-from sockscope.catalogue import Samples
+from sockscope.catalogue import Metric, Samples
+from sockscope.features import PollContext
 from sockscope.features import tcp as tcp_feature
+from sockscope.features.kernel import KernelCounters
+from sockscope.features.peaks import WindowPeaks
 from sockscope.features.tcp import TcpSockets
+from sockscope.kernelstats import KernelStats
+from sockscope.kernelstats import build as build_kernel_stats
+from sockscope.poller import samples_of
 from sockscope.prometheus import SamplesCollector, families
 from sockscope.service import max_series
-from sockscope.snapshot import OTHER, STATES, Listener, PollStatus, PortTable, QueueStats, Snapshot
+from sockscope.snapshot import OTHER, STATES, Listener, PollStatus, PortTable, QueueStats, Snapshot, SourceHealth
 
 GOLDEN = Path(__file__).parent / "golden"
 STAMP = 1700000000
@@ -71,7 +80,10 @@ def fixed_snapshot(timestamp: float = STAMP + 0.25) -> Snapshot:
         ports=(22, 8080, OTHER),
         counts=(counts(established=2, listen=1), counts(established=3, close_wait=2, listen=2),
                 counts(established=2, time_wait=3)),
-        queues=(QueueStats(send_bytes=36), QueueStats(receive_bytes=131072, send_bytes=2896), QueueStats()),
+        queues=(QueueStats(send_bytes=36, send_max_bytes=36, send_backlogged=1),
+                QueueStats(receive_bytes=131072, send_bytes=2896, receive_max_bytes=98304, send_max_bytes=2896,
+                           receive_backlogged=2, send_backlogged=1),
+                QueueStats()),
     )
     remote = PortTable(
         ports=(5432, OTHER),
@@ -108,8 +120,54 @@ def status_with(snap: Snapshot | None = None, counters: PollStatus = FIXED_STATU
     return PollStatus(results={"tcp": snap}, samples=samples, polls=counters.polls, errors=counters.errors)
 
 
+def fixed_kernel() -> KernelStats:
+    """Parsed from the recorded tests/fixtures/proc_net_* files (proc_net_README.md says how
+    they were recorded), limits as on Debian 12."""
+    fixtures = Path(__file__).parent / "fixtures"
+    stats, problems = build_kernel_stats({
+        "snmp": (fixtures / "proc_net_snmp").read_text(),
+        "netstat": (fixtures / "proc_net_netstat").read_text(),
+        "sockstat": (fixtures / "proc_net_sockstat").read_text(),
+        "tcp_max_tw_buckets": "262144\n",
+        "tcp_max_orphans": "131072\n",
+        "ip_local_port_range": "32768\t60999\n",
+        "tcp_mem": "383430\t511241\t766860\n",
+    }, page_size=4096)
+    assert not problems, problems
+    return stats
+
+
+def spike_snapshot(snap: Snapshot) -> Snapshot:
+    """`snap` with 7 more CLOSE-WAIT sockets on local port 8080 (and in the ipv4 total) and
+    a fuller accept queue on [::]:8080: what an earlier poll saw, so peaks differ from now."""
+    states = dict(snap.states)
+    states[("ipv4", "close_wait")] += 7
+    i = snap.local.ports.index(8080)
+    counts = list(snap.local.counts)
+    counts[i] = tuple(n + 7 if s == "close_wait" else n for s, n in zip(STATES, counts[i]))
+    listeners = tuple(dataclasses.replace(lst, queue_length=lst.queue_length + 30) if lst.port == 8080 else lst
+                      for lst in snap.listeners)
+    return dataclasses.replace(snap, states=states, local=dataclasses.replace(snap.local, counts=tuple(counts)),
+                               listeners=listeners)
+
+
+def full_status(snap: Snapshot | None = None) -> PollStatus:
+    """A PollStatus as the poller publishes it with every feature on: the TCP table of
+    `snap` (fixed_snapshot()), window peaks (an earlier poll saw spike_snapshot()), the
+    kernel counters of fixed_kernel(); every source healthy, one earlier kernel failure."""
+    snap = snap or fixed_snapshot()
+    tcp, kernel = TcpSockets(Rules()), KernelCounters(reader=object())
+    feats = [tcp, WindowPeaks(60.0, [*tcp.metrics, *kernel.metrics]), kernel]
+    results = {"tcp": snap, "kernel": fixed_kernel()}
+    samples_of(feats, {**results, "tcp": spike_snapshot(snap)}, PollContext(STAMP - 1.0, 100.0), True)
+    samples, _ = samples_of(feats, results, PollContext(STAMP, 101.0), True)
+    return PollStatus(results=results, samples=samples, polls=5, errors=1, source_errors={"kernel": 1},
+                      sources={"tcp": SourceHealth(True, 0.125), "kernel": SourceHealth(True, 0.0025),
+                               "peaks": SourceHealth(True, 0.0004)})
+
+
 def golden_text(b: LineBuilder) -> str:
-    rendered = b.render(status_with(fixed_snapshot()), STAMP, FIXED_STATS)
+    rendered = b.render(full_status(), STAMP, FIXED_STATS)
     assert rendered.invalid == []
     return b"".join(rendered.lines).decode()
 
@@ -129,6 +187,49 @@ def test_golden_lines(name):
         path.write_text(text)
     assert text == path.read_text(), f"lines differ from {path}; if intended, regenerate " \
                                       "with SOCKSCOPE_UPDATE_GOLDEN=1 and review the diff"
+
+
+# -- every catalogue metric reaches Graphite -------------------------------------------------
+
+# Label values for a metric the test status has no samples for (a feature added later).
+MADE_UP_LABELS = {"family": "ipv4", "state": "established", "port": "8080", "address": "127.0.0.1",
+                  "side": "local", "queue": "receive", "source": "tcp", "level": "min"}
+
+
+def pushed_catalogue() -> list[Metric]:
+    """Every Metric with a GraphitePath: every feature's with the default configuration
+    (window peak twins included), the poll loop's own and the pusher's."""
+    enabled = features.build(config.DEFAULTS)
+    metrics = [*(m for f in enabled for m in f.metrics), *selfmetrics.SCRAPE_METRICS, *selfmetrics.POLL_METRICS,
+               *METRICS]
+    return [m for m in metrics if m.graphite is not None]
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_every_catalogue_metric_with_a_graphite_path_is_pushed(name):
+    """No metric is silently left out of Graphite: each one with a GraphitePath yields at
+    least one line in every naming, and LineBuilder.series walks it."""
+    b = builder(**GOLDEN_CASES[name])
+    status = full_status()
+    have = Samples()
+    for part in (status.samples, selfmetrics.poll_samples(status, 5.0), stats_samples(FIXED_STATS)):
+        have.merge(part)
+    extra = Samples()
+    extra.merge(status.samples)
+    catalogue = pushed_catalogue()
+    assert len(catalogue) > 60
+    for metric in catalogue:
+        if not have.get(metric.name):  # its feature's result is not in full_status()
+            labels = tuple(MADE_UP_LABELS.get(label, "x") for label in metric.labels)
+            have.add(metric, labels, 3)
+            extra.add(metric, labels, 3)
+    rendered = {path for path, _ in b.series(dataclasses.replace(status, samples=extra), FIXED_STATS, 5.0)}
+    missing = []
+    for metric in catalogue:
+        paths = {path for path, _ in b._metric_series(metric, have.get(metric.name))}
+        if not paths or not paths <= rendered:
+            missing.append(metric.name)
+    assert missing == [], f"not pushed under {name}: {missing}"
 
 
 # -- paths, exactly as docs/graphite.md says ------------------------------------------------
@@ -163,7 +264,7 @@ def test_sockscope_paths():
     assert got[f"{p}.sockscope.poll.errors"] == "1"
     # every state of every family, every tracked port side, nothing else
     assert sum(k.startswith(f"{p}.tcp.states.") for k in got) == 2 * 11
-    assert got[f"{p}.tcp.local_port.8080.receive_queue_max_bytes"] == "0"
+    assert got[f"{p}.tcp.local_port.8080.receive_queue_max_bytes"] == "98304"
     assert got[f"{p}.tcp.remote_port.other.backlogged.send"] == "0"
     assert got[f"{p}.tcp.listen.127_0_0_1_8080.sockets"] == "1"
     # per port: 11 states, 4 queue figures, 2 backlogged counts
@@ -350,21 +451,25 @@ def test_builder_refuses_tags_with_collectd_and_empty_components():
 
 
 def test_series_bound_holds_for_a_full_snapshot():
-    # fixed_snapshot fills caps of 2 local ports, 1 remote port and 3 listeners exactly.
-    bound = TcpSockets(Rules(max_local=2, max_remote=1, max_listeners=3)).max_series() + SELF_SERIES
-    n = len(builder().render(status_with(fixed_snapshot()), STAMP, FIXED_STATS).lines)
-    assert bound - 12 <= n <= bound, (n, bound)
-    # collectd naming: state totals instead of per family, no `other` tcpconns rows: fewer
-    n = len(builder(naming="collectd").render(status_with(fixed_snapshot()), STAMP, FIXED_STATS).lines)
-    assert n <= bound
+    # fixed_snapshot fills caps of 2 local ports, 1 remote port and 3 listeners exactly;
+    # full_status has every feature on: every line of the push is in the bound, which sizes
+    # the default buffer (Pusher.from_config).
+    tcp = TcpSockets(Rules(max_local=2, max_remote=1, max_listeners=3))
+    feats = [tcp, WindowPeaks(60.0, list(tcp.metrics)), KernelCounters(reader=object())]
+    bound = max_series(feats) + SELF_SERIES + SOURCE_SERIES * len(feats)
+    for naming in ("sockscope", "collectd"):  # collectd: state totals, no `other` tcpconns rows: fewer
+        n = len(builder(naming=naming).render(full_status(), STAMP, FIXED_STATS).lines)
+        assert n <= bound, (naming, n, bound)
+    assert n < len(builder().render(full_status(), STAMP, FIXED_STATS).lines) == bound
 
 
 def test_default_buffer_is_30_minutes():
     cfg = _enabled(config.DEFAULTS)
-    per_push = max_series(features.build(cfg)) + SELF_SERIES
+    enabled = features.build(cfg)
+    per_push = max_series(enabled) + SELF_SERIES + SOURCE_SERIES * len(enabled)
     assert per_push > 22 + 65 * 13 + 65 * 11 + 512  # states, ports, listeners at the default caps
     assert default_buffer_lines(5.0, per_push) == 360 * per_push
-    pusher = Pusher.from_config(cfg, max_series(features.build(cfg)), hostname=lambda: "h", fqdn=lambda: "h")
+    pusher = Pusher.from_config(cfg, max_series(enabled), len(enabled), hostname=lambda: "h", fqdn=lambda: "h")
     assert pusher.stats().capacity_lines == 360 * per_push
     assert default_buffer_lines(7.0, 10) == 258 * 10  # rounds up: >= 30 minutes
 

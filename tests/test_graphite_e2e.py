@@ -300,14 +300,15 @@ def test_outage_loses_nothing_and_keeps_timestamps(carbon_factory, daemons, netn
 
 def test_overflow_drops_oldest_and_counts_exactly(carbon_factory, daemons, netns_factory, tmp_path):
     carbon = carbon_factory()
-    # An empty namespace: 57 lines per push (22 states, other x 24, 11 self-metrics).
-    d = pushing(daemons, tmp_path, carbon, netns_factory().name, "overflow", buffer_lines=150)
+    # An empty namespace: 151 lines per push (TCP states and the `other` port rows, kernel
+    # counters, window peaks, per-source health, self-metrics): the buffer holds two pushes.
+    d = pushing(daemons, tmp_path, carbon, netns_factory().name, "overflow", buffer_lines=320)
 
     quiet_stop(carbon, d)
     time.sleep(6.5)
     dropped_live = d.value("sockscope_graphite_dropped_lines_total")
     assert dropped_live > 0
-    assert d.value("sockscope_graphite_queue_lines") <= 150
+    assert d.value("sockscope_graphite_queue_lines") <= 320
     carbon.restart()
     wait_until(lambda: all_written(d), 30, "the queue to drain")
     dropped = d.value("sockscope_graphite_dropped_lines_total")

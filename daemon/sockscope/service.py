@@ -86,7 +86,7 @@ class Service:
         if cfg.graphite.enabled:
             from .graphite import Pusher
 
-            self.graphite = Pusher.from_config(cfg, max_series(self.features))
+            self.graphite = Pusher.from_config(cfg, max_series(self.features), len(self.features))
             self.on_poll(self.graphite.on_poll)
 
     def _readers(self, cfg: Config, needs: dict[int, DumpNeed], keep: dict[int, Reader] | None = None
@@ -197,7 +197,7 @@ class Service:
             from .graphite import Pusher
 
             # before anything changes (may raise ValueError)
-            new_pusher = Pusher.from_config(cfg, max_series(new_features))
+            new_pusher = Pusher.from_config(cfg, max_series(new_features), len(new_features))
         self.web = web
         previous = self.features
         self.features = new_features

@@ -282,6 +282,8 @@ class LineBuilder:
 
     def _metric_series(self, metric: Metric, rows) -> Iterator[tuple[str, object]]:
         g = metric.graphite
+        if g is None:
+            return
         if self.naming == "collectd":
             if g.collectd_total is not None:
                 totals: dict[tuple[str, ...], float] = {}
@@ -309,8 +311,8 @@ class LineBuilder:
             if not self.tags:
                 yield ".".join([self._base, *(sanitize(_format(c, values)) for c in g.sockscope)]), _number(value)
             elif own:
-                path = ".".join(sanitize(_format(c, values)) for c in g.sockscope)
-                yield f"{self._base}.{path};host={self._host_tag}", _number(value)
+                own_path = ".".join(sanitize(_format(c, values)) for c in g.sockscope)
+                yield f"{self._base}.{own_path};host={self._host_tag}", _number(value)
             else:
                 suffix = "".join(f";{k}={tag_value(v)}" for k, v in zip(metric.labels, labels))
                 yield f"{self._base}.{metric.tag_name}{suffix};host={self._host_tag}", _number(value)

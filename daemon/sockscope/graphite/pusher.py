@@ -39,10 +39,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import selfmetrics
 from ..config import format_endpoint
 from ..snapshot import PollStatus, Snapshot
 from .buffer import Chunk, Drops, LineBuffer, pack
-from .lines import LineBuilder
+from .lines import METRICS, LineBuilder
 from .transport import KEEPALIVE_INTERVAL, Transport
 
 if TYPE_CHECKING:
@@ -50,15 +51,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sockscope.graphite")
 
-__all__ = ["GraphiteStats", "Pusher", "SELF_SERIES", "default_buffer_lines"]
+__all__ = ["GraphiteStats", "Pusher", "SELF_SERIES", "SETTLE_AFTER", "SOURCE_SERIES", "default_buffer_lines"]
 
 BACKOFF_INITIAL = 0.5  # seconds before the first reconnect
 BACKOFF_MAX = 30.0  # cap of the exponential backoff
 # The default buffer holds this much outage at the configured series count.
 OUTAGE_SECONDS = 1800
-# Lines per push of the poll loop's and the pusher's own series (selfmetrics, lines.METRICS),
-# besides the features' (Feature.max_series): a bound, not an exact count.
-SELF_SERIES = 16
+# Lines per push besides the features' (Feature.max_series), from the catalogue: the poll
+# loop's own unlabelled series (selfmetrics) and the pusher's (lines.METRICS) ...
+SELF_SERIES = sum(1 for m in (*selfmetrics.POLL_METRICS, *METRICS) if m.graphite is not None and not m.labels)
+# ... and, per source (each enabled feature), sockscope.source.<name>.{up,duration_seconds,errors}.
+SOURCE_SERIES = sum(1 for m in selfmetrics.POLL_METRICS if m.graphite is not None and m.labels == ("source",))
 # Pusher.detach (reload): how long to wait for the interrupted sender thread to stop.
 HANDOVER_WAIT = 2.0
 # A chunk acknowledged by carbon's TCP counts as sent only if the connection is still open
@@ -184,12 +187,13 @@ class Pusher:
         self._invalid_logged = False
 
     @classmethod
-    def from_config(cls, cfg: Config, series: int, **kwargs) -> Pusher:
+    def from_config(cls, cfg: Config, series: int, sources: int = 0, **kwargs) -> Pusher:
         """`series`: the most series the enabled features can export with `cfg`
-        (features.max_series): the default buffer holds OUTAGE_SECONDS of pushes of that."""
+        (service.max_series), `sources` how many they are (each has its source health
+        series): the default buffer holds OUTAGE_SECONDS of pushes of those and our own."""
         g = cfg.graphite
         interval = g.interval or cfg.poll.interval
-        per_push = series + SELF_SERIES
+        per_push = series + SELF_SERIES + SOURCE_SERIES * sources
         capacity = g.buffer_lines or default_buffer_lines(interval, per_push)
         if capacity < per_push:
             log.warning("graphite.buffer_lines (%d) is smaller than one push at the configured caps "
