@@ -22,7 +22,7 @@ DEB_PACKAGES += tmux
 # (tests/test_packaging.py installs into a staging directory).
 DEB_PACKAGES += python3-venv
 
-.PHONY: run test venv venv-test system-deps clean install uninstall bench bench-1m bench-scrape bench-soak
+.PHONY: run test lint venv venv-test system-deps clean install uninstall bench bench-1m bench-scrape bench-soak
 
 # `make install` as root: a venv in $(PREFIX) built from a system interpreter (refused if
 # it lives under /home, /root or /run/user, which the unit's ProtectHome=yes hides), the
@@ -66,7 +66,12 @@ run: venv
 system-deps:
 	@sh scripts/deb-install.sh $(DEB_PACKAGES)
 
-test: system-deps venv-test
+# ruff (lint + import order) and mypy (daemon/) first: versions pinned in the test extra,
+# rules in pyproject.toml.
+lint: venv-test
+	$(BIN)/ruff check .
+
+test: system-deps venv-test lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Side-by-side benchmark (root: its own network namespace; docs/performance.md). Installs

@@ -7,6 +7,7 @@ import random
 import socket
 
 import pytest
+
 from sockscope.aggregate import Accumulator, Rules
 from sockscope.batch import Batch
 from sockscope.snapshot import OTHER, STATES, QueueStats

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import bcrypt
 import pytest
+
 import ss_parse
 from conftest import require, require_root
 from daemon_helpers import Daemon, free_port, samples, scrape
-
 from sockscope import cli, watch
 from sockscope.report import Frame, View, build_report, render_text
 from sockscope.snapshot import STATES
@@ -445,7 +445,7 @@ def test_snapshot_json_equals_ss(mix, ss_figures):
     assert local[18080]["owners"][0]["sockets"] == 1 + 6  # the listener and 6 accepted
     assert remote[18080]["owners"] == [{"pid": mix.pid, "name": remote[18080]["owners"][0]["name"],
                                         "user": "root", "sockets": 6}]
-    assert {(l["address"], l["port"]) for l in report["listeners"]} == set(ss.listeners)
+    assert {(ln["address"], ln["port"]) for ln in report["listeners"]} == set(ss.listeners)
     assert report["kernel_counters"]["listen_overflows"] >= 0
     for row in [*report["local_ports"], *report["remote_ports"], *report["listeners"]]:
         assert type(row["port"]) is int

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from sockscope import config
-from sockscope.config import DEFAULTS, ConfigError, from_mapping, load, override, parse_duration, parse_listen_address
+from sockscope.config import (
+    DEFAULTS,
+    ConfigError,
+    from_mapping,
+    load,
+    override,
+    parse_duration,
+    parse_listen_address,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "sockscope.yaml"

@@ -411,7 +411,7 @@ def substitute(text: str, values: dict[str, str]) -> str:
     for name in sorted(values, key=len, reverse=True):  # $remote_port before $port
         value = values[name]
         text = text.replace("${" + name + "}", value).replace("[[" + name + "]]", value)
-        text = re.sub(r"\$" + name + r"\b", lambda _m: value, text)
+        text = re.sub(r"\$" + name + r"\b", lambda _m: value, text)  # noqa: B023 - used at once
     assert "$" not in text, f"unsubstituted variable in {text!r}"
     return text
 

@@ -7,10 +7,10 @@ import socket
 from sockscope import config, features
 from sockscope.aggregate import Rules
 from sockscope.batch import Batch
+from sockscope.features import DumpNeed
 from sockscope.features.kernel import KernelCounters
 from sockscope.features.tcp import TcpSockets
 from sockscope.netlink import DumpStats
-from sockscope.features import DumpNeed
 from sockscope.poller import merge_needs
 
 LO = socket.inet_aton("127.0.0.1") + bytes(12)

@@ -21,15 +21,25 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sockscope import config
+from sockscope import config, features, selfmetrics
+from sockscope.aggregate import Rules
+from sockscope.catalogue import Metric, Samples
+from sockscope.features import PollContext
+from sockscope.features import tcp as tcp_feature
+from sockscope.features.kernel import KernelCounters
+from sockscope.features.peaks import WindowPeaks
+from sockscope.features.tcp import TcpSockets
 from sockscope.graphite import (
     COLLECTD_STATES,
     MAX_LINE_BYTES,
+    METRICS,
+    SELF_SERIES,
+    SETTLE_AFTER,
+    SOURCE_SERIES,
     TCP_CHUNK_BYTES,
     UDP_DATAGRAM_BYTES,
     Chunk,
     Drops,
-    METRICS,
     GraphiteStats,
     InvalidLine,
     LineBuffer,
@@ -41,27 +51,25 @@ from sockscope.graphite import (
     collectd_hostname,
     default_buffer_lines,
     pack,
-    SELF_SERIES,
-    SETTLE_AFTER,
-    SOURCE_SERIES,
     sanitize,
     stats_samples,
     tag_value,
 )
-from sockscope import features, selfmetrics
-from sockscope.aggregate import Rules
-from sockscope.catalogue import Metric, Samples
-from sockscope.features import PollContext
-from sockscope.features import tcp as tcp_feature
-from sockscope.features.kernel import KernelCounters
-from sockscope.features.peaks import WindowPeaks
-from sockscope.features.tcp import TcpSockets
 from sockscope.kernelstats import KernelStats
 from sockscope.kernelstats import build as build_kernel_stats
 from sockscope.poller import samples_of
-from sockscope.prometheus import SamplesCollector, families
+from sockscope.prometheus import SamplesCollector
 from sockscope.service import max_series
-from sockscope.snapshot import OTHER, STATES, Listener, PollStatus, PortTable, QueueStats, Snapshot, SourceHealth
+from sockscope.snapshot import (
+    OTHER,
+    STATES,
+    Listener,
+    PollStatus,
+    PortTable,
+    QueueStats,
+    Snapshot,
+    SourceHealth,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 STAMP = 1700000000

@@ -198,7 +198,7 @@ def test_whisper_equals_ss_under_both_namings_tags_and_udp(carbon_factory, daemo
             continue  # a TIME-WAIT expired in between; read again
         window = range(int(t1) + 1, int(t2))  # pushes stamped strictly inside the window
         points = wait_until(
-            lambda: (lambda p: p if all(any(t in p.get(n, {}) for t in window) for n in
+            lambda: (lambda p: p if all(any(t in p.get(n, {}) for t in window) for n in  # noqa: B023 - polled within this iteration
                                        (probe, f"{cd}.tcpconns-all.tcp_connections-LISTEN",
                                         f"{udp}.tcp.states.ipv4.listen",
                                         "tagged.tcp.sockets;family=ipv4;host=test.host.example;state=listen"))
@@ -500,7 +500,7 @@ def test_sigterm_flushes_the_queue_to_carbon_and_exits_0(carbon_factory, daemons
         d.signal(signal.SIGCONT)
     try:
         rc = d.proc.wait(timeout=10 + 5 + 3)  # flush_timeout + the poller's 5 s + margin
-    except Exception:
+    except subprocess.TimeoutExpired:
         d.kill()
         pytest.fail(f"sockscope did not stop within its bound:\n{d.log()[-3000:]}")
     took = time.monotonic() - t_term

@@ -17,6 +17,8 @@ import pytest
 from conftest import require
 from daemon_helpers import samples, scrape, start_daemon
 from sockscope.aggregate import Rules
+from sockscope.features.kernel import KernelCounters
+from sockscope.features.tcp import TcpSockets
 from sockscope.kernelstats import (
     COUNTERS,
     KernelStatsReader,
@@ -27,8 +29,6 @@ from sockscope.kernelstats import (
     parse_sockstat,
     parse_tcp_mem,
 )
-from sockscope.features.kernel import KernelCounters
-from sockscope.features.tcp import TcpSockets
 from sockscope.netlink import NetlinkError
 from sockscope.poller import Poller
 from test_peaks import OneSocketReader

@@ -6,9 +6,8 @@ import random
 import socket
 import struct
 
-import pytest
-
 import numpy as np
+import pytest
 
 from sockscope import netlink
 from sockscope.batch import Batch, Record, format_address

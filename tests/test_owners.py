@@ -12,8 +12,8 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import require
 
+from conftest import require
 from sockscope.owners import (
     PRIVILEGE_NOTE,
     Owner,
@@ -117,7 +117,7 @@ def test_real_scan_without_privileges_is_partial_and_says_so():
             }
             os.write(write_end, json.dumps(result).encode())
             code = 0
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - the forked child reports anything, then _exit
             os.write(write_end, traceback.format_exc().encode())
         finally:
             os._exit(code)

@@ -27,13 +27,29 @@ from sockscope.features import PollContext
 from sockscope.features.kernel import KernelCounters
 from sockscope.features.peaks import WINDOW, WindowPeaks
 from sockscope.features.tcp import TcpSockets
-from sockscope.features.udp import UdpCounters, UdpCounts, UdpPort, UdpSockets, UdpTable, counts_from
+from sockscope.features.udp import (
+    UdpCounters,
+    UdpCounts,
+    UdpPort,
+    UdpSockets,
+    UdpTable,
+    counts_from,
+)
 from sockscope.httpserver import Request, _dual_stack_available
 from sockscope.kernelstats import KernelStats
 from sockscope.kernelstats import build as build_kernel_stats
 from sockscope.poller import samples_of
 from sockscope.prometheus import MetricsApp, StatusCollector, make_registry, metrics_server
-from sockscope.snapshot import OTHER, STATES, Listener, PollStatus, PortTable, QueueStats, Snapshot, SourceHealth
+from sockscope.snapshot import (
+    OTHER,
+    STATES,
+    Listener,
+    PollStatus,
+    PortTable,
+    QueueStats,
+    Snapshot,
+    SourceHealth,
+)
 
 ALL_METRICS = [*TcpSockets.metrics, WINDOW, *(peak_metric(m) for m in TcpSockets.metrics if m.peak),
                *KernelCounters.metrics, *UdpSockets.metrics, *UdpCounters.metrics]
@@ -592,7 +608,7 @@ def test_concurrent_scrapes_during_status_swaps():
             try:
                 barrier.wait()
                 results[i] = request(srv.port)
-            except Exception as exc:  # reported below
+            except Exception as exc:  # noqa: BLE001 - reported below
                 results[i] = exc
 
         swap_thread = threading.Thread(target=swapper, daemon=True)
@@ -623,10 +639,11 @@ def test_concurrent_scrapes_during_status_swaps():
 
 # -- PollExposition: the per-poll part rendered once per poll --------------------------------
 
-from sockscope.prometheus import PollExposition  # noqa: E402
 from prometheus_client.openmetrics.parser import (  # noqa: E402
     text_string_to_metric_families as om_families,
 )
+
+from sockscope.prometheus import PollExposition  # noqa: E402
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 

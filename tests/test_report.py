@@ -11,7 +11,6 @@ import re
 import socket
 
 import pytest
-from test_survey import CLOSE_WAIT, EST, LISTEN, RECORDS, TIME_WAIT, a4, rec, survey_of
 
 from sockscope.kernelstats import KernelStats
 from sockscope.owners import Owner, PortOwners
@@ -27,6 +26,7 @@ from sockscope.report import (
 )
 from sockscope.snapshot import STATES
 from sockscope.survey import Filter
+from test_survey import CLOSE_WAIT, EST, LISTEN, RECORDS, TIME_WAIT, a4, rec, survey_of
 
 WEB = [Owner(100 + i, "nginx", "www-data") for i in range(5)]
 API = Owner(200, "api", "4242424")
@@ -123,7 +123,7 @@ def test_json_types_are_fixed_and_rows_add_up():
         assert sum(r["total"] for r in rows) + other["total"] == report["sockets"]
         for r in [*rows, other]:
             assert list(r["states"]) == list(STATES)  # every key, zeros included
-    assert all(type(l["port"]) is int for l in report["listeners"])
+    assert all(type(ln["port"]) is int for ln in report["listeners"])
     assert all(type(c["port"]) is int for c in report["close_wait_owners"])
 
 
@@ -185,7 +185,7 @@ def test_top_folds_rows_peers_and_close_wait_ports_into_other():
 
 def test_without_owners_and_with_an_incomplete_scan():
     report = build_report(frame(owners=None), View())
-    assert [l["owners"] for l in report["listeners"]] == [None] * 3
+    assert [ln["owners"] for ln in report["listeners"]] == [None] * 3
     assert report["local_ports"][0]["owners"] is None
     assert report["close_wait_owners"] == []
     assert report["owners"] == {"collected": False, "complete": False, "note": None,
@@ -262,7 +262,7 @@ def test_header_and_totals_hide_zero_states(text):
         f"sockscope snapshot  1970-01-01T00:01:40.000Z  sockets {len(RECORDS)}  poll 10.0 ms"
         "  families ipv4,ipv6"
     )
-    header = next(l for l in text.split("\n") if l.startswith("TOTALS"))
+    header = next(ln for ln in text.split("\n") if ln.startswith("TOTALS"))
     assert header.split() == ["TOTALS", "ESTAB", "SYN-SENT", "SYN-RECV", "TIME-WAIT",
                               "CLOSE-WAIT", "LISTEN"]
     assert [row.split() for row in section(text, "TOTALS")] == [
@@ -304,7 +304,7 @@ def test_listeners_table_marks_full_queues():
     records = [rec(LISTEN, 80, 0, 110, 128, src=a4("0.0.0.0"), inode=11),
                rec(LISTEN, 9090, 0, 5, 5, inode=12), rec(LISTEN, 9091, 0, 79, 100, inode=13)]
     text = render_text(build_report(frame(records), View()))
-    title = next(l for l in text.split("\n") if l.startswith("LISTENERS"))
+    title = next(ln for ln in text.split("\n") if ln.startswith("LISTENERS"))
     assert "! = accept queue >= 80% full" in title
     table = section(text, "LISTENERS")
     assert table[0].split() == ["ADDRESS:PORT", "QUEUE", "FILL", "MEMBERS", "PROCESS"]

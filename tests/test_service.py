@@ -245,6 +245,7 @@ class _FakeReader:
 
     def poll(self, start, states=None):
         import threading
+
         from sockscope.batch import Batch
         from sockscope.netlink import DumpStats
 

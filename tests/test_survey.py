@@ -10,9 +10,9 @@ import socket
 
 import numpy as np
 import pytest
-from sockscope.batch import Batch
 
 from sockscope.aggregate import Accumulator, Rules
+from sockscope.batch import Batch
 from sockscope.netlink import ALL_STATES, DumpStats, Reader
 from sockscope.snapshot import STATES
 from sockscope.survey import (

@@ -10,8 +10,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from conftest import require, require_root
 from sockscope.config import DEFAULTS
 from sockscope.service import STOP_POLLER_WAIT

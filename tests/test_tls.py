@@ -5,9 +5,8 @@ Prometheus (Debian `prometheus`) scraping it with scheme https, tls_config, basi
 from __future__ import annotations
 
 import socket
-import subprocess
 import ssl
-import threading
+import subprocess
 import time
 import urllib.error
 import urllib.request

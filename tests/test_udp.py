@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import require
 from daemon_helpers import start_daemon
 from sockscope import config, features

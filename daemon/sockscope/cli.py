@@ -17,8 +17,8 @@ from typing import TextIO
 
 from . import __version__, config, report, survey, watch
 from .aggregate import Rules
-from .kernelstats import KernelStatsReader
 from .features import DumpNeed
+from .kernelstats import KernelStatsReader
 from .netlink import NetlinkError, Reader
 from .owners import port_owners
 from .sdnotify import ServiceNotifier
@@ -75,7 +75,7 @@ def _state_list(text: str) -> list[str]:
             survey.state_mask(name)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{name!r} is not a state; one of {', '.join(survey.STATE_FILTERS)}")
+                f"{name!r} is not a state; one of {', '.join(survey.STATE_FILTERS)}") from None
     return text.split(",")
 
 

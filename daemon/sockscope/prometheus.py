@@ -22,7 +22,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import parse_qs
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.core import Metric as PromMetric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_generate_latest

@@ -212,7 +212,7 @@ def _listeners(survey: Survey, owners: PortOwners | None,
     family_rank = {f: i for i, f in enumerate(FAMILIES)}
     out = []
     for lst in sorted(survey.listeners,
-                      key=lambda l: (l.port, family_rank.get(l.family, 9), l.address)):
+                      key=lambda ln: (ln.port, family_rank.get(ln.family, 9), ln.address)):
         entry = {
             "family": lst.family,
             "address": lst.address,
@@ -467,9 +467,10 @@ def _port_rows(title: str, rows: list[dict], other: dict, columns: tuple[str, ..
             continue
         states, q = row["states"], row["queues"]
 
+        # called only within this iteration: the late binding of `row` is the one wanted
         def fig(value, *path, fmt=str, style=None):
-            return _figure(value, _delta(row, "since_last", *path),
-                           _delta(row, "since_start", *path), fmt, style)
+            return _figure(value, _delta(row, "since_last", *path),  # noqa: B023
+                           _delta(row, "since_start", *path), fmt, style)  # noqa: B023
 
         other_states = _Cell()
         for s, n in states.items():

@@ -131,7 +131,7 @@ class Service:
 
     def _exposition(self, cfg: Config):
         from . import graphite
-        from .prometheus import HTTP_METRICS, PollExposition, SamplesCollector, http_samples
+        from .prometheus import HTTP_METRICS, PollExposition, SamplesCollector
 
         # The Graphite and HTTP collectors read self.graphite / self.server at each scrape
         # (nothing while Graphite is off): a reload swaps, adds or removes them underneath

@@ -29,7 +29,14 @@ from .lines import (
     stats_samples,
     tag_value,
 )
-from .pusher import SELF_SERIES, SETTLE_AFTER, SOURCE_SERIES, GraphiteStats, Pusher, default_buffer_lines
+from .pusher import (
+    SELF_SERIES,
+    SETTLE_AFTER,
+    SOURCE_SERIES,
+    GraphiteStats,
+    Pusher,
+    default_buffer_lines,
+)
 from .transport import TCP_CHUNK_BYTES, UDP_DATAGRAM_BYTES, Probe, Transport
 
 __all__ = [
