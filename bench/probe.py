@@ -5,7 +5,8 @@ time.process_time) and wall time of one poll, the socket count it saw, and the
 process's peak RSS so far (VmHWM). Being long-running, it measures what a daemon
 pays per poll (imports, buffers and the netlink socket are set up once).
 
-  floor      the floor: a bare receive loop of the two per-family inet_diag_req_v2 dumps
+  floor      the one-walk floor: a bare receive loop of one TCPDIAG_GETSOCK dump (both
+             families in one walk of the kernel's tables: the request sockscope sends)
              that does nothing with the bytes (it only looks for NLMSG_DONE).
   sockscope  sockscope.poller.poll_once() with the default rules: dump, decode,
              aggregate into a Snapshot. Also returns the Snapshot's state totals.
@@ -30,21 +31,18 @@ class Floor:
         self.buf = bytearray(1 << 20)
         self.seq = 1
 
-    def _dump(self, family: int) -> int:
+    def run(self) -> dict:
         self.seq += 1
-        # nlmsghdr + inet_diag_req_v2 (family, IPPROTO_TCP, no ext, all states, zero sockid)
-        self.sock.send(struct.pack("=IHHII" "BBBxI" "48x", 72, 20, 0x301, self.seq, 0,
-                                   family, socket.IPPROTO_TCP, 0, 0xFFF))
+        # nlmsghdr + legacy inet_diag_req (type TCPDIAG_GETSOCK 18: AF_UNSPEC, no ext, all
+        # states, zero sockid, no dbs), the request sockscope.netlink.build_legacy_request sends
+        self.sock.send(struct.pack("=IHHII" "BBBB" "48x" "II", 76, 18, 0x301, self.seq, 0,
+                                   socket.AF_UNSPEC, 0, 0, 0, 0xFFF, 0))
         buf, recv, total = self.buf, self.sock.recv_into, 0
         while True:
             n = recv(buf)
             total += n
             if _TAIL.unpack_from(buf, n - 20) == (20, NLMSG_DONE) or _HEAD.unpack_from(buf)[1] < 16:
-                return total
-
-    def run(self) -> dict:
-        nbytes = self._dump(socket.AF_INET) + self._dump(socket.AF_INET6)
-        return {"bytes": nbytes}
+                return {"bytes": total}
 
 
 class Sockscope:

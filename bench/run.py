@@ -27,15 +27,23 @@ from .loader import Table
 from .tools import REPO, Collectd, Daemon, NodeExporter, Probe, Ss, ss_counts
 
 RESULTS = REPO / "bench" / "results"
-TOOL_ORDER = ["floor", "sockscope", "sockscope_daemon", "collectd", "node_exporter", "ss"]
+TOOL_ORDER = ["floor", "sockscope", "sockscope_daemon", "collectd", "node_exporter", "ss",
+              "floor_spaced", "sockscope_run"]
 LABELS = {
-    "floor": "floor: bare receive loop, two per-family dumps",
+    "floor": "floor: bare receive loop, one TCPDIAG_GETSOCK walk, back to back",
     "sockscope": "sockscope poll (in-process)",
     "sockscope_daemon": "sockscope daemon (own poll duration, wall)",
     "collectd": "collectd tcpconns, CPU per read",
     "node_exporter": "node_exporter 1.5 tcpstat, CPU per scrape",
     "ss": "`ss -tan > /dev/null` (whole process)",
+    "floor_spaced": "one-walk floor, dumps 1 s apart (before + after the window)",
+    "sockscope_run": "sockscope run, whole process per poll (1 s polls, no scrapes)",
 }
+# The whole-daemon window (issue 11): `sockscope run` against the spaced one-walk floor.
+SPACING = 1.0  # s between floor dumps, the daemon's poll.interval in the window
+FLOOR_DUMPS = 8  # spaced floor dumps before and after each window
+WINDOW_POLLS = 15
+WINDOW_TARGETS = {"floor_spaced": 1.1, "collectd": None, "node_exporter": None}
 TARGETS = {"floor": 1.1, "collectd": 1.3, "node_exporter": 0.5, "ss": 0.55}
 
 
@@ -45,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--1m", dest="one_million", action="store_true",
                    help="add a 1,000,000-socket table (~3.5 GB kernel memory, ~45 workers)")
     p.add_argument("--runs", type=int, default=5, help="interleaved rounds per size (>= 5)")
+    p.add_argument("--window-runs", type=int, default=3,
+                   help="whole-daemon windows per size, each between two spaced floors")
     p.add_argument("--tools", default=",".join(TOOL_ORDER),
                    help="subset of " + ",".join(TOOL_ORDER))
     p.add_argument("--out", default=str(RESULTS), help="result directory")
@@ -102,7 +112,46 @@ def check_counts(probe: Probe, attempts: int = 5) -> dict:
     raise RuntimeError(f"sockscope counts differ from ss: {last}")
 
 
-def measure_size(size: int, runs: int, wanted: list[str]) -> dict:
+def spaced_floor(probe: Probe, dumps: int) -> list[float]:
+    """CPU of `dumps` one-walk dumps started SPACING apart, like the daemon's polls
+    (back-to-back dumps run on hot caches and cost ~30 % less)."""
+    out = []
+    for _ in range(dumps):
+        t0 = time.monotonic()
+        out.append(probe.measure()["cpu"])
+        time.sleep(max(0.0, SPACING - (time.monotonic() - t0)))
+    return out
+
+
+def measure_window(table: Table, probe: Probe, runs: int) -> dict:
+    """The whole daemon per poll vs the spaced one-walk floor measured just before and
+    just after its window (averaged), `runs` times; the table stays the same throughout
+    (TIME-WAIT sockets are renewed before a window that could outlive them)."""
+    daemon = Daemon(interval=SPACING, port=Daemon.PORT + 1)
+    floors, windows = [], []
+    try:
+        phase = (2 * FLOOR_DUMPS + WINDOW_POLLS + 3) * SPACING
+        for _ in range(runs):
+            if table.tw_age() + phase + 5 > 58:
+                print(f"[{table.size}] renewing TIME-WAIT sockets before a window", flush=True)
+                table.refresh_time_wait()
+            before = spaced_floor(probe, FLOOR_DUMPS)
+            win = daemon.window(WINDOW_POLLS)
+            after = spaced_floor(probe, FLOOR_DUMPS)
+            floor = (statistics.mean(before) + statistics.mean(after)) / 2
+            floors.append({"cpu": floor, "before": before, "after": after})
+            windows.append({**win, "floor": floor, "ratio": win["cpu"] / floor})
+            print(f"[{table.size}] window: {win['cpu'] * 1e3:.1f} ms/poll "
+                  f"(user {win['user'] * 1e3:.1f}, sys {win['sys'] * 1e3:.1f}) over "
+                  f"{win['polls']} polls; spaced floor {floor * 1e3:.1f} ms "
+                  f"(before {statistics.mean(before) * 1e3:.1f}, after "
+                  f"{statistics.mean(after) * 1e3:.1f}): {win['cpu'] / floor:.2f}x", flush=True)
+    finally:
+        daemon.close()
+    return {"floor_spaced": floors, "sockscope_run": windows}
+
+
+def measure_size(size: int, runs: int, wanted: list[str], window_runs: int = 3) -> dict:
     table = Table(size)
     tools: dict[str, object] = {}
     try:
@@ -138,6 +187,9 @@ def measure_size(size: int, runs: int, wanted: list[str]) -> dict:
             for name, tool in tools.items():
                 samples[name].append(tool.measure())
             round_seconds = time.monotonic() - t0
+        if "sockscope_run" in wanted:
+            floor_probe = tools.get("floor") or tools.setdefault("floor_probe", Probe("floor"))
+            samples.update(measure_window(table, floor_probe, window_runs))
         counts_after = check_counts(probe)
         sockets = statistics.median(s["sockets"] for s in samples.get("sockscope", [])) \
             if "sockscope" in samples else sum(counts["ss"].values())
@@ -146,7 +198,8 @@ def measure_size(size: int, runs: int, wanted: list[str]) -> dict:
                "tools": {}}
         for name, ss in samples.items():
             med = {k: statistics.median(s[k] for s in ss if k in s)
-                   for k in ("cpu", "wall", "rss") if any(k in s for s in ss)}
+                   for k in ("cpu", "wall", "rss", "user", "sys", "ratio")
+                   if any(k in s for s in ss)}
             if "cpu" in med:
                 med["us_per_socket"] = med["cpu"] / sockets * 1e6
             out["tools"][name] = {"median": med, "runs": ss}
@@ -154,6 +207,13 @@ def measure_size(size: int, runs: int, wanted: list[str]) -> dict:
         if "sockscope" in med:
             out["ratios"] = {f"sockscope/{n}": med["sockscope"]["cpu"] / med[n]["cpu"]
                              for n in TARGETS if n in med and med[n].get("cpu")}
+        if "sockscope_run" in med:
+            # Against the spaced floor: the median of the per-window ratios (each window
+            # against its own floors); against the peers: the ratio of medians.
+            out.setdefault("ratios", {})["sockscope_run/floor_spaced"] = med["sockscope_run"]["ratio"]
+            for n in ("collectd", "node_exporter"):
+                if n in med and med[n].get("cpu"):
+                    out["ratios"][f"sockscope_run/{n}"] = med["sockscope_run"]["cpu"] / med[n]["cpu"]
         return out
     finally:
         for tool in tools.values():
@@ -184,7 +244,10 @@ def markdown(result: dict) -> str:
                 continue
             med = t["median"]
             key = "cpu" if "cpu" in med else "wall"
-            cells.append(f"{med[key] * 1e3:.1f} ms" + ("" if key == "cpu" else " wall"))
+            cell = f"{med[key] * 1e3:.1f} ms" + ("" if key == "cpu" else " wall")
+            if "user" in med:
+                cell += f" (user {med['user'] * 1e3:.1f} + sys {med['sys'] * 1e3:.1f})"
+            cells.append(cell)
         last = sizes[-1]["tools"].get(name)
         if not last:
             continue
@@ -204,6 +267,20 @@ def markdown(result: dict) -> str:
             v = s.get("ratios", {}).get(key)
             cells.append("–" if v is None else f"{v:.2f} {'✓' if v <= target else '✗'}")
         lines.append(f"| {key} | ≤ {target} | " + " | ".join(cells) + " |")
+    if any("sockscope_run" in s["tools"] for s in sizes):
+        lines += ["", "The whole daemon (`sockscope run`, default config, 1 s polls, no scrapes; "
+                  "median of the windows):", "",
+                  "| ratio | target | " + " | ".join(f"{s['sockets']:,}" for s in sizes) + " |",
+                  "|---|---|" + "---|" * len(sizes)]
+        for name, target in WINDOW_TARGETS.items():
+            key = f"sockscope_run/{name}"
+            cells = []
+            for s in sizes:
+                v = s.get("ratios", {}).get(key)
+                mark = "" if v is None or target is None else (" ✓" if v <= target else " ✗")
+                cells.append("–" if v is None else f"{v:.2f}{mark}")
+            lines.append(f"| {key} | {'≤ ' + str(target) if target else '–'} | "
+                         + " | ".join(cells) + " |")
     lines += ["", "sockscope's per-state counts equalled `ss -tan` at every size: "
               + ", ".join(f"{s['sockets']:,}: {s['counts']['equal'] and s['counts_after']['equal']}"
                           for s in sizes)]
@@ -217,7 +294,7 @@ def inner(args) -> int:
     wanted = [t for t in TOOL_ORDER if t in args.tools.split(",")]
     result = {"machine": machine(), "runs": args.runs, "sizes": []}
     for size in sizes:
-        result["sizes"].append(measure_size(size, args.runs, wanted))
+        result["sizes"].append(measure_size(size, args.runs, wanted, args.window_runs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=1)
