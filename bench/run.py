@@ -41,8 +41,7 @@ LABELS = {
 }
 # The whole-daemon window (issue 11): `sockscope run` against the spaced one-walk floor.
 SPACING = 1.0  # s between floor dumps, the daemon's poll.interval in the window
-FLOOR_DUMPS = 8  # spaced floor dumps before and after each window
-WINDOW_POLLS = 15
+WINDOW_POLLS = 15  # default polls per window; FLOOR_DUMPS = half that, before and after
 WINDOW_TARGETS = {"floor_spaced": 1.1, "collectd": None, "node_exporter": None}
 TARGETS = {"floor": 1.1, "collectd": 1.3, "node_exporter": 0.5, "ss": 0.55}
 
@@ -55,6 +54,8 @@ def parse_args(argv):
     p.add_argument("--runs", type=int, default=5, help="interleaved rounds per size (>= 5)")
     p.add_argument("--window-runs", type=int, default=3,
                    help="whole-daemon windows per size, each between two spaced floors")
+    p.add_argument("--window-polls", type=int, default=WINDOW_POLLS,
+                   help="polls per whole-daemon window (half as many floor dumps either side)")
     p.add_argument("--tools", default=",".join(TOOL_ORDER),
                    help="subset of " + ",".join(TOOL_ORDER))
     p.add_argument("--out", default=str(RESULTS), help="result directory")
@@ -123,21 +124,22 @@ def spaced_floor(probe: Probe, dumps: int) -> list[float]:
     return out
 
 
-def measure_window(table: Table, probe: Probe, runs: int) -> dict:
+def measure_window(table: Table, probe: Probe, runs: int, polls: int = WINDOW_POLLS) -> dict:
     """The whole daemon per poll vs the spaced one-walk floor measured just before and
     just after its window (averaged), `runs` times; the table stays the same throughout
     (TIME-WAIT sockets are renewed before a window that could outlive them)."""
     daemon = Daemon(interval=SPACING, port=Daemon.PORT + 1)
     floors, windows = [], []
     try:
-        phase = (2 * FLOOR_DUMPS + WINDOW_POLLS + 3) * SPACING
+        dumps = max(2, (polls + 1) // 2)
+        phase = (2 * dumps + polls + 3) * SPACING
         for _ in range(runs):
             if table.tw_age() + phase + 5 > 58:
                 print(f"[{table.size}] renewing TIME-WAIT sockets before a window", flush=True)
                 table.refresh_time_wait()
-            before = spaced_floor(probe, FLOOR_DUMPS)
-            win = daemon.window(WINDOW_POLLS)
-            after = spaced_floor(probe, FLOOR_DUMPS)
+            before = spaced_floor(probe, dumps)
+            win = daemon.window(polls)
+            after = spaced_floor(probe, dumps)
             floor = (statistics.mean(before) + statistics.mean(after)) / 2
             floors.append({"cpu": floor, "before": before, "after": after})
             windows.append({**win, "floor": floor, "ratio": win["cpu"] / floor})
@@ -151,7 +153,8 @@ def measure_window(table: Table, probe: Probe, runs: int) -> dict:
     return {"floor_spaced": floors, "sockscope_run": windows}
 
 
-def measure_size(size: int, runs: int, wanted: list[str], window_runs: int = 3) -> dict:
+def measure_size(size: int, runs: int, wanted: list[str], window_runs: int = 3,
+                 window_polls: int = WINDOW_POLLS) -> dict:
     table = Table(size)
     tools: dict[str, object] = {}
     try:
@@ -189,7 +192,7 @@ def measure_size(size: int, runs: int, wanted: list[str], window_runs: int = 3) 
             round_seconds = time.monotonic() - t0
         if "sockscope_run" in wanted:
             floor_probe = tools.get("floor") or tools.setdefault("floor_probe", Probe("floor"))
-            samples.update(measure_window(table, floor_probe, window_runs))
+            samples.update(measure_window(table, floor_probe, window_runs, window_polls))
         counts_after = check_counts(probe)
         sockets = statistics.median(s["sockets"] for s in samples.get("sockscope", [])) \
             if "sockscope" in samples else sum(counts["ss"].values())
@@ -294,7 +297,8 @@ def inner(args) -> int:
     wanted = [t for t in TOOL_ORDER if t in args.tools.split(",")]
     result = {"machine": machine(), "runs": args.runs, "sizes": []}
     for size in sizes:
-        result["sizes"].append(measure_size(size, args.runs, wanted, args.window_runs))
+        result["sizes"].append(measure_size(size, args.runs, wanted, args.window_runs,
+                                            args.window_polls))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=1)
