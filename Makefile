@@ -70,6 +70,7 @@ system-deps:
 # rules in pyproject.toml.
 lint: venv-test
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test: system-deps venv-test lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -39,7 +39,7 @@ from .states import SLOT as _STATE_LUT
 from .states import STATES
 from .states import UNKNOWN_SLOT as _UNKNOWN
 
-_FAMILY_NAME = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+_FAMILY_NAME: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 _PORTS = 65536
 _WIDTH = 16  # count slots per row: a row is port << 4 | state slot (UNKNOWN_SLOT 15 ignored)
 _HEAD, _PORT_WORD, _RQUEUE = 4, 5, 18  # words of a socket message (wqueue follows rqueue)

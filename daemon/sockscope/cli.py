@@ -303,8 +303,8 @@ def check_config(args) -> int:
             ok.append(f"{args.web_config_file}: OK (web config)")
     except config.ConfigError as e:
         errors.append(e)
-    for e in errors:
-        print(e, file=sys.stderr)
+    for error in errors:
+        print(error, file=sys.stderr)
     if errors:
         return EXIT_CONFIG
     print("\n".join(ok))
@@ -426,15 +426,15 @@ def run(
             wake.wait(1.0)
             wake.clear()
             while signals:
-                signum = signals.pop(0)
-                if signum == signal.SIGHUP:
+                got = signals.pop(0)
+                if got == signal.SIGHUP:
                     _reload(service, reload_config, systemd)
-                elif signum == signal.SIGUSR1:
+                elif got == signal.SIGUSR1:
                     log.info("%s", _status_line(service))
-                elif signum == signal.SIGUSR2:
+                elif got == signal.SIGUSR2:
                     log.debug("received SIGUSR2: ignored (SIGUSR1 logs a status line)")
                 else:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    log.info("received %s, shutting down", signal.Signals(got).name)
                     raise _Stop
             if service.poller.ended_unexpectedly:
                 log.critical("the poller thread ended unexpectedly; exiting with status %d so that "

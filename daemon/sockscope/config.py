@@ -25,7 +25,7 @@ import re
 import stat
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import yaml
 
@@ -903,9 +903,9 @@ class _Loader(yaml.composer.Composer, _EventSource, yaml.constructor.SafeConstru
             self._refuse(f"the document expands to more than {MAX_NODES:,} nodes (each use of an alias "
                          "counts the nodes of its anchor again)", event)
 
-    def _refuse(self, message: str, event: Any) -> None:
+    def _refuse(self, message: str, event: Any) -> NoReturn:
         error = _Refused(None, None, message, event.start_mark)
-        error.key_path = "".join(self._stack).lstrip(".") or "top level"
+        error.key_path = "".join(self._stack).lstrip(".") or "top level"  # type: ignore[attr-defined]  # read back by getattr
         raise error
 
     def _node_path(self, node: Any) -> str:
@@ -928,7 +928,7 @@ class _Loader(yaml.composer.Composer, _EventSource, yaml.constructor.SafeConstru
             return data
         except yaml.MarkedYAMLError as exc:
             if getattr(exc, "key_path", None) is None:
-                exc.key_path = self._node_path(node)
+                exc.key_path = self._node_path(node)  # type: ignore[attr-defined]  # read back by getattr
             raise
         except Exception as exc:  # noqa: BLE001 - any constructor failure is a problem of the file
             raise self._problem(node, exc) from None
@@ -939,7 +939,7 @@ class _Loader(yaml.composer.Composer, _EventSource, yaml.constructor.SafeConstru
         reason = f": {_clip(str(exc))}" if isinstance(exc, ValueError) and str(exc) else ""
         error = yaml.constructor.ConstructorError(
             None, None, f"cannot read {_show(node.value)} as {_short_tag(node.tag)}{reason}", node.start_mark)
-        error.key_path = self._node_path(node)
+        error.key_path = self._node_path(node)  # type: ignore[attr-defined]  # read back by getattr
         return error
 
     def _tied(self, generator: Any, node: Any) -> Any:
@@ -949,7 +949,7 @@ class _Loader(yaml.composer.Composer, _EventSource, yaml.constructor.SafeConstru
             yield from generator
         except yaml.MarkedYAMLError as exc:
             if getattr(exc, "key_path", None) is None:
-                exc.key_path = self._node_path(node)
+                exc.key_path = self._node_path(node)  # type: ignore[attr-defined]  # read back by getattr
             raise
         except Exception as exc:  # noqa: BLE001 - as in construct_object
             raise self._problem(node, exc) from None
@@ -968,13 +968,13 @@ class _Loader(yaml.composer.Composer, _EventSource, yaml.constructor.SafeConstru
                         None, None, f"key {_show(key)} appears twice in one mapping", key_node.start_mark
                     )
                     path = self._node_path(node)
-                    error.key_path = _key_text(key) if path == "top level" else f"{path}.{_key_text(key)}"
+                    error.key_path = _key_text(key) if path == "top level" else f"{path}.{_key_text(key)}"  # type: ignore[attr-defined]  # read back by getattr
                     raise error
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
         except yaml.MarkedYAMLError as exc:
             if getattr(exc, "key_path", None) is None:
-                exc.key_path = self._node_path(node)
+                exc.key_path = self._node_path(node)  # type: ignore[attr-defined]  # read back by getattr
             raise
 
     def construct_bounded_number(self, node: Any) -> Any:
@@ -985,8 +985,8 @@ class _Loader(yaml.composer.Composer, _EventSource, yaml.constructor.SafeConstru
         return self.construct_yaml_float(node)
 
 
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_bounded_number)
-_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_bounded_number)
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_bounded_number)  # type: ignore[type-var]  # stubs bound _L to the stock loaders
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_bounded_number)  # type: ignore[type-var]
 
 
 def _path_part(parent: Any, index: Any) -> str:

@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from .config import format_endpoint
@@ -251,7 +252,7 @@ class _Conn:
                  "closed")
 
     def __init__(self, sock: socket.socket, client: str, tls: ssl.SSLContext | None) -> None:
-        self.sock: socket.socket = sock
+        self.sock: Any = sock  # a socket.socket; an ssl.SSLSocket once TLS wraps it
         self.client = client
         self.tls = tls
         self.state = _PEEK if tls is not None else _READ
@@ -295,7 +296,7 @@ class HTTPServer:
         self._monotonic = monotonic
         self._listener: socket.socket | None = None
         self._bound: tuple[str, int] | None = None
-        self._sel: selectors.BaseSelector | None = None
+        self._sel: selectors.BaseSelector | None = None  # both set by start() before the I/O thread runs: its uses carry type: ignore[union-attr]
         self._wake_fd = -1
         self._done: collections.deque[tuple[_Conn, Response]] = collections.deque()
         self._auth_done: collections.deque[tuple[_Conn, Request, bool]] = collections.deque()
@@ -329,7 +330,7 @@ class HTTPServer:
             return format_endpoint(*self._bound)
         return format_endpoint(self.host or "*", self._port)
 
-    def _resolve(self) -> tuple[int, str, bool]:
+    def _resolve(self) -> tuple[int, Any, bool]:
         host = self.host.strip("[]")
         if host == "":
             if _dual_stack_available():
@@ -462,7 +463,7 @@ class HTTPServer:
             while not self._stopping.is_set():
                 self._yield_to()
                 try:
-                    events = sel.select(_TICK)
+                    events = sel.select(_TICK)  # type: ignore[union-attr]
                 except InterruptedError:
                     continue
                 for key, mask in events:
@@ -490,7 +491,7 @@ class HTTPServer:
         finally:
             for conn in list(self._conns.values()):
                 self._close(conn)
-            sel.close()
+            sel.close()  # type: ignore[union-attr]
             if self._listener is not None:
                 self._listener.close()
             os.close(self._wake_fd)
@@ -513,7 +514,7 @@ class HTTPServer:
         now = self._monotonic()
         for _ in range(_ACCEPT_BATCH):
             try:
-                sock, addr = self._listener.accept()
+                sock, addr = self._listener.accept()  # type: ignore[union-attr]
             except BlockingIOError:
                 return
             except OSError as e:
@@ -523,7 +524,7 @@ class HTTPServer:
                         # Nothing to evict: stop watching the listener for a moment (epoll
                         # is level-triggered: it would report it ready at once, forever).
                         self._accept_paused_until = now + 0.1
-                        self._sel.unregister(self._listener)
+                        self._sel.unregister(self._listener)  # type: ignore[union-attr, arg-type]
                         self._throttle(logging.WARNING, "emfile", "cannot accept HTTP connections: %s", e)
                         return
                     continue
@@ -557,11 +558,11 @@ class HTTPServer:
         if events == conn.registered:
             return
         if events == 0:
-            self._sel.unregister(conn.sock)
+            self._sel.unregister(conn.sock)  # type: ignore[union-attr]
         elif conn.registered == 0:
-            self._sel.register(conn.sock, events, conn)
+            self._sel.register(conn.sock, events, conn)  # type: ignore[union-attr]
         else:
-            self._sel.modify(conn.sock, events, conn)
+            self._sel.modify(conn.sock, events, conn)  # type: ignore[union-attr]
         conn.registered = events
 
     def _close(self, conn: _Conn) -> None:
@@ -570,7 +571,7 @@ class HTTPServer:
         conn.closed = True
         if conn.registered:
             try:
-                self._sel.unregister(conn.sock)
+                self._sel.unregister(conn.sock)  # type: ignore[union-attr]
             except (KeyError, ValueError, OSError):
                 pass
             conn.registered = 0
@@ -586,7 +587,7 @@ class HTTPServer:
     def _sweep(self, now: float) -> None:
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
-            self._sel.register(self._listener, selectors.EVENT_READ, self)
+            self._sel.register(self._listener, selectors.EVENT_READ, self)  # type: ignore[union-attr, arg-type]
         for conn in [c for c in self._conns.values() if c.state != _BUSY and c.deadline <= now]:
             if conn.state == _LINGER:
                 self._close(conn)
@@ -639,7 +640,7 @@ class HTTPServer:
             return
         self._watch(conn, 0)
         fd = conn.sock.fileno()
-        conn.sock = conn.tls.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+        conn.sock = conn.tls.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)  # type: ignore[union-attr]  # _PEEK: tls is set
         self._conns[fd] = conn
         conn.state = _HANDSHAKE
         self._handshake(conn)

@@ -25,6 +25,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .health import Problems
 from .namespace import NamespaceWatch, run_in
@@ -217,7 +218,7 @@ def build(
     problems: dict[str, str] = {}
     ok: dict[str, bool] = {}
     counters: dict[str, int] = {}
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}  # source -> its parsed value (a SockStat, int or tuple)
     parsed_snmp: dict[str, dict[tuple[str, str], int]] = {}
     for source in SOURCES:
         text = texts.get(source)

@@ -12,7 +12,7 @@ import os
 import pwd
 import time
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,7 +203,7 @@ def find_owners(
             if len(mine):
                 holders[int(entry)] = mine
 
-    held: dict[Owner, frozenset[int]] = {}
+    held: dict[Owner, np.ndarray] = {}
     users: dict[int, str] = {}
     for pid in sorted(holders):
         owner = _read_owner(f"{proc_root}/{pid}", pid, users)
@@ -228,7 +228,7 @@ def find_owners(
 
 def port_owners(
     index,
-    listener_inodes: dict[tuple[str, int], Iterable[int]],
+    listener_inodes: Mapping[tuple[str, int], Iterable[int]],
     local_ports: Iterable[int],
     remote_ports: Iterable[int],
     proc_root: str = "/proc",

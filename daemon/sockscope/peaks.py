@@ -69,8 +69,8 @@ class PeakTracker:
         for key in values:
             best = current[key]
             for bucket in older:
-                v = bucket.get(key)
-                if v is not None and v > best:
-                    best = v
+                seen = bucket.get(key)
+                if seen is not None and seen > best:
+                    best = seen
             peaks[key] = best
         return peaks

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from .aggregate import Rules
@@ -178,12 +179,12 @@ def samples_of(features: Sequence[Feature], results: Mapping[str, Any], ctx: Pol
     for feature in features:
         result = results.get(feature.name)
         if result is not None:
-            guarded(feature, lambda f=feature, r=result: sampled(f, r))
+            guarded(feature, partial(sampled, feature, result))
     merged = Samples()
     for part in per.values():
         merged.merge(part)
     for feature in features:
-        guarded(feature, lambda f=feature: f.after(merged, ctx, fresh))
+        guarded(feature, partial(feature.after, merged, ctx, fresh))
     ordered = Samples()
     for feature in features:
         if feature.name in per:
@@ -229,7 +230,7 @@ class Poller:
         self._status = PollStatus()
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by stop() and reconfigure()
-        self._pending: dict[str, object] = {}  # attribute -> new value, see reconfigure()
+        self._pending: dict[str, Any] = {}  # attribute -> new value, see reconfigure()
         self._pending_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         # Each distinct failure logged once, recovery once: the poll's, each source's.
@@ -398,7 +399,7 @@ class Poller:
                 next_slot = self._monotonic()
 
     @staticmethod
-    def _close(resource: object) -> None:
+    def _close(resource: Any) -> None:
         try:
             if resource is not None:
                 resource.close()

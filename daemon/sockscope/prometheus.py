@@ -20,6 +20,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from urllib.parse import parse_qs
 
 from prometheus_client import (
@@ -186,7 +187,8 @@ def http_samples(stats: ServerStats | None) -> Samples | None:
 
 _OM_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 _TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_FORMATS = {  # name -> (content type, encoder): a fixed set, so caches keyed by it are bounded
+# name -> (content type, encoder): a fixed set, so caches keyed by it are bounded
+_FORMATS: dict[str, tuple[str, Callable[[Any], bytes]]] = {
     "text": (_TEXT_CONTENT_TYPE, generate_latest),
     "openmetrics": (_OM_CONTENT_TYPE, openmetrics_generate_latest),
 }

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from .kernelstats import KernelStats
 from .owners import Owner, PortOwners
 from .snapshot import FAMILIES, STATES
 from .states import COUNTED
@@ -81,7 +82,7 @@ class Frame:
 
     survey: Survey
     owners: PortOwners | None = None
-    kernel: object | None = None  # kernelstats.KernelStats
+    kernel: KernelStats | None = None
 
 
 # --- choosing rows ---------------------------------------------------------------------
@@ -280,7 +281,8 @@ def build_report(frame: Frame, view: View = View(), *, last: Frame | None = None
                                       {k: f.survey.close_wait_peers for k, f in before.items()})
     tw_peers, tw_peers_other = _peers(survey.time_wait_peers, view.top,
                                       {k: f.survey.time_wait_peers for k, f in before.items()})
-    cw_owners, cw_owners_other = ([], {"ports": 0, "sockets": 0})
+    cw_owners: list[dict] = []
+    cw_owners_other = {"ports": 0, "sockets": 0}
     if owners is not None:
         cw_owners, cw_owners_other = _close_wait_owners(survey, owners, view.top)
     kernel = None

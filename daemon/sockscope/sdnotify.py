@@ -65,19 +65,20 @@ class Notifier:
 
     def notify(self, *lines: str) -> bool:
         """Send `lines` (each "KEY=VALUE") as one datagram. True if it was sent."""
-        if self.address is None:
+        address = self.address
+        if address is None:
             return False
         # A newline inside a value would start a new assignment: keep each value one line.
         payload = "\n".join(line.replace("\n", " ") for line in lines).encode()
         with self._lock:
-            return self._send(payload)
+            return self._send(payload, address)
 
-    def _send(self, payload: bytes) -> bool:
+    def _send(self, payload: bytes, address: str | bytes) -> bool:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 self._sock.settimeout(1.0)
-            self._sock.sendto(payload, self.address)
+            self._sock.sendto(payload, address)
         except OSError as e:
             self._problems.failed(f"cannot notify systemd at {self._shown()}: {e.strerror or e}")
             self.close()
@@ -148,7 +149,7 @@ def status_text(status: PollStatus) -> str:
         return f"poll failed ({status.errors} of {status.polls} failed): {status.last_error}{kept}"
     if snap is None:
         return "starting"
-    states = {}
+    states: dict[str, int] = {}
     for (_family, state), n in snap.states.items():
         states[state] = states.get(state, 0) + n
     busiest = ", ".join(f"{n} {s}" for s, n in sorted(states.items(), key=lambda kv: -kv[1])[:3] if n)

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from . import __version__, features
 from .config import Config, changed_keys
@@ -23,6 +24,10 @@ from .features import DumpNeed, Feature
 from .netlink import Reader
 from .poller import ConsumerError, DumpGate, Poller, merge_needs
 from .snapshot import PollStatus
+
+if TYPE_CHECKING:  # imported when enabled (service.start, reload)
+    from .graphite import Pusher
+    from .httpserver import HTTPServer
 
 log = logging.getLogger("sockscope")
 
@@ -50,7 +55,8 @@ def max_series(enabled: list[Feature]) -> int:
     """The most series the enabled features can export (peaks count their twins)."""
     total = 0
     for f in enabled:
-        total += f.max_series(enabled) if f.name == "peaks" else f.max_series()
+        # peaks' bound depends on the others' (WindowPeaks.max_series(others))
+        total += f.max_series(enabled) if f.name == "peaks" else f.max_series()  # type: ignore[call-arg]
     return total
 
 
@@ -72,16 +78,16 @@ class Service:
         self.features = features.build(cfg)
         # Replaced (never mutated) under _dispatch_lock; _dispatch holds the lock while it
         # calls them, so a swap waits for the poll being dispatched (callbacks are quick).
-        self._subscribers: list[Callable[[PollStatus], None]] = []
+        self._subscribers: list[Callable[[PollStatus], object]] = []
         self._dispatch_lock = threading.Lock()
         self._needs = merge_needs(self.features)
         self.poller = Poller(
             self.features, self._readers(cfg, self._needs), cfg.poll.interval,
             on_poll=self._dispatch, gate=DumpGate(),
         )
-        self.server = None
-        self.graphite = None  # graphite.Pusher when graphite.enabled
-        self._graphite_carry = None  # a Pusher a reload disabled: its counters carry on
+        self.server: HTTPServer | None = None
+        self.graphite: Pusher | None = None  # when graphite.enabled
+        self._graphite_carry: Pusher | None = None  # a Pusher a reload disabled: its counters carry on
         self._graphite_retired: list[tuple[threading.Thread, float]] = []  # their flushes, deadlines
         if cfg.graphite.enabled:
             from .graphite import Pusher
@@ -95,7 +101,7 @@ class Service:
         keep = keep or {}
         return {p: keep[p] if p in keep else self._reader_factory(cfg, need) for p, need in needs.items()}
 
-    def on_poll(self, callback: Callable[[PollStatus], None]) -> None:
+    def on_poll(self, callback: Callable[[PollStatus], object]) -> None:
         with self._dispatch_lock:
             self._subscribers = [*self._subscribers, callback]
 
@@ -119,7 +125,7 @@ class Service:
         if cfg.prometheus.enabled:
             self.server = self._metrics_server(cfg)
             self.server.start()
-            self._log_serving(cfg)
+            self._log_serving(cfg, self.server)
         where = f" in network namespace {cfg.poll.netns}" if cfg.poll.netns else ""
         log.info(
             "sockscope %s polling %s sockets%s every %gs (pid %d)",
@@ -165,15 +171,15 @@ class Service:
         return metrics_server(self._exposition(cfg), p.host, p.port, web=self.web, limits=limits,
                               yield_to=self.poller.gate.wait)
 
-    def _log_serving(self, cfg: Config) -> None:
+    def _log_serving(self, cfg: Config, server: HTTPServer) -> None:
         web = self.web
         scheme = "http" if web is None else web.scheme
         auth = ", basic auth" if web is not None and web.users else ""
         host = cfg.prometheus.host
         where = "all addresses" if host == "" else "this address"
         url_host = "localhost" if host in ("", "0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
-        log.info("serving %s://%s:%d/metrics (listening on %s, %s%s)", scheme, url_host, self.server.port,
-                 self.server.address, where, auth)
+        log.info("serving %s://%s:%d/metrics (listening on %s, %s%s)", scheme, url_host, server.port,
+                 server.address, where, auth)
 
     def reload(self, cfg: Config, web=None) -> None:
         """Apply a new Config (and web config) to the running service, all or nothing.
@@ -264,7 +270,7 @@ class Service:
             return
         same_server = replace(old.prometheus, listen_address="") == replace(cfg.prometheus, listen_address="")
         if server is not None and same_server:
-            server.app.source = self._exposition(cfg)  # poll.stale_after, the features may have changed
+            server.app.source = self._exposition(cfg)  # type: ignore[attr-defined]  # a MetricsApp; poll.stale_after, the features may have changed
             server.web = self.web
             return
         new = self._metrics_server(cfg)
@@ -284,7 +290,7 @@ class Service:
             if server is not None:
                 server.stop()
         self.server = new
-        self._log_serving(cfg)
+        self._log_serving(cfg, new)
 
     def stop(self) -> None:
         # Bounded: a poller wedged in the kernel must not hold up the exit beyond

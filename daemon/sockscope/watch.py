@@ -54,7 +54,8 @@ def terminal_size(stream: TextIO) -> tuple[int, int]:
             return size.columns, size.lines
     except (AttributeError, OSError, ValueError):
         pass
-    return tuple(shutil.get_terminal_size())
+    columns, lines = shutil.get_terminal_size()
+    return columns, lines
 
 
 def cut(line: str, width: int) -> str:

@@ -147,7 +147,7 @@ class WebConfig:
         quick = self.auth_quick(header)
         if quick is not None:
             return quick
-        key, hashed, password = self._key(header)
+        key, hashed, password = self._key(header)  # type: ignore[misc]  # auth_quick parsed it
         try:
             ok = self.checkpw(password, hashed or self._dummy) and hashed is not None
         except (ValueError, TypeError):
@@ -280,7 +280,7 @@ def _tls_context(raw: Any, base_dir: str, problems: list[str]) -> ssl.SSLContext
         problems.append(f"{p}client_ca_file: given, but client_auth_type is NoClientCert "
                         "(set RequireAndVerifyClientCert or VerifyClientCertIfGiven)")
 
-    versions = {}
+    versions: dict[str, Any] = {}  # TLSVersion, None for a problem (reported)
     for key, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
         name = _string(raw, key, p, problems) or default
         if name not in _TLS_VERSIONS:
@@ -309,7 +309,7 @@ def _tls_context(raw: Any, base_dir: str, problems: list[str]) -> ssl.SSLContext
         return b""
 
     try:
-        ctx.load_cert_chain(files["cert_file"], files["key_file"], password=no_passphrase)
+        ctx.load_cert_chain(files["cert_file"], files["key_file"], password=no_passphrase)  # type: ignore[arg-type]  # None is a problem: returned above
     except (OSError, ssl.SSLError, ValueError) as e:
         if asked:
             problems.append(f"{p}key_file: {show_value(files['key_file'], _PATH_SHOWN)} is encrypted; "
@@ -327,7 +327,7 @@ def _tls_context(raw: Any, base_dir: str, problems: list[str]) -> ssl.SSLContext
             problems.append(f"{p}client_ca_file: cannot load {show_value(files['client_ca_file'], _PATH_SHOWN)}: "
                             f"{getattr(e, 'strerror', None) or e}")
             return None
-    ctx.verify_mode = verify
+    ctx.verify_mode = verify  # type: ignore[assignment]  # None is a problem: returned above
     return ctx
 
 

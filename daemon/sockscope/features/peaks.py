@@ -7,6 +7,8 @@ primary poll (a failed TCP dump keeps the last good snapshot, and its peaks with
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 from ..catalogue import GraphitePath, Metric, Samples, peak_metric
 from ..peaks import PeakTracker
 from .base import Feature, PollContext
@@ -37,7 +39,7 @@ class WindowPeaks(Feature):
     def after(self, samples: Samples, ctx: PollContext, fresh: bool) -> Samples | None:
         if not fresh:
             return self._last  # no peaks before the first good poll; then the last good ones
-        values = {}
+        values: dict[Hashable, float] = {}
         for metric in self.tracked:
             for labels, value in samples.get(metric.name):
                 values[(metric.name, labels)] = value
@@ -53,5 +55,5 @@ class WindowPeaks(Feature):
         self._last = out
         return self._last
 
-    def max_series(self, others: list[Feature] = ()) -> int:  # type: ignore[override]
+    def max_series(self, others: Sequence[Feature] = ()) -> int:
         return 1 + sum(f.max_peak_series() for f in others)
