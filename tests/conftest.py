@@ -1,13 +1,14 @@
 """Shared fixtures: network namespaces, a real socket mix inside them, ss figures.
 
-Helpers (import them in test modules: `from conftest import require` works because this
-directory is on sys.path, or use the `root` fixture / `require_root()`):
+Helpers live in the support package (tests/support/): `from support.prereq import
+require, require_root`:
 
     require(condition, reason)   skip with reason locally; FAIL under CI=true
     require_root()               root + `ip` + `ss` (every namespace test needs them)
 
 Fixtures:
 
+    root             session-scoped: require_root()
     netns            module-scoped NetNS (.name, .path, .run(cmd), .popen(cmd)); deleted
                      at teardown, also on failure
     netns_factory    function-scoped: make_ns(sysctls=None) -> a fresh NetNS, all deleted
@@ -22,52 +23,14 @@ Fixtures:
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-from pathlib import Path
-
 import pytest
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-import sockmix as sockmix_mod  # noqa: E402
-import ss_parse  # noqa: E402
-from netns import NetNS, NetNSError  # noqa: E402
+from support import sockmix as sockmix_mod
+from support import ss_parse
+from support.netns import NetNS, NetNSError
+from support.prereq import require, require_root
 
 SOCKMIX_READY_TIMEOUT = 30.0
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() == "true"
-
-
-def require(condition: bool, reason: str) -> None:
-    """A missing prerequisite: pytest.fail under CI=true, pytest.skip (with the reason
-    printed) otherwise. Usable in tests and fixtures."""
-    if condition:
-        return
-    if in_ci():
-        pytest.fail(f"prerequisite missing under CI=true: {reason}", pytrace=False)
-    print(f"SKIP: {reason}", file=sys.stderr)
-    pytest.skip(reason)
-
-
-def root_reason() -> str | None:
-    """Why namespace tests cannot run here, or None if they can."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, ip netns exec)"
-    for tool, pkg in (("ip", "iproute2"), ("ss", "iproute2")):
-        if shutil.which(tool) is None:
-            return f"needs `{tool}` ({pkg}) on PATH"
-    return None
-
-
-def require_root() -> None:
-    reason = root_reason()
-    require(reason is None, reason or "")
 
 
 def _new_netns(sysctls: dict[str, str] | None = None) -> NetNS:

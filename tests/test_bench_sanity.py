@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require
+from support.prereq import require
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-import ss_parse
-from conftest import require, require_root
-from daemon_helpers import Daemon, free_port, samples, scrape
 from sockscope import cli, watch
 from sockscope.report import Frame, View, build_report, render_text
 from sockscope.snapshot import STATES
+from support import ss_parse
+from support.daemon import Daemon, free_port, samples, scrape
+from support.prereq import require, require_root
 
 PY = sys.executable
 SGR = re.compile(r"\x1b\[[0-9;]*m")
@@ -689,7 +689,7 @@ def test_watch_fits_a_small_terminal(mix, tmux):
 
 
 def test_watch_memory_does_not_grow_with_frames():
-    from test_survey import EST, rec, survey_of
+    from support.records import EST, rec, survey_of
 
     def take(i=[0]):  # noqa: B006 - a frame counter
         i[0] += 1

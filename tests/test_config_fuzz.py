@@ -33,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon_helpers import free_port
 from sockscope import config
+from support.daemon import free_port
 
 SEED = 9
 MAX_SECONDS = 2.0

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from carbon import Carbon, prerequisites_missing
-from conftest import require
-from daemon_helpers import start_daemon
-from prom_server import RealPrometheus
+from support.carbon import Carbon, prerequisites_missing
+from support.daemon import start_daemon
+from support.prereq import require
+from support.prom_server import RealPrometheus
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "dashboards" / "grafana"

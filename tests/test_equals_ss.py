@@ -1,6 +1,6 @@
 """sockscope's figures equal `ss` run in the same namespace (real kernel, real sockets).
 
-A few thousand sockets in every state (tests/sockmix.py DEFAULT_SPEC + bulk pairs) are
+A few thousand sockets in every state (tests/support/sockmix.py DEFAULT_SPEC + bulk pairs) are
 held in a fresh namespace. sockscope reads that namespace from outside (poll.netns), so
 its own scrapes never appear in the table it compares with `ss`.
 """
@@ -15,15 +15,15 @@ import time
 
 import pytest
 
-import sockmix as sockmix_mod
-import ss_parse
-from daemon_helpers import DaemonError, samples, scrape, start_daemon
 from sockscope.aggregate import Rules
 from sockscope.batch import Record, format_address
 from sockscope.netlink import Reader
 from sockscope.poller import poll_once
 from sockscope.snapshot import OTHER, STATES
 from sockscope.states import TcpState
+from support import sockmix as sockmix_mod
+from support import ss_parse
+from support.daemon import DaemonError, samples, scrape, start_daemon
 
 BULK_PAIRS = 1500
 SS_STATE = {s.value: s.label for s in TcpState}

@@ -1,4 +1,4 @@
-"""The Graphite push against a real carbon-cache (tests/carbon.py), whisper files read back.
+"""The Graphite push against a real carbon-cache (tests/support/carbon.py), whisper files read back.
 
 - sockscope (as a daemon, reading a namespace with every TCP state) pushes to carbon under
   both namings, with tags, and over UDP; the stored values equal `ss` at that time;
@@ -32,12 +32,12 @@ from collections import Counter
 
 import pytest
 
-import ss_parse
-from carbon import Carbon, prerequisites_missing
-from conftest import require, require_root
-from daemon_helpers import Daemon, start_daemon
 from sockscope.graphite import COLLECTD_STATES, collectd_hostname, sanitize
 from sockscope.snapshot import OTHER, STATES
+from support import ss_parse
+from support.carbon import Carbon, prerequisites_missing
+from support.daemon import Daemon, start_daemon
+from support.prereq import require, require_root
 
 POLL = "1s"
 QUEUED = re.compile(r"graphite: queued (\d+) lines stamped (\d+)")
@@ -727,7 +727,7 @@ def test_collectd_and_sockscope_write_the_same_host(daemons, tmp_path, hosts, ex
     require_root()
     require(os.path.exists(COLLECTD), f"needs {COLLECTD} (Debian package collectd-core; `make system-deps`)")
     require(shutil.which("unshare") is not None and shutil.which("nsenter") is not None, "needs util-linux")
-    from test_graphite import Sink
+    from support.sink import Sink
 
     sink = Sink()
     ns = HostNamespace(tmp_path, "web1", hosts)

@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-import sockmix as sockmix_mod
-from conftest import in_ci, require
-from ss_parse import Queues, SsParseError, figures, parse, parse_line
+from support import sockmix as sockmix_mod
+from support.prereq import in_ci, require
+from support.ss_parse import Queues, SsParseError, figures, parse, parse_line
 
 # Captured once on Debian 12 (iproute2 6.1.0, kernel 6.x) with
 #     ip netns exec NS ss -tanOH
-# while `ip netns exec NS python tests/sockmix.py` ran its DEFAULT_SPEC (the `sockmix`
+# while `ip netns exec NS python tests/support/sockmix.py` ran its DEFAULT_SPEC (the `sockmix`
 # fixture's mix) in a namespace made by netns.NetNS.create(). Trailing blanks stripped.
 # The mix: listeners 127.0.0.1:18080, [::1]:18082, 0.0.0.0:18443 (3 SO_REUSEPORT
 # members), dual-stack ::/18444 (printed `*`), v6only ::/18445; established 3 v4 pairs on
@@ -413,7 +413,7 @@ def test_ipv6_present(sockmix, ss_figures):
 
 @pytest.mark.root
 def test_listen_only_output_parses_the_same(sockmix):
-    from ss_parse import run_ss
+    from support.ss_parse import run_ss
 
     listen_only = figures(run_ss(sockmix.ns, "-ltnOH"))
     assert listen_only.listeners == figures(run_ss(sockmix.ns)).listeners

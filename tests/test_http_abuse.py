@@ -22,10 +22,10 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from conftest import require, require_root
-from daemon_helpers import scrape, start_daemon
-from prom_server import RealPrometheus
-from service_helpers import client_context, have_openssl, make_certs
+from support.daemon import scrape, start_daemon
+from support.prereq import require, require_root
+from support.prom_server import RealPrometheus
+from support.service import client_context, have_openssl, make_certs
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "sockscope.service"

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require
-from daemon_helpers import samples, scrape, start_daemon
 from sockscope.aggregate import Rules
 from sockscope.features.kernel import KernelCounters
 from sockscope.features.tcp import TcpSockets
@@ -31,7 +29,9 @@ from sockscope.kernelstats import (
 )
 from sockscope.netlink import NetlinkError
 from sockscope.poller import Poller
-from test_peaks import OneSocketReader
+from support.daemon import samples, scrape, start_daemon
+from support.prereq import require
+from support.readers import OneSocketReader
 
 
 def poller_of(reader, kernel: KernelStatsReader) -> Poller:
@@ -444,7 +444,7 @@ def test_counters_equal_nstat_in_the_watched_namespace(quiet_ns):
     try:
         first = reader.read()
         assert all(first.ok.values()), first.ok
-        # The namespace's own sysctls (set by tests/netns.py), not the host's.
+        # The namespace's own sysctls (set by tests/support/netns.py), not the host's.
         assert first.max_tw_buckets == int(ns.sysctls["net.ipv4.tcp_max_tw_buckets"])
         low, high = map(int, ns.sysctls["net.ipv4.ip_local_port_range"].split())
         assert first.local_port_range_size == high - low + 1

@@ -12,7 +12,7 @@ import pytest
 from sockscope import netlink
 from sockscope.batch import Batch, Record, format_address
 from sockscope.netlink import NLM_F_DUMP_INTR, NLM_F_MULTI, NetlinkError, Reader, decode_datagram
-from ss_parse import parse as parse_ss
+from support.ss_parse import parse as parse_ss
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 SS_STATE = {

@@ -5,11 +5,11 @@ import socket
 
 import pytest
 
-from netns import NetNS
 from sockscope.aggregate import Rules
 from sockscope.features.tcp import TcpSockets
 from sockscope.netlink import NetlinkError, Reader
 from sockscope.poller import Poller
+from support.netns import NetNS
 
 
 def test_vanishing_namespace_is_a_counted_poll_error_then_recovers(netns_factory):

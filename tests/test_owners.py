@@ -13,7 +13,6 @@ import traceback
 import numpy as np
 import pytest
 
-from conftest import require
 from sockscope.owners import (
     PRIVILEGE_NOTE,
     Owner,
@@ -24,6 +23,7 @@ from sockscope.owners import (
 )
 from sockscope.snapshot import STATES
 from sockscope.survey import SocketIndex
+from support.prereq import require
 
 ALL_CAPS = (1 << 41) - 1
 NOBODY = 65534

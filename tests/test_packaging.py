@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require
+from support.prereq import require
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = "/usr/bin/python3"  # what `make install` builds from by default

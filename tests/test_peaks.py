@@ -9,20 +9,19 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from daemon_helpers import samples, scrape, start_daemon
 from sockscope.aggregate import Rules
-from sockscope.batch import Batch
 from sockscope.catalogue import Samples
 from sockscope.config import ConfigError, from_mapping
 from sockscope.features import PollContext
 from sockscope.features import tcp as tcp_feature
 from sockscope.features.peaks import WindowPeaks
 from sockscope.features.tcp import TcpSockets
-from sockscope.netlink import DumpStats
 from sockscope.peaks import BUCKETS
 from sockscope.poller import Poller
 from sockscope.prometheus import StatusCollector
 from sockscope.snapshot import OTHER, STATES, Listener, PortTable, QueueStats, Snapshot
+from support.daemon import samples, scrape, start_daemon
+from support.readers import OneSocketReader
 
 CW = STATES.index("close_wait")
 TOTAL = "sockscope_tcp_sockets_peak"
@@ -117,24 +116,6 @@ def test_clock_going_back_starts_over_instead_of_keeping_stale_buckets():
     t = Tracker(60.0)
     t.observe(snap(9), 1000.0)
     assert t.observe(snap(1), 10.0)[(TOTAL, ("ipv4", "close_wait"))] == 1
-
-
-class OneSocketReader:
-    """Reports `n[0]` CLOSE-WAIT sockets on local port 8080."""
-
-    def __init__(self):
-        self.n = [0]
-
-    def poll(self, start, states=None):
-        sink = start()
-        lo = socket.inet_aton("127.0.0.1") + bytes(12)
-        sink(Batch.from_records(
-            [(socket.AF_INET, 10, 8080, 0, lo, bytes(16), 0, 128, 0, 1)]
-            + [(socket.AF_INET, 8, 8080, 40000 + i, lo, lo, 1, 0, 0, 2 + i) for i in range(self.n[0])]))
-        return DumpStats(("ipv4",), 1 + self.n[0], 0, 0)
-
-    def close(self):
-        pass
 
 
 def test_poller_publishes_peaks_and_every_scraper_sees_the_same_values():

@@ -20,7 +20,6 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import sockscope
-from conftest import require
 from sockscope.aggregate import Rules
 from sockscope.catalogue import peak_metric
 from sockscope.features import PollContext
@@ -50,6 +49,7 @@ from sockscope.snapshot import (
     Snapshot,
     SourceHealth,
 )
+from support.prereq import require
 
 ALL_METRICS = [*TcpSockets.metrics, WINDOW, *(peak_metric(m) for m in TcpSockets.metrics if m.peak),
                *KernelCounters.metrics, *UdpSockets.metrics, *UdpCounters.metrics]

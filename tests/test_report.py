@@ -26,7 +26,7 @@ from sockscope.report import (
 )
 from sockscope.snapshot import STATES
 from sockscope.survey import Filter
-from test_survey import CLOSE_WAIT, EST, LISTEN, RECORDS, TIME_WAIT, a4, rec, survey_of
+from support.records import CLOSE_WAIT, EST, LISTEN, RECORDS, TIME_WAIT, a4, rec, survey_of
 
 WEB = [Owner(100 + i, "nginx", "www-data") for i in range(5)]
 API = Owner(200, "api", "4242424")

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import require
-from daemon_helpers import start_daemon
-from prom_server import RealPrometheus
+from support.daemon import start_daemon
+from support.prereq import require
+from support.prom_server import RealPrometheus
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_DIR = ROOT / "dashboards" / "prometheus"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require, require_root
-from daemon_helpers import Daemon, free_port, samples, scrape, start_daemon
-from service_helpers import WEDGE_DRIVER, NotifyListener
+from support.daemon import Daemon, free_port, samples, scrape, start_daemon
+from support.prereq import require, require_root
+from support.service import WEDGE_DRIVER, NotifyListener
 
 STOP_BOUND = 8.0  # Service waits at most 5 s for a wedged poll; TimeoutStopSec is 30 s
 

@@ -10,9 +10,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from conftest import require, require_root
 from sockscope.config import DEFAULTS
 from sockscope.service import STOP_POLLER_WAIT
+from support.prereq import require, require_root
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "sockscope.service"

@@ -14,13 +14,13 @@ import urllib.request
 import bcrypt
 import pytest
 
-from conftest import require
-from daemon_helpers import samples, scrape, start_daemon
-from prom_server import RealPrometheus
-from service_helpers import client_context, have_openssl, make_certs
 from sockscope import webconfig
 from sockscope.httpserver import HTTPServer, Limits
 from sockscope.prometheus import make_registry, metrics_server
+from support.daemon import samples, scrape, start_daemon
+from support.prereq import require
+from support.prom_server import RealPrometheus
+from support.service import client_context, have_openssl, make_certs
 
 PASSWORD = "correct horse"
 

@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require
-from daemon_helpers import start_daemon
 from sockscope import config, features
 from sockscope.batch import Batch
 from sockscope.catalogue import Samples
@@ -41,6 +39,8 @@ from sockscope.netlink import NetlinkError
 from sockscope.poller import Poller, merge_needs
 from sockscope.service import Service, make_reader
 from sockscope.snapshot import OTHER, PollStatus
+from support.daemon import start_daemon
+from support.prereq import require
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LO4 = socket.inet_aton("127.0.0.1") + bytes(12)
@@ -322,7 +322,7 @@ def test_graphite_paths_in_each_naming(naming, tags, expected):
 # -- the real kernel: ss -uanm and nstat -az in a test namespace -------------------------------
 
 # Holds UDP sockets inside the namespace until its stdin closes. Ports 186xx are reserved
-# from the ephemeral range there (tests/netns.py).
+# from the ephemeral range there (tests/support/netns.py).
 HOLD_SOCKETS = r"""
 import socket, sys, time
 S, D, I4, I6 = socket.SOCK_DGRAM, None, socket.AF_INET, socket.AF_INET6

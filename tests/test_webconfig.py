@@ -10,10 +10,10 @@ import time
 import bcrypt
 import pytest
 
-from conftest import require
-from service_helpers import have_openssl, make_certs
 from sockscope import webconfig
 from sockscope.config import ConfigError
+from support.prereq import require
+from support.service import have_openssl, make_certs
 
 HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
 

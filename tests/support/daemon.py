@@ -1,4 +1,5 @@
-"""Run the real daemon as a subprocess and scrape it (shared by the end-to-end tests).
+"""Run the real daemon as a subprocess and scrape it: the one launcher of the end-to-end
+tests and of bench/scrape.py (which imports it as tests.support.daemon).
 
     d = start_daemon(work_dir, "poll:\\n  interval: 200ms\\n", netns="NS")
     d.url, d.address, d.port       # http(s)://127.0.0.1:PORT/metrics; d.port may be reassigned
@@ -10,13 +11,16 @@
 start_daemon writes `config_text` plus `prometheus.listen_address: 127.0.0.1:<free port>`
 to work_dir/sockscope-<port>.yaml and runs `[*prefix, python, *program, "run",
 "--config.file", FILE, *extra_args]` (+ `--netns NS`), program defaulting to
-`-m sockscope`. With wait_up (the default) it returns once /metrics shows sockscope_up 1,
-scraping with `scheme`, `context` (TLS) and `auth` (basic auth) as given.
+`-m sockscope`. With wait_up (the default) it returns once `ready(exposition text)` holds
+(default: sockscope_up 1, i.e. a first good poll), scraping with `scheme`, `context` (TLS)
+and `auth` (basic auth) as given. `src` runs another checkout's daemon/ directory (bench
+--baseline): PYTHONPATH=src, started in work_dir so this checkout is not on its path.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import re
 import signal
 import socket
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -62,10 +67,15 @@ class DaemonError(RuntimeError):
     pass
 
 
+def first_poll_up(text: str) -> bool:
+    return "sockscope_up 1.0" in text
+
+
 class Daemon:
     def __init__(self, proc: subprocess.Popen, port: int, log_path: Path, config_path: Path, *,
                  scheme: str = "http", context: ssl.SSLContext | None = None,
-                 auth: tuple[str, str] | None = None):
+                 auth: tuple[str, str] | None = None,
+                 ready: Callable[[str], bool] = first_poll_up):
         self.proc = proc
         self.port = port
         self.log_path = log_path
@@ -73,6 +83,7 @@ class Daemon:
         self.scheme = scheme
         self.context = context
         self.auth = auth
+        self.ready = ready
 
     @property
     def pid(self) -> int:
@@ -104,10 +115,13 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise DaemonError(f"sockscope exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if "sockscope_up 1.0" in self.scrape(timeout=2):
-                    return
+                ready = self.ready(self.scrape(timeout=2))
             except OSError:
-                pass
+                ready = False
+            if ready:
+                if self.proc.poll() is not None:  # never a fixed port, but still: not ours
+                    raise DaemonError(f"port {self.port} is answered by another process:\n{self.log()}")
+                return
             time.sleep(0.1)
         raise DaemonError(f"sockscope did not come up within {timeout}s:\n{self.log()}")
 
@@ -146,9 +160,14 @@ class Daemon:
 def start_daemon(work_dir: Path, config_text: str, *, netns: str | None = None,
                  extra_args: tuple[str, ...] = (), env: dict | None = None,
                  program: tuple[str, ...] = ("-m", "sockscope"), prefix: tuple[str, ...] = (),
+                 src: Path | None = None, cwd: Path | None = None,
                  wait_up: bool = True, up_timeout: float = UP_TIMEOUT, scheme: str = "http",
-                 context: ssl.SSLContext | None = None, auth: tuple[str, str] | None = None) -> Daemon:
+                 context: ssl.SSLContext | None = None, auth: tuple[str, str] | None = None,
+                 ready: Callable[[str], bool] = first_poll_up) -> Daemon:
     work_dir = Path(work_dir)
+    if src is not None:
+        env = {**(os.environ if env is None else env), "PYTHONPATH": str(src)}
+        cwd = work_dir if cwd is None else cwd
     port = free_port()
     config_path = work_dir / f"sockscope-{port}.yaml"
     listen = f"prometheus:\n  listen_address: 127.0.0.1:{port}"
@@ -161,8 +180,9 @@ def start_daemon(work_dir: Path, config_text: str, *, netns: str | None = None,
     if netns is not None:
         argv += ["--netns", netns]
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    daemon = Daemon(proc, port, log_path, config_path, scheme=scheme, context=context, auth=auth)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    daemon = Daemon(proc, port, log_path, config_path, scheme=scheme, context=context, auth=auth,
+                    ready=ready)
     if wait_up:
         try:
             daemon.wait_up(up_timeout)

@@ -19,8 +19,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from conftest import require
-from daemon_helpers import free_port
+from support.daemon import free_port
+from support.prereq import require
 
 
 def prometheus_binary() -> str:

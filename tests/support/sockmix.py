@@ -3,7 +3,7 @@
 
 Run it INSIDE a throw-away network namespace (the test fixtures do this):
 
-    ip netns exec NS python tests/sockmix.py --spec '{"close_wait": {"n": 3}}'
+    ip netns exec NS python tests/support/sockmix.py --spec '{"close_wait": {"n": 3}}'
 
 It builds the mix described by the spec, checks through /proc/net/tcp{,6} (which is
 per-namespace) that every promised socket is in its promised state, prints ONE JSON line
