@@ -51,9 +51,11 @@ import threading
 import time
 from pathlib import Path
 
+from tests.support.daemon import start_daemon
+
 from . import ns as netns
 from .run import machine
-from .tools import REPO, _env, _stop
+from .tools import REPO, _env
 
 RESULTS = REPO / "bench" / "results"
 PORT = 0  # set by Daemon to a free port of the host loopback
@@ -110,41 +112,22 @@ def pct(values: list[float], p: float) -> float:
 
 # --------------------------------------------------------------------------- the daemon
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Daemon:
-    """`sockscope run --netns NS` in this (host) namespace, default config unless told."""
+    """`sockscope run --netns NS` in this (host) namespace, default config unless told:
+    started by tests/support/daemon.py's start_daemon, the tests' own launcher."""
 
     def __init__(self, ns_name: str, conf: str = "", src: Path | None = None):
         """src: the daemon/ directory to run (another checkout's, for --baseline)."""
         global PORT
-        PORT = free_port()  # never a fixed port: another run's daemon would answer for us
         self.dir = tempfile.mkdtemp(prefix="sockscope-bench-scrape-")
-        path = os.path.join(self.dir, "sockscope.yaml")
-        with open(path, "w") as f:
-            f.write(conf)
-        env = _env() if src is None else {**os.environ, "PYTHONPATH": str(src)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sockscope", "run", "--config.file", path, "--netns", ns_name,
-             "--web.listen-address", f"127.0.0.1:{PORT}", "--log.level", "warning"],
-            env=env, cwd=self.dir if src is not None else REPO, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "log"), "w"))
-        end = time.monotonic() + 300
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError("daemon exited: " + open(os.path.join(self.dir, "log")).read()[-2000:])
-            try:
-                if poll_metrics().get("sockscope_last_poll_success_timestamp_seconds"):
-                    if self.proc.poll() is not None:
-                        raise RuntimeError(f"port {PORT} is answered by another process")
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("sockscope daemon did not poll")
+        # A free port, never a fixed one: another run's daemon would answer for us. Up once
+        # a poll succeeded (at 1M sockets the first one takes a while).
+        self.daemon = start_daemon(
+            Path(self.dir), conf, netns=ns_name, extra_args=("--log.level", "warning"),
+            env=_env() if src is None else None, src=src, cwd=REPO if src is None else None,
+            up_timeout=300, ready=_polled)
+        self.proc = self.daemon.proc
+        PORT = self.daemon.port
 
     def memory(self) -> dict[str, int]:
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -153,8 +136,12 @@ class Daemon:
                 for k in ("VmRSS", "VmHWM")}
 
     def close(self) -> None:
-        _stop(self.proc)
+        self.daemon.stop()
         subprocess.run(["rm", "-rf", self.dir])
+
+
+def _polled(text: str) -> bool:
+    return bool(parse_values(text).get("sockscope_last_poll_success_timestamp_seconds"))
 
 
 # --------------------------------------------------------------------------- the table holder
