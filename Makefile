@@ -100,4 +100,4 @@ bench-soak: venv
 	$(BIN)/python -m bench.scrape --sizes '' --soak $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build daemon/*.egg-info .pytest_cache
+	rm -rf $(VENV) build daemon/*.egg-info .pytest_cache .mypy_cache .ruff_cache
