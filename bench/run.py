@@ -128,7 +128,7 @@ def measure_window(table: Table, probe: Probe, runs: int, polls: int = WINDOW_PO
     """The whole daemon per poll vs the spaced one-walk floor measured just before and
     just after its window (averaged), `runs` times; the table stays the same throughout
     (TIME-WAIT sockets are renewed before a window that could outlive them)."""
-    daemon = Daemon(interval=SPACING, port=Daemon.PORT + 1)
+    daemon = Daemon(interval=SPACING)
     floors, windows = [], []
     try:
         dumps = max(2, (polls + 1) // 2)
@@ -181,7 +181,7 @@ def measure_size(size: int, runs: int, wanted: list[str], window_runs: int = 3,
             tool.measure()
         samples: dict[str, list[dict]] = {name: [] for name in tools}
         round_seconds = 0.0
-        for r in range(runs):
+        for _ in range(runs):
             if table.tw_age() + round_seconds * 1.5 > 58:
                 print(f"[{size}] TIME-WAIT sockets about to expire: waiting and renewing them",
                       flush=True)

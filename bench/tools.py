@@ -29,6 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.support.daemon import start_daemon
+
 REPO = Path(__file__).resolve().parent.parent
 SS_STATES = {
     "ESTAB": "established", "SYN-SENT": "syn_sent", "SYN-RECV": "syn_recv",
@@ -294,29 +296,18 @@ class Daemon:
     """
 
     name = "sockscope_daemon"
-    PORT = 19393
 
-    def __init__(self, interval: float, config: str = "", port: int = PORT):
+    def __init__(self, interval: float, config: str = ""):
         self.interval = interval
-        self.port = port
         self.dir = tempfile.mkdtemp(prefix="sockscope-bench-daemon-")
-        conf = os.path.join(self.dir, "sockscope.yaml")
-        with open(conf, "w") as f:
-            f.write(f"poll:\n  interval: {interval}s\n{config}")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sockscope", "run", "--config.file", conf,
-             "--web.listen-address", f"127.0.0.1:{self.port}", "--log.level", "warning"],
-            env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.last = None
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            m = self._metrics()
-            if m.get("sockscope_last_poll_success_timestamp_seconds"):
-                self.last = m["sockscope_last_poll_success_timestamp_seconds"]
-                break
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("sockscope daemon did not poll")
+        # The one launcher of the tests and benches (tests/support/daemon.py); it returns
+        # once sockscope_up is 1, i.e. after the first good poll.
+        self.daemon = start_daemon(
+            Path(self.dir), f"poll:\n  interval: {interval}s\n{config}",
+            extra_args=("--log.level", "warning"), env=_env(), cwd=REPO, up_timeout=120)
+        self.proc = self.daemon.proc
+        self.port = self.daemon.port
+        self.last = self._metrics().get("sockscope_last_poll_success_timestamp_seconds")
         os.kill(self.proc.pid, signal.SIGSTOP)
 
     def _metrics(self) -> dict:
@@ -386,5 +377,7 @@ class Daemon:
                 "polls": int(k), "window": wall, "rss": vm_hwm(self.proc.pid)}
 
     def close(self) -> None:
-        _stop(self.proc)
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+        self.daemon.stop()
         subprocess.run(["rm", "-rf", self.dir])

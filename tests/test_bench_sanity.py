@@ -24,8 +24,9 @@ def test_bench_10k_sanity(tmp_path, root):
     out = tmp_path / "results"
     r = subprocess.run(
         [sys.executable, "-m", "bench.run", "--sizes", "10000", "--runs", "1",
-         "--tools", "floor,sockscope,ss", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+         "--tools", "floor,sockscope,ss,sockscope_run", "--window-runs", "1", "--window-polls", "3",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
         env={**os.environ, "PYTHONPATH": f"{REPO / 'daemon'}:{REPO}"},
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -39,6 +40,12 @@ def test_bench_10k_sanity(tmp_path, root):
     assert (out / "latest.md").read_text().count("|") > 20
     assert (out / "chart.svg").read_text().startswith("<svg")
     assert "sockscope/floor" in size["ratios"]
+    # The whole-daemon window: 3 polls of the real daemon between spaced one-walk floors.
+    (window,) = size["tools"]["sockscope_run"]["runs"]
+    assert window["polls"] >= 3 and window["user"] > 0 and window["sys"] > 0
+    assert window["cpu"] == pytest.approx(window["user"] + window["sys"])
+    assert len(size["tools"]["floor_spaced"]["runs"][0]["before"]) == 2
+    assert 0.3 < size["ratios"]["sockscope_run/floor_spaced"] < 10
 
 
 def test_ss_peak_rss_is_its_own():
