@@ -29,10 +29,8 @@ from sockscope.features.tcp import TcpSockets
 from sockscope.features.udp import (
     UdpCounters,
     UdpCounts,
-    UdpPort,
     UdpSockets,
     UdpTable,
-    counts_from,
 )
 from sockscope.httpserver import Request, _dual_stack_available
 from sockscope.kernelstats import KernelStats
@@ -50,6 +48,7 @@ from sockscope.snapshot import (
     SourceHealth,
 )
 from support.prereq import require
+from support.udp_fixtures import fixed_udp, fixed_udp_counts
 
 ALL_METRICS = [*TcpSockets.metrics, WINDOW, *(peak_metric(m) for m in TcpSockets.metrics if m.peak),
                *KernelCounters.metrics, *UdpSockets.metrics, *UdpCounters.metrics]
@@ -146,23 +145,6 @@ def fixed_kernel() -> KernelStats:
     }, page_size=4096)
     assert not problems, problems
     return stats
-
-
-def fixed_udp() -> UdpTable:
-    """Tracked UDP ports 53 (a full socket that dropped datagrams) and 123, + other."""
-    return UdpTable(
-        sockets={"ipv4": 5, "ipv6": 2},
-        ports=(UdpPort(53, sockets=2, receive_bytes=4352, receive_max_bytes=3840, drops=297),
-               UdpPort(123, sockets=1),
-               UdpPort(OTHER, sockets=4, receive_bytes=768, receive_max_bytes=768, send_bytes=1024, drops=3)),
-        folded=1, messages=7)
-
-
-def fixed_udp_counts() -> UdpCounts:
-    """Parsed from the recorded tests/fixtures/proc_net_udp_snmp{,6}."""
-    fixtures = Path(__file__).parent / "fixtures"
-    return counts_from({"snmp": (fixtures / "proc_net_udp_snmp").read_text(),
-                        "snmp6": (fixtures / "proc_net_udp_snmp6").read_text()}, ("ipv4", "ipv6"))
 
 
 def status_of(snapshot: Snapshot | None, kernel: KernelStats | None = None, *, peaks: bool = True,

@@ -1,0 +1,26 @@
+"""Fixed UDP results for the exposition and Graphite goldens (test_prometheus, test_graphite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sockscope.features.udp import UdpCounts, UdpPort, UdpTable, counts_from
+from sockscope.snapshot import OTHER
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def fixed_udp() -> UdpTable:
+    """Tracked UDP ports 53 (a full socket that dropped datagrams) and 123, + other."""
+    return UdpTable(
+        sockets={"ipv4": 5, "ipv6": 2},
+        ports=(UdpPort(53, sockets=2, receive_bytes=4352, receive_max_bytes=3840, drops=297),
+               UdpPort(123, sockets=1),
+               UdpPort(OTHER, sockets=4, receive_bytes=768, receive_max_bytes=768, send_bytes=1024, drops=3)),
+        folded=1, messages=7)
+
+
+def fixed_udp_counts() -> UdpCounts:
+    """Parsed from the recorded tests/fixtures/proc_net_udp_snmp{,6}."""
+    return counts_from({"snmp": (FIXTURES / "proc_net_udp_snmp").read_text(),
+                        "snmp6": (FIXTURES / "proc_net_udp_snmp6").read_text()}, ("ipv4", "ipv6"))
