@@ -490,13 +490,13 @@ def measure_daemon(ns_name: str, size: int, args, holder: Holder, src: Path | No
     daemon = None
     tag = f"[{size} {name}]"
     try:
-        daemon = Daemon(ns_name, src=src)
+        interval = args.poll_interval
+        daemon = Daemon(ns_name, f"poll:\n  interval: {interval}s\n" if interval != 5.0 else "", src=src)
         time.sleep(5.5)  # one regular poll after the first
         out = {"poll_at_render": poll_metrics(), "render": render(args.render_scrapes)}
         r = out["render"]["text"]
         print(f"{tag} render median {r['median_ms']:.1f} ms, {r['bytes']} bytes, "
               f"{r['series']} series", flush=True)
-        interval = 5.0
         monitor = Monitor()
         monitor.start()
         periods = {}
@@ -644,7 +644,8 @@ def markdown(result: dict) -> str:
         env = " ".join(f"{k}={v}" for k, v in result.get("daemon_env", {}).items())
         base = (f" \"baseline\" is the daemon of commit {result['baseline_commit']}, measured first on the "
                 "same table; \"current\" is this checkout's." if result.get("baseline_commit") else "")
-        lines += ["", f"Poll cadence (poll.interval 5 s) for {a['duration']:.0f} s without scrapers, then "
+        lines += ["", f"Poll cadence (poll.interval {a.get('poll_interval', 5.0):g} s) for {a['duration']:.0f} s "
+                  "without scrapers, then "
                   f"{a['duration']:.0f} s per pattern with {a['scrapers']} scrapers {how} in "
                   f"{a['client_procs']} client processes (churn: a new connection per scrape; keepalive: "
                   "one connection per scraper; gzip: keep-alive with Prometheus' Accept and gzip)"
@@ -714,6 +715,8 @@ def parse_args(argv):
                    help=f"scrape patterns, one loaded period each ({', '.join(PATTERNS)})")
     p.add_argument("--client-procs", type=int, default=5,
                    help="client processes the scrapers are spread over")
+    p.add_argument("--poll-interval", type=float, default=5.0,
+                   help="the daemon's poll.interval in the cadence periods (default 5 s, the default config)")
     p.add_argument("--baseline", metavar="REF",
                    help="also measure the daemon of this git ref (e.g. a commit before a change) "
                         "on the same table, first")
