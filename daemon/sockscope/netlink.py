@@ -130,7 +130,10 @@ def scan_batch(data: bytes, bounds: list[int], seq: int, msg_type: int) -> np.nd
         return None
     w = np.frombuffer(data, np.uint32)
     typeflags = msg_type | (NLM_F_MULTI << 16) if _LITTLE else (msg_type << 16) | NLM_F_MULTI
-    cand = np.flatnonzero((w[1:-2] == typeflags) & (w[2:-1] == seq))
+    # One full pass (type/flags), then seq only at those few positions: ~3x cheaper than
+    # comparing both words everywhere, same candidates.
+    cand = np.flatnonzero(w[1:-2] == typeflags)
+    cand = cand[w[cand + 2] == seq]
     if not len(cand) or cand[0] != 0:
         return None
     lens = w[cand]
