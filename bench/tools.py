@@ -297,13 +297,13 @@ class Daemon:
 
     name = "sockscope_daemon"
 
-    def __init__(self, interval: float, config: str = ""):
+    def __init__(self, interval: float):
         self.interval = interval
         self.dir = tempfile.mkdtemp(prefix="sockscope-bench-daemon-")
         # The one launcher of the tests and benches (tests/support/daemon.py); it returns
         # once sockscope_up is 1, i.e. after the first good poll.
         self.daemon = start_daemon(
-            Path(self.dir), f"poll:\n  interval: {interval}s\n{config}",
+            Path(self.dir), f"poll:\n  interval: {interval}s\n",
             extra_args=("--log.level", "warning"), env=_env(), cwd=REPO, up_timeout=120)
         self.proc = self.daemon.proc
         self.port = self.daemon.port
