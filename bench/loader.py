@@ -177,9 +177,9 @@ class _Worker:
             k = min(BATCH, n - done)
             pairs = _pairs(k, socket.AF_INET, self.ln_tw, (s4, PORT_TW),
                            lambda i, d=done: client_v4(w, base + d + i))
-            for c, s in pairs:
+            for c, _ in pairs:  # the client closes first: its side goes to TIME-WAIT
                 c.close()
-            for c, s in pairs:
+            for _, s in pairs:
                 s.close()
             done += k
 
