@@ -116,6 +116,11 @@ class UdpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpInfoConfig:
+    enabled: bool  # ask the TCP dump for tcp_info (INET_DIAG_INFO): wait times, RTT, limited-by
+
+
+@dataclass(frozen=True, slots=True)
 class PrometheusConfig:
     enabled: bool
     listen_address: str
@@ -158,6 +163,7 @@ class Config:
     ports: PortsConfig
     listeners: ListenersConfig
     udp: UdpConfig
+    tcp_info: TcpInfoConfig
     prometheus: PrometheusConfig
     graphite: GraphiteConfig
     log: LogConfig
@@ -676,6 +682,7 @@ _SECTIONS: tuple[_Section, ...] = (
                        lambda ports, cap: f"{len(ports)} ports listed but udp.max_local_ports is {cap}"
                        if len(ports) > cap else None),),
     ),
+    _Section("tcp_info", TcpInfoConfig, (_Field("enabled", _boolean, False),)),
     _Section(
         "prometheus",
         PrometheusConfig,
