@@ -86,6 +86,15 @@ class Rules:
             max_listeners=cfg.listeners.max_tracked,
         )
 
+    def tracked_local(self, listening) -> tuple[list[int], int]:
+        """The tracked local ports (ascending) given the listening ones, and how many
+        candidates the cap left out: configured ports first, then (auto_listen) the
+        listening ones ascending, the first max_local of them."""
+        candidates = list(self.local)
+        if self.auto_listen:
+            candidates += sorted(set(listening) - set(self.local))
+        return sorted(candidates[:self.max_local]), max(0, len(candidates) - self.max_local)
+
 
 class _Side:
     """The rows of one side (local or remote port): ports (dense), or, given `ports`, the
@@ -306,12 +315,11 @@ class Accumulator:
             lo, hi = remote.first + remote.lo, remote.first + remote.hi + 1
             qtotal = self._qsums[lo * 4:hi * 4].reshape(-1, 4).sum(axis=0).tolist()
 
-        local_candidates = list(rules.local)
-        if rules.auto_listen:
-            configured = set(rules.local)
-            local_candidates += sorted(self.listen_ports() - configured)
-        local = self._port_table(local_candidates, rules.max_local, self.local, totals, qtotal)
-        remote_table = self._port_table(list(rules.remote), rules.max_remote, remote, totals, qtotal)
+        tracked, folded = rules.tracked_local(self.listen_ports())
+        local = self._port_table(tracked, folded, self.local, totals, qtotal)
+        remote_ports = list(rules.remote)
+        remote_table = self._port_table(sorted(remote_ports[:rules.max_remote]),
+                                        max(0, len(remote_ports) - rules.max_remote), remote, totals, qtotal)
         listeners, folded_listeners = self._listeners(rules.max_listeners)
         return Snapshot(
             timestamp=timestamp,
@@ -326,11 +334,9 @@ class Accumulator:
             messages=messages,
         )
 
-    def _port_table(self, candidates: list[int], cap: int, side: _Side, totals: list[int],
+    def _port_table(self, tracked: list[int], folded: int, side: _Side, totals: list[int],
                     qtotal: list[int]) -> PortTable:
-        """Tracked ports (first `cap` candidates, ascending) + `other` holding the rest."""
-        tracked = sorted(candidates[:cap])
-        folded = max(0, len(candidates) - cap)
+        """Tracked ports (ascending) + `other` holding the rest."""
         rows: list[tuple[int, ...]] = []
         other = list(totals)
         for port in tracked:

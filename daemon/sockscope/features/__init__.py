@@ -16,6 +16,7 @@ from .base import DumpNeed, DumpStats, Feature, Fold, PollContext
 from .kernel import KernelCounters
 from .peaks import WindowPeaks
 from .tcp import TcpSockets
+from .tcp_info import TcpInfo
 from .udp import UdpCounters, UdpSockets
 
 __all__ = ["DumpNeed", "DumpStats", "Feature", "Fold", "PollContext", "REGISTRY", "Entry", "build",
@@ -32,6 +33,8 @@ class Entry:
 
 REGISTRY: tuple[Entry, ...] = (
     Entry("tcp", ("ports", "listeners", "poll.families"), lambda cfg, built: TcpSockets.from_config(cfg)),
+    Entry("tcp_info", ("tcp_info", "ports"),
+          lambda cfg, built: TcpInfo.from_config(cfg) if cfg.tcp_info.enabled else None),
     Entry("peaks", ("poll.peak_window",),
           lambda cfg, built: WindowPeaks(cfg.poll.peak_window, [m for f in built for m in f.metrics])
           if cfg.poll.peak_window else None, build_last=True),

@@ -1,0 +1,329 @@
+"""Where requests wait and why connections are slow, per port, from tcp_info.
+
+The TCP dump, asked for INET_DIAG_INFO (`ss -ti`), folded with numpy only (tcpinfo.columns:
+one gather per field per batch; walking attributes per message in Python cost 1.75 µs per
+socket). Per tracked port, the same ports and `other` bucket as the TCP feature
+(Rules.tracked_local: configured + listening local ports, configured remote ports):
+
+- oldest_unaccepted: max tcpi_last_data_recv over ESTABLISHED sockets with inode 0 on a
+  local port that has a listener in this dump (connections in an accept queue). The kernel
+  sets a child's lrcvtime when it is created (tcp_create_openreq_child), so a connection
+  that sent nothing reads its age;
+- oldest_unread: max tcpi_last_data_recv over non-LISTEN sockets with Recv-Q > 0: the time
+  since the LAST data arrived, a lower bound of the oldest unread byte's age;
+- oldest_close_wait: max tcpi_last_ack_recv over CLOSE-WAIT sockets (the peer's FIN is the
+  last segment it sent);
+- RTT: one observation = one ESTABLISHED socket's smoothed RTT (tcpi_rtt) in this poll,
+  counted in fixed buckets (BUCKETS, 50 µs .. 5 s, + Inf), exported as gauges shaped like
+  an OpenMetrics gauge histogram (`_bucket{le}` cumulative, `_gcount`, `_gsum`);
+- busy by limit: per socket, by cookie, the growth since the last poll of tcpi_busy_time,
+  tcpi_rwnd_limited, tcpi_sndbuf_limited (µs, cumulative per socket, tcp_chrono_*):
+  receiver = rwnd growth, send_buffer = sndbuf growth, network = the rest of busy growth.
+  A cookie first seen contributes nothing (its growth before that is unknown); a cookie not
+  seen in a poll is dropped. The state is four sorted numpy arrays (cookie, busy, rwnd,
+  sndbuf: 32 bytes per live non-LISTEN socket), replaced whole by each poll's.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import tcpinfo
+from ..aggregate import Rules
+from ..batch import Batch
+from ..catalogue import GraphitePath, Metric, Samples
+from ..snapshot import OTHER
+from .base import DumpNeed, DumpStats, Feature, Fold, PollContext
+
+__all__ = ["TcpInfo", "METRICS", "BUCKETS", "LIMITS"]
+
+ESTABLISHED, CLOSE_WAIT, LISTEN = 1, 8, 10  # include/net/tcp_states.h
+_PORTS = 65536
+# RTT bucket upper bounds (µs); the last slot is +Inf. 16 finite buckets, 50 µs (loopback)
+# to 5 s: series per port = 17 buckets + _gcount + _gsum.
+_EDGES_US = np.array([50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
+                      250_000, 500_000, 1_000_000, 2_500_000, 5_000_000], np.uint32)
+BUCKETS = tuple(f"{e / 1e6:g}" for e in _EDGES_US.tolist()) + ("+Inf",)
+_NB = len(BUCKETS)
+LIMITS = ("network", "receiver", "send_buffer")
+_WAITS = ("last_data_recv", "last_ack_recv", "rtt")  # in every tcp_info since 2.6
+_CHRONO = ("busy_time", "rwnd_limited", "sndbuf_limited")  # Linux 4.10+
+
+
+def _gauge(side: str, what: str, help_: str, labels=("port",), peak=False) -> Metric:
+    return Metric(f"sockscope_tcp_{side}_port_{what}", "gauge", help_, labels,
+                  GraphitePath(("tcp", f"{side}_port", "{port}", *what.split("."))), peak=peak)
+
+
+def _rtt(side: str) -> tuple[Metric, Metric, Metric]:
+    one = "one observation = one ESTABLISHED socket's smoothed RTT (ss -ti rtt) in this poll"
+    p = f"sockscope_tcp_{side}_port_rtt_seconds"
+    where = ("tcp", f"{side}_port", "{port}", "rtt")
+    return (
+        Metric(f"{p}_bucket", "gauge", f"Gauge histogram of the {side} port's RTT: sockets with RTT <= le; {one}.",
+               ("port", "le"), GraphitePath((*where, "le_{le}"))),
+        Metric(f"{p}_gcount", "gauge", f"ESTABLISHED sockets of the {side} port in this poll (the RTT histogram's "
+               "count).", ("port",), GraphitePath((*where, "count"))),
+        Metric(f"{p}_gsum", "gauge", f"Sum of the smoothed RTTs of the {side} port's ESTABLISHED sockets in this "
+               "poll (seconds).", ("port",), GraphitePath((*where, "sum"))),
+    )
+
+
+def _busy(side: str) -> Metric:
+    return Metric(f"sockscope_tcp_{side}_port_busy_seconds", "counter",
+                  f"Time the {side} port's sockets had data to send (ss -ti busy), split by what limited it: "
+                  "receiver (peer's window, rwnd_limited), send_buffer (our SO_SNDBUF, sndbuf_limited), network "
+                  "(the rest); counted from the first poll that saw each socket.", ("port", "limited_by"),
+                  GraphitePath(("tcp", f"{side}_port", "{port}", "busy_seconds", "{limited_by}")))
+
+
+UNACCEPTED = _gauge("local", "oldest_unaccepted_seconds",
+                    "Longest wait in the port's accept queue: max ss -ti lastrcv of ESTABLISHED sockets not yet "
+                    "accepted (inode 0) on a listening port; a connection that sent nothing reads its age; 0 if "
+                    "none.", peak=True)
+UNREAD = _gauge("local", "oldest_unread_seconds",
+                "Max ss -ti lastrcv over the port's sockets with Recv-Q > 0 (LISTEN excluded): time since the "
+                "last data arrived, a lower bound of the oldest unread byte's age; 0 if none.", peak=True)
+CLOSE_WAIT_AGE = _gauge("local", "oldest_close_wait_seconds",
+                        "Max ss -ti lastack over the port's CLOSE-WAIT sockets: time since the peer's FIN "
+                        "arrived and the application has not closed; 0 if none.", peak=True)
+LOCAL_RTT, REMOTE_RTT = _rtt("local"), _rtt("remote")
+LOCAL_BUSY, REMOTE_BUSY = _busy("local"), _busy("remote")
+METRICS = (UNACCEPTED, UNREAD, CLOSE_WAIT_AGE, *LOCAL_RTT, *REMOTE_RTT, LOCAL_BUSY, REMOTE_BUSY)
+
+
+@dataclass(frozen=True, slots=True)
+class PortFigures:
+    port: str
+    waits: tuple[float, float, float]  # oldest unaccepted, unread, close-wait (s); () on remote
+    buckets: tuple[int, ...]  # cumulative, one per BUCKETS
+    rtt_sum: float  # seconds
+    busy: tuple[float, float, float]  # counter values (s) per LIMITS
+
+
+@dataclass(frozen=True, slots=True)
+class TcpInfoResult:
+    local: tuple[PortFigures, ...]
+    remote: tuple[PortFigures, ...]
+
+
+@dataclass(slots=True)
+class CookieState:
+    """Cumulative chronographs (µs) of the live sockets at the last poll, sorted by cookie."""
+
+    cookie: np.ndarray  # uint64
+    busy: np.ndarray  # int64 (the kernel's u64; µs fit int64 for 292,000 years)
+    rwnd: np.ndarray
+    sndbuf: np.ndarray
+
+    @classmethod
+    def empty(cls) -> CookieState:
+        z = np.zeros(0, np.int64)
+        return cls(np.zeros(0, np.uint64), z, z, z)
+
+    def __len__(self) -> int:
+        return len(self.cookie)
+
+    @property
+    def nbytes(self) -> int:
+        return self.cookie.nbytes + self.busy.nbytes + self.rwnd.nbytes + self.sndbuf.nbytes
+
+
+class _Side:
+    """Per-poll figures of one side: rows are ports (local: dense) or tracked remote ports
+    + other (remote: a lookup table)."""
+
+    def __init__(self, remote_ports: tuple[int, ...] | None) -> None:
+        if remote_ports is None:
+            self.lut = None
+            rows = _PORTS
+        else:
+            self.ports = tuple(sorted(set(remote_ports)))
+            self.lut = np.full(_PORTS, len(self.ports), np.intp)
+            self.lut[list(self.ports)] = np.arange(len(self.ports))
+            rows = len(self.ports) + 1
+        self.hist = np.zeros(rows * _NB, np.int64)
+        self.rtt = np.zeros(rows, np.int64)  # µs
+        self.busy = np.zeros(rows * 3, np.int64)  # µs growth per LIMITS
+        self.waits = np.zeros(rows * 3, np.int64) if remote_ports is None else None  # ms
+
+    def reset(self) -> None:
+        for a in (self.hist, self.rtt, self.busy, self.waits):
+            if a is not None:
+                a[:] = 0
+
+    def rows(self, ports: np.ndarray) -> np.ndarray:
+        return ports.astype(np.intp) if self.lut is None else self.lut[ports]
+
+
+class _InfoFold(Fold):
+    def __init__(self, feature: TcpInfo) -> None:
+        self.f = feature
+        feature.local.reset()
+        feature.remote.reset()
+        feature.listening[:] = False
+        self.pieces: list[tuple[np.ndarray, ...]] = []
+
+    def add(self, batch: Batch) -> None:
+        if not len(batch):
+            return
+        f = self.f
+        state, sport = batch.state, batch.sport
+        listen = state == LISTEN
+        if listen.any():
+            f.listening[sport[listen]] = True
+        waits, ok = tcpinfo.columns(batch, _WAITS)
+        rows = np.flatnonzero(ok & ~listen)
+        if not len(rows):
+            return
+        st, sp, dp = state[rows], sport[rows], batch.dport[rows]
+        ldr, lar, rtt = waits["last_data_recv"][rows], waits["last_ack_recv"][rows], waits["rtt"][rows]
+        loc, rem = f.local, f.remote
+        lrow, rrow = loc.rows(sp), rem.rows(dp)
+        assert loc.waits is not None
+        for slot, mask, value in ((0, (st == ESTABLISHED) & (batch.inode[rows] == 0), ldr),
+                                  (1, batch.rqueue[rows] > 0, ldr),
+                                  (2, st == CLOSE_WAIT, lar)):
+            at = np.flatnonzero(mask)
+            if len(at):
+                np.maximum.at(loc.waits, lrow[at] * 3 + slot, value[at].astype(np.int64))
+        est = np.flatnonzero(st == ESTABLISHED)
+        if len(est):
+            b = np.searchsorted(_EDGES_US, rtt[est], side="left")
+            r = rtt[est].astype(np.int64)
+            for side, prow in ((loc, lrow), (rem, rrow)):
+                np.add.at(side.hist, prow[est] * _NB + b, 1)
+                np.add.at(side.rtt, prow[est], r)
+        chrono, full = tcpinfo.columns(batch, _CHRONO)
+        have = rows[full[rows]]
+        if not len(have):
+            return
+        cookie = batch.cookie[have]
+        busy, rwnd, sndbuf = (chrono[n][have].astype(np.int64) for n in _CHRONO)
+        self.pieces.append((cookie, busy, rwnd, sndbuf))
+        prev = f.state
+        if not len(prev):
+            return
+        at = np.minimum(np.searchsorted(prev.cookie, cookie), len(prev) - 1)
+        seen = np.flatnonzero(prev.cookie[at] == cookie)
+        if not len(seen):
+            return
+        j = at[seen]
+        dr = np.maximum(rwnd[seen] - prev.rwnd[j], 0)
+        ds = np.maximum(sndbuf[seen] - prev.sndbuf[j], 0)
+        dn = np.maximum(busy[seen] - prev.busy[j] - dr - ds, 0)
+        moved = np.flatnonzero(dr | ds | dn)  # idle sockets (most) cost nothing more
+        if not len(moved):
+            return
+        grow = np.concatenate((dn[moved], dr[moved], ds[moved]))
+        have_pos = np.flatnonzero(full[rows])[seen[moved]]  # positions in `rows`
+        for side, prow in ((loc, lrow), (rem, rrow)):
+            base = prow[have_pos] * 3
+            np.add.at(side.busy, np.concatenate((base, base + 1, base + 2)), grow)
+
+    def finish(self, stats: DumpStats) -> TcpInfoResult:
+        f = self.f
+        if self.pieces:
+            cookie, busy, rwnd, sndbuf = (np.concatenate(p) for p in zip(*self.pieces))
+            order = np.argsort(cookie, kind="stable")
+            f.state = CookieState(cookie[order], busy[order], rwnd[order], sndbuf[order])
+        else:
+            f.state = CookieState.empty()
+        return f.result()
+
+
+class TcpInfo(Feature):
+    name = "tcp_info"
+    metrics = METRICS
+
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+        self.local = _Side(None)
+        self.remote = _Side(tuple(rules.remote[:rules.max_remote]))
+        self.listening = np.zeros(_PORTS, bool)
+        self.state = CookieState.empty()
+        # Counter totals (µs) per exported port label and side; ports that stop being
+        # tracked are dropped (their series end; bounded by the caps, not by traffic).
+        self._totals: dict[str, dict[str, np.ndarray]] = {"local": {}, "remote": {}}
+
+    @classmethod
+    def from_config(cls, cfg) -> TcpInfo:
+        return cls(Rules.from_config(cfg))
+
+    def needs(self) -> DumpNeed:
+        return DumpNeed(socket.IPPROTO_TCP, ext=tcpinfo.INFO_EXT, attributes=(tcpinfo.INET_DIAG_INFO,))
+
+    def fold(self, ctx: PollContext) -> Fold:
+        return _InfoFold(self)
+
+    def result(self) -> TcpInfoResult:
+        tracked, _ = self.rules.tracked_local(np.flatnonzero(self.listening).tolist())
+        local = self._table("local", self.local, tracked, tracked)  # dense: row = port
+        remote = self._table("remote", self.remote, list(self.remote.ports),
+                             list(range(len(self.remote.ports))))
+        return TcpInfoResult(local, remote)
+
+    def _table(self, name: str, side: _Side, ports: list[int], rows: list[int]) -> tuple[PortFigures, ...]:
+        hist = side.hist.reshape(-1, _NB)
+        busy = side.busy.reshape(-1, 3)
+        waits = side.waits.reshape(-1, 3) if side.waits is not None else None
+        all_hist, all_rtt, all_busy = hist.sum(axis=0), int(side.rtt.sum()), busy.sum(axis=0)
+        totals = self._totals[name]
+        kept: dict[str, np.ndarray] = {}
+        out = []
+        rest_hist, rest_rtt, rest_busy = all_hist.copy(), all_rtt, all_busy.copy()
+        rest_waits = np.zeros(3, np.int64)
+        for port, row in zip(ports, rows):
+            h, r, b = hist[row], int(side.rtt[row]), busy[row]
+            rest_hist -= h
+            rest_rtt -= r
+            rest_busy -= b
+            kept[str(port)] = totals.get(str(port), np.zeros(3, np.int64)) + b
+            w = (0.0, 0.0, 0.0)
+            if waits is not None:
+                w0 = waits[row].copy()
+                w0[0] = w0[0] if self.listening[port] else 0
+                w = tuple((w0 / 1000).tolist())
+            out.append(PortFigures(str(port), w, tuple(np.cumsum(h).tolist()), r / 1e6,
+                                   tuple((kept[str(port)] / 1e6).tolist())))
+        if waits is not None:
+            rest = waits.copy()
+            rest[ports] = 0
+            rest[~self.listening, 0] = 0
+            rest_waits = rest.max(axis=0)
+        kept[OTHER] = totals.get(OTHER, np.zeros(3, np.int64)) + rest_busy
+        out.append(PortFigures(OTHER, tuple((rest_waits / 1000).tolist()), tuple(np.cumsum(rest_hist).tolist()),
+                               rest_rtt / 1e6, tuple((kept[OTHER] / 1e6).tolist())))
+        self._totals[name] = kept
+        return tuple(out)
+
+    def samples(self, result: TcpInfoResult, out: Samples) -> None:
+        for i, metric in enumerate((UNACCEPTED, UNREAD, CLOSE_WAIT_AGE)):
+            out.declare(metric)
+            for p in result.local:
+                out.add(metric, (p.port,), p.waits[i])
+        for (bucket, count, total), table in ((LOCAL_RTT, result.local), (REMOTE_RTT, result.remote)):
+            for m in (bucket, count, total):
+                out.declare(m)
+            for p in table:
+                for le, n in zip(BUCKETS, p.buckets):
+                    out.add(bucket, (p.port, le), n)
+            for p in table:
+                out.add(count, (p.port,), p.buckets[-1])
+            for p in table:
+                out.add(total, (p.port,), p.rtt_sum)
+        for metric, table in ((LOCAL_BUSY, result.local), (REMOTE_BUSY, result.remote)):
+            out.declare(metric)
+            for p in table:
+                for limit, value in zip(LIMITS, p.busy):
+                    out.add(metric, (p.port, limit), value)
+
+    def max_series(self) -> int:
+        r = self.rules
+        return (r.max_local + 1) * (3 + _NB + 2 + 3) + (min(len(r.remote), r.max_remote) + 1) * (_NB + 2 + 3)
+
+    def max_peak_series(self) -> int:
+        return (self.rules.max_local + 1) * 3

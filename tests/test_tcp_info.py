@@ -1,0 +1,253 @@
+"""tcp_info feature (sockscope.features.tcp_info): wait times, RTT and busy-by-limit per
+port. Pure tests on hand-built and recorded tcp_info bytes, then real sockets in a test
+namespace polled in-process (figures compared with `ss -tin` run there), then the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sockscope import config, features, tcpinfo
+from sockscope.batch import Batch
+from sockscope.catalogue import Samples
+from sockscope.features import DumpStats, PollContext
+from sockscope.features.tcp_info import BUCKETS, LIMITS, TcpInfo
+from sockscope.poller import Poller, merge_needs
+from sockscope.service import make_reader
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LO4 = socket.inet_aton("127.0.0.1") + bytes(12)
+ESTABLISHED, CLOSE_WAIT, LISTEN = 1, 8, 10
+STATS = DumpStats(("ipv4", "ipv6"), 0, 0, 0)
+CTX = PollContext(0.0, 0.0)
+
+
+def info(size: int = 232, **values: int) -> tuple[int, bytes]:
+    """An INET_DIAG_INFO attribute: a tcp_info of `size` bytes with `values` set."""
+    raw = bytearray(size)
+    for name, v in values.items():
+        f = tcpinfo.FIELDS[name]
+        raw[f.offset:f.offset + np.dtype(f.dtype).itemsize] = np.array([v], f.dtype).tobytes()
+    return tcpinfo.INET_DIAG_INFO, bytes(raw)
+
+
+def rec(sport: int, dport: int, state: int = ESTABLISHED, rq: int = 0, inode: int = 1) -> tuple:
+    return (socket.AF_INET, state, sport, dport, LO4, LO4, rq, 0, 0, inode)
+
+
+def poll(feature: TcpInfo, rows: list[tuple[tuple, int, list]]) -> Samples:
+    """One poll of `feature` over sockets (record, cookie, attributes)."""
+    fold = feature.fold(CTX)
+    fold.add(Batch.from_records([r for r, _, _ in rows], cookies=[c for _, c, _ in rows],
+                                attributes=[a for _, _, a in rows]))
+    out = Samples()
+    feature.samples(fold.finish(STATS), out)
+    return out
+
+
+def listener(port: int) -> tuple[tuple, int, list]:
+    return rec(port, 0, LISTEN), 1, [info()]
+
+
+# -- pure ---------------------------------------------------------------------------------
+
+def test_waits_rtt_and_other_bucket_from_hand_built_tcp_info():
+    f = TcpInfo(features.tcp.Rules(local=(9000,), remote=(3306,)))
+    out = poll(f, [
+        listener(8080),
+        (rec(8080, 40000, inode=0), 10, [info(last_data_recv=4200, rtt=40)]),  # in the accept queue
+        (rec(8080, 40001, rq=10), 11, [info(last_data_recv=1500, rtt=120)]),  # unread data
+        (rec(9000, 40002, CLOSE_WAIT), 12, [info(last_ack_recv=7000, rtt=30)]),
+        (rec(50000, 3306), 13, [info(rtt=30_000, last_data_recv=9999)]),  # client of MySQL: no wait
+        (rec(7777, 40003, inode=0), 14, [info(last_data_recv=5000)]),  # inode 0 but no listener: not queued
+    ])
+    v = out.value
+    assert v("sockscope_tcp_local_port_oldest_unaccepted_seconds", "8080") == 4.2
+    assert v("sockscope_tcp_local_port_oldest_unaccepted_seconds", "other") == 0
+    assert v("sockscope_tcp_local_port_oldest_unread_seconds", "8080") == 1.5
+    assert v("sockscope_tcp_local_port_oldest_close_wait_seconds", "9000") == 7.0
+    assert v("sockscope_tcp_local_port_oldest_close_wait_seconds", "8080") == 0
+    # ESTABLISHED only: 8080 has two (40 µs, 120 µs), other has 50000 and 7777 (30 ms, 0)
+    assert v("sockscope_tcp_local_port_rtt_seconds_bucket", "8080", "5e-05") == 1
+    assert v("sockscope_tcp_local_port_rtt_seconds_bucket", "8080", "0.00025") == 2
+    assert v("sockscope_tcp_local_port_rtt_seconds_bucket", "8080", "+Inf") == 2
+    assert v("sockscope_tcp_local_port_rtt_seconds_gcount", "8080") == 2
+    assert v("sockscope_tcp_local_port_rtt_seconds_gsum", "8080") == pytest.approx(160e-6)
+    assert v("sockscope_tcp_local_port_rtt_seconds_gcount", "9000") == 0  # CLOSE-WAIT is not observed
+    assert v("sockscope_tcp_remote_port_rtt_seconds_bucket", "3306", "0.025") == 0
+    assert v("sockscope_tcp_remote_port_rtt_seconds_bucket", "3306", "0.05") == 1
+    assert v("sockscope_tcp_remote_port_rtt_seconds_gcount", "other") == 3  # 4 ESTABLISHED, 1 to 3306
+    ports = [labels[0] for labels, _ in out.get("sockscope_tcp_local_port_oldest_unread_seconds")]
+    assert ports == ["8080", "9000", "other"]  # the TCP feature's tracked ports: configured + listening
+    assert len(out.get("sockscope_tcp_local_port_rtt_seconds_bucket")) == 3 * len(BUCKETS)
+
+
+def test_busy_growth_by_cookie_first_seen_contributes_nothing_and_dead_cookies_are_dropped():
+    f = TcpInfo(features.tcp.Rules(remote=(5432,)))
+
+    def sock(cookie: int, busy: int, rwnd: int, sndbuf: int, sport: int = 8080) -> tuple:
+        return rec(sport, 5432), cookie, [info(busy_time=busy, rwnd_limited=rwnd, sndbuf_limited=sndbuf)]
+
+    def busy(out: Samples, side: str, port: str) -> dict[str, float]:
+        return {lim: out.value(f"sockscope_tcp_{side}_port_busy_seconds", port, lim) for lim in LIMITS}
+
+    out = poll(f, [listener(8080), sock(7, 5_000_000, 1_000_000, 0), sock(8, 100, 0, 0)])
+    assert busy(out, "local", "8080") == {"network": 0, "receiver": 0, "send_buffer": 0}  # first seen
+    assert len(f.state) == 2 and f.state.nbytes == 2 * 32
+    out = poll(f, [listener(8080), sock(7, 6_000_000, 1_600_000, 100_000), sock(8, 100, 0, 0),
+                   sock(9, 9_000_000, 0, 0)])
+    assert busy(out, "local", "8080") == pytest.approx({"network": 0.3, "receiver": 0.6, "send_buffer": 0.1})
+    assert busy(out, "remote", "5432") == busy(out, "local", "8080")
+    # cookie 7 gone, 9 grows by 1 s of network; a counter that went backwards (a reused
+    # cookie cannot happen, but a broken value must not decrease a counter) adds nothing
+    out = poll(f, [listener(8080), sock(9, 10_000_000, 0, 0), sock(8, 50, 0, 0)])
+    assert busy(out, "local", "8080") == pytest.approx({"network": 1.3, "receiver": 0.6, "send_buffer": 0.1})
+    assert sorted(f.state.cookie.tolist()) == [8, 9]
+    out = poll(f, [listener(8080)])
+    assert len(f.state) == 0
+    assert busy(out, "local", "8080") == pytest.approx({"network": 1.3, "receiver": 0.6, "send_buffer": 0.1})
+
+
+def test_a_shorter_tcp_info_decodes_what_is_there():
+    """A 4.9-era struct (no busy_time, 168 bytes) gives waits and RTT but no busy growth;
+    a 2.6-era one (104 bytes) still has last_data_recv and rtt; a stub (40 bytes) nothing."""
+    f = TcpInfo(features.tcp.Rules())
+    rows = [listener(80),
+            (rec(80, 1, inode=0), 1, [info(168, last_data_recv=3000, rtt=60, busy_time=1)]),
+            (rec(80, 2, rq=5), 2, [info(104, last_data_recv=2000, rtt=60)]),
+            (rec(80, 3, rq=5), 3, [info(40)])]
+    out = poll(f, rows)
+    assert out.value("sockscope_tcp_local_port_oldest_unaccepted_seconds", "80") == 3.0
+    assert out.value("sockscope_tcp_local_port_oldest_unread_seconds", "80") == 2.0  # socket 2 (1 has no Recv-Q)
+    assert out.value("sockscope_tcp_local_port_rtt_seconds_gcount", "80") == 2  # the stub has no rtt
+    assert len(f.state) == 0  # no chronographs: nothing to follow
+
+
+def recorded() -> list[tuple[str, bytes]]:
+    return [(line.split()[0], bytes.fromhex(line.split()[1]))
+            for line in (FIXTURES / "tcp_info_recorded.txt").read_text().splitlines() if line and line[0] != "#"]
+
+
+def test_recorded_tcp_info_bytes_decode_and_truncate_cleanly():
+    """Bytes recorded from real sockets (tests/fixtures/record_tcp_info.py): the same struct
+    cut at every 4-byte boundary never reads past its end."""
+    samples = recorded()
+    assert {name for name, _ in samples} >= {"accept_queue", "close_wait", "bulk"}
+    for name, raw in samples:
+        for cut in range(0, len(raw) + 1, 4):
+            f = TcpInfo(features.tcp.Rules())
+            state = CLOSE_WAIT if name == "close_wait" else ESTABLISHED
+            out = poll(f, [listener(80), (rec(80, 1, state, inode=0), 1, [(tcpinfo.INET_DIAG_INFO, raw[:cut])])])
+            whole = cut >= 60  # last_ack_recv ends at 60, rtt at 72
+            if state == ESTABLISHED and cut >= 72:
+                expect = int.from_bytes(raw[52:56], sys.byteorder) / 1000
+                assert out.value("sockscope_tcp_local_port_oldest_unaccepted_seconds", "80") == expect
+            if not whole:
+                assert out.value("sockscope_tcp_local_port_oldest_unaccepted_seconds", "80") == 0
+
+
+# -- real kernel ------------------------------------------------------------------------
+
+SCENARIO = r"""
+import socket, sys, time, json
+def server(port, backlog=8):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port)); s.listen(backlog); return s
+keep = []
+never = server(18101)                       # never accepts
+c = socket.create_connection(("127.0.0.1", 18101)); c.sendall(b"GET /"); keep.append(c)
+unread = server(18102)
+c = socket.create_connection(("127.0.0.1", 18102)); c.sendall(b"GET /"); a, _ = unread.accept(); keep += [c, a]
+cw = server(18103)
+c = socket.create_connection(("127.0.0.1", 18103)); a_cw, _ = cw.accept(); c.shutdown(socket.SHUT_WR); keep.append(c)
+healthy = server(18104)
+c = socket.create_connection(("127.0.0.1", 18104)); c.sendall(b"ping"); a, _ = healthy.accept()
+assert a.recv(10) == b"ping"; keep += [c, a]
+print(json.dumps({"event": "ready", "t": time.time()}), flush=True)
+for line in sys.stdin:
+    if line.strip() == "close":
+        a_cw.close()
+        print("closed", flush=True)
+"""
+
+
+class NsPoller:
+    """In-process polls of one namespace with tcp_info on; the features live across polls."""
+
+    def __init__(self, ns, extra: dict | None = None) -> None:
+        cfg = config.from_mapping({"poll": {"netns": ns.name}, "tcp_info": {"enabled": True}, **(extra or {})})
+        self.feats = features.build(cfg)
+        self.readers = {p: make_reader(cfg, need) for p, need in merge_needs(self.feats).items()}
+        self.poller = Poller(self.feats, self.readers, 1.0)
+
+    def poll(self) -> Samples:
+        status = self.poller.poll()
+        assert status.last_error is None and status.sources["tcp_info"].up
+        return status.samples
+
+    @property
+    def feature(self) -> TcpInfo:
+        return next(f for f in self.feats if isinstance(f, TcpInfo))
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+
+
+def ss_field(ns, field: str, sport: int, state: str = "established") -> list[float]:
+    """`ss -tin` field values (e.g. lastrcv, ms) of the sockets with local port `sport`."""
+    out = ns.run(["ss", "-tinH", "state", state, "sport", "=", f":{sport}"], check=True).stdout
+    return [float(m) for m in re.findall(rf"\b{field}:([0-9.]+)", out)]
+
+
+@pytest.fixture
+def scenario(netns_factory):
+    ns = netns_factory()
+    proc = ns.popen([sys.executable, "-c", SCENARIO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert ready["event"] == "ready"
+        yield ns, proc
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+def test_wait_times_against_ss_in_a_namespace(scenario):
+    ns, proc = scenario
+    p = NsPoller(ns)
+    try:
+        time.sleep(3.0)
+        got = p.poll()
+        v = got.value
+        ss_unaccepted = max(ss_field(ns, "lastrcv", 18101)) / 1000
+        unaccepted = v("sockscope_tcp_local_port_oldest_unaccepted_seconds", "18101")
+        assert unaccepted >= 2.9 and abs(unaccepted - ss_unaccepted) < 0.3
+        assert v("sockscope_tcp_local_port_oldest_unaccepted_seconds", "18104") < 1.0
+        first_unread = v("sockscope_tcp_local_port_oldest_unread_seconds", "18102")
+        assert first_unread >= 2.9 and abs(first_unread - max(ss_field(ns, "lastrcv", 18102)) / 1000) < 0.3
+        assert v("sockscope_tcp_local_port_oldest_unread_seconds", "18104") == 0
+        close_wait = v("sockscope_tcp_local_port_oldest_close_wait_seconds", "18103")
+        assert close_wait >= 2.5
+        assert abs(close_wait - ss_field(ns, "lastack", 18103, "close-wait")[0] / 1000) < 0.3
+        # RTT on loopback: every ESTABLISHED socket of 18104 (the accepted end) is well under 5 ms
+        assert v("sockscope_tcp_local_port_rtt_seconds_bucket", "18104", "0.005") == \
+            v("sockscope_tcp_local_port_rtt_seconds_gcount", "18104") == 1
+        time.sleep(0.5)
+        assert v("sockscope_tcp_local_port_oldest_unread_seconds", "18102") == first_unread  # a snapshot
+        assert p.poll().value("sockscope_tcp_local_port_oldest_unread_seconds", "18102") >= first_unread + 0.4
+        proc.stdin.write("close\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "closed"
+        assert p.poll().value("sockscope_tcp_local_port_oldest_close_wait_seconds", "18103") == 0
+    finally:
+        p.close()
