@@ -142,6 +142,16 @@ def test_recorded_tcp_info_bytes_decode_and_truncate_cleanly():
     cut at every 4-byte boundary never reads past its end."""
     samples = recorded()
     assert {name for name, _ in samples} >= {"accept_queue", "close_wait", "bulk"}
+    whole = dict(samples)
+    f = TcpInfo(features.tcp.Rules())
+    out = poll(f, [listener(80), (rec(80, 1, inode=0), 1, [(tcpinfo.INET_DIAG_INFO, whole["accept_queue"])]),
+                   (rec(80, 2, CLOSE_WAIT), 2, [(tcpinfo.INET_DIAG_INFO, whole["close_wait"])]),
+                   (rec(80, 3), 3, [(tcpinfo.INET_DIAG_INFO, whole["bulk"])])])
+    assert 1.4 <= out.value("sockscope_tcp_local_port_oldest_unaccepted_seconds", "80") <= 1.7  # slept 1.5 s
+    assert out.value("sockscope_tcp_local_port_oldest_close_wait_seconds", "80") >= 1.4
+    assert len(f.state) == 3
+    bulk = f.state.cookie.tolist().index(3)
+    assert 0 < f.state.rwnd[bulk] <= f.state.busy[bulk]  # the slow reader held the sender back
     for name, raw in samples:
         for cut in range(0, len(raw) + 1, 4):
             f = TcpInfo(features.tcp.Rules())
