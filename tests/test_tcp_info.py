@@ -261,3 +261,80 @@ def test_wait_times_against_ss_in_a_namespace(scenario):
         assert p.poll().value("sockscope_tcp_local_port_oldest_close_wait_seconds", "18103") == 0
     finally:
         p.close()
+
+
+SLOW_READER = r"""
+import socket, subprocess, sys, threading, time, json
+subprocess.run(["ip", "link", "set", "lo", "mtu", "1500"], check=True)  # the issue's setup
+srv = socket.create_server(("127.0.0.1", 18301))
+client = socket.socket()
+client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+client.connect(("127.0.0.1", 18301))
+server, _ = srv.accept()
+server.setblocking(False)
+stop = threading.Event()
+def send():
+    while not stop.is_set():
+        try:
+            server.send(b"x" * 65536)
+        except BlockingIOError:
+            time.sleep(0.002)
+def read():
+    while not stop.is_set():
+        client.recv(1024)
+        time.sleep(0.05)
+threads = [threading.Thread(target=send), threading.Thread(target=read)]
+for t in threads:
+    t.start()
+print(json.dumps({"event": "ready"}), flush=True)
+for line in sys.stdin:
+    if line.strip() == "close":
+        stop.set()
+        for t in threads:
+            t.join()
+        server.close(); client.close()
+        print("closed", flush=True)
+"""
+
+
+def test_a_slow_reader_makes_receiver_the_largest_share_counted_from_first_sight(netns_factory):
+    ns = netns_factory()
+    proc = ns.popen([sys.executable, "-c", SLOW_READER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = None
+    try:
+        assert json.loads(proc.stdout.readline())["event"] == "ready"
+        time.sleep(0.3)
+        p = NsPoller(ns)
+        ss_busy = ss_field(ns, "busy", 18301)  # ms, since the connection began
+        assert ss_busy and ss_busy[0] > 0
+
+        def busy(out: Samples) -> dict[str, float]:
+            return {lim: out.value("sockscope_tcp_local_port_busy_seconds", "18301", lim) for lim in LIMITS}
+
+        seen = [busy(p.poll())]
+        assert seen[0] == {"network": 0, "receiver": 0, "send_buffer": 0}  # first seen: its past is not ours
+        for _ in range(6):
+            time.sleep(0.5)
+            seen.append(busy(p.poll()))
+        for before, after in zip(seen, seen[1:]):
+            assert all(after[k] >= before[k] for k in LIMITS)  # counters never decrease
+        last = seen[-1]
+        total = sum(last.values())
+        assert 2.0 <= total <= 3.6  # busy the whole ~3 s since first sight, not since the connection began
+        assert last["receiver"] > 0.5 * total and last["receiver"] == max(last.values())
+        # the remote side sees the same socket from the client end: its dport is 18301,
+        # not a configured remote port, so it is in "other" there
+        assert p.poll().value("sockscope_tcp_remote_port_busy_seconds", "other", "receiver") >= last["receiver"]
+        cookies = [int(c, 16) for c in re.findall(r"\bsk:([0-9a-f]+)", ns.run(
+            ["ss", "-tieH", "sport", "=", ":18301"], check=True).stdout)]
+        assert cookies and all(c in p.feature.state.cookie.tolist() for c in cookies)
+        proc.stdin.write("close\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "closed"
+        p.poll()
+        assert not set(cookies) & set(p.feature.state.cookie.tolist())  # dead sockets' state dropped
+    finally:
+        if p is not None:
+            p.close()
+        proc.stdin.close()
+        proc.wait(timeout=10)
