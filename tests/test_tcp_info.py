@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sockscope import config, features, tcpinfo
 from sockscope.batch import Batch
@@ -23,6 +24,8 @@ from sockscope.features import DumpStats, PollContext
 from sockscope.features.tcp_info import BUCKETS, LIMITS, TcpInfo
 from sockscope.poller import Poller, merge_needs
 from sockscope.service import make_reader
+from support.daemon import start_daemon
+from support.prom_server import RealPrometheus
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LO4 = socket.inet_aton("127.0.0.1") + bytes(12)
@@ -338,3 +341,33 @@ def test_a_slow_reader_makes_receiver_the_largest_share_counted_from_first_sight
             p.close()
         proc.stdin.close()
         proc.wait(timeout=10)
+
+
+def test_the_daemon_exports_tcp_info_series_that_parse_and_prometheus_reads(scenario, tmp_path):
+    ns, _ = scenario
+    daemon = start_daemon(tmp_path, "poll:\n  interval: 200ms\ntcp_info:\n  enabled: true\n", netns=ns.name)
+    try:
+        daemon.wait_polls(2)
+        text = daemon.scrape()
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        job = {"job_name": "sockscope", "static_configs": [{"targets": [daemon.address]}]}
+        with RealPrometheus(tmp_path / "prom", [job], interval="1s", timeout="1s") as prom:
+            prom.wait_target_up(timeout=30)
+            deadline = time.monotonic() + 10
+            while not (p50 := prom.query(
+                    'histogram_quantile(0.5, sockscope_tcp_local_port_rtt_seconds_bucket{port="18104"})')):
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+            waited = prom.query('sockscope_tcp_local_port_oldest_unaccepted_seconds_peak{port="18101"}')
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    assert fams["sockscope_tcp_local_port_busy_seconds"].type == "counter"
+    unaccepted = {s.labels["port"]: s.value for s in fams["sockscope_tcp_local_port_oldest_unaccepted_seconds"].samples}
+    assert set(unaccepted) == {"18101", "18102", "18103", "18104", "other"}  # the listening ports + other
+    assert unaccepted["18101"] > 0 and unaccepted["18104"] == 0
+    buckets = [s for s in fams["sockscope_tcp_local_port_rtt_seconds_bucket"].samples if s.labels["port"] == "18104"]
+    assert [s.labels["le"] for s in buckets] == list(BUCKETS)
+    assert 0 < float(p50[0]["value"][1]) < 0.005  # loopback: tens of µs
+    assert float(waited[0]["value"][1]) > 0
+    up = {s.labels["source"]: s.value for s in fams["sockscope_source_up"].samples}
+    assert up["tcp_info"] == 1
