@@ -12,6 +12,7 @@ Times are milliseconds (last_*), microseconds (rtt, rttvar, min_rtt; busy_time a
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ __all__ = ["INET_DIAG_INFO", "INFO_EXT", "FIELDS", "Field", "columns"]
 
 INET_DIAG_INFO = 2  # include/uapi/linux/inet_diag.h: the attribute, and ext bit (1 << (2 - 1))
 INFO_EXT = 1 << (INET_DIAG_INFO - 1)
+_LITTLE = sys.byteorder == "little"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,15 +101,23 @@ def columns(batch: Batch, names: Iterable[str]) -> tuple[dict[str, np.ndarray], 
     rows = np.flatnonzero(ok)
     base = attr.offset[rows]
     u8 = np.frombuffer(batch.data, np.uint8)
+    u32 = np.frombuffer(batch.data, np.uint32, len(batch.data) >> 2)
     out = {}
     for name in names:
         f = FIELDS[name]
-        size = np.dtype(f.dtype).itemsize
         col = np.zeros(len(batch), f.dtype)
         if len(rows):
-            # Gather the bytes of each field (attribute payloads are 4-aligned, u8 fields
-            # and u64 fields at 8-aligned struct offsets may not be 8-aligned in the buffer).
-            raw = u8[(base + f.offset)[:, None] + np.arange(size)]
-            col[rows] = np.ascontiguousarray(raw).view(f.dtype).reshape(-1)
+            # Attribute payloads are 4-aligned (NLA_ALIGNTO): a u4 field is one word, a
+            # u8 field two (its 8-aligned struct offset may sit 4 bytes off in the buffer),
+            # a u1 field one byte. One gather per word: a byte-wise (n, size) gather cost
+            # 3x more at 100k sockets.
+            if f.dtype == "u4":
+                col[rows] = u32[(base + f.offset) >> 2]
+            elif f.dtype == "u8":
+                at = (base + f.offset) >> 2
+                lo, hi = u32[at].astype(np.uint64), u32[at + 1].astype(np.uint64)
+                col[rows] = (lo | (hi << np.uint64(32))) if _LITTLE else ((lo << np.uint64(32)) | hi)
+            else:
+                col[rows] = u8[base + f.offset]
         out[name] = col
     return out, ok

@@ -145,15 +145,25 @@ class _Side:
             self.lut = np.full(_PORTS, len(self.ports), np.intp)
             self.lut[list(self.ports)] = np.arange(len(self.ports))
             rows = len(self.ports) + 1
-        self.hist = np.zeros(rows * _NB, np.int64)
+        # Allocated once, kept across polls; a poll zeroes and sums only the rows it
+        # touched (`mark`): passing over all 65,536 local rows cost ~3 ms per poll.
+        self.hist = np.zeros(rows * _NB, np.int32)
         self.rtt = np.zeros(rows, np.int64)  # µs
         self.busy = np.zeros(rows * 3, np.int64)  # µs growth per LIMITS
         self.waits = np.zeros(rows * 3, np.int64) if remote_ports is None else None  # ms
+        self.mark = np.zeros(rows, bool)
+
+    def touched(self) -> np.ndarray:
+        return np.flatnonzero(self.mark)
 
     def reset(self) -> None:
-        for a in (self.hist, self.rtt, self.busy, self.waits):
-            if a is not None:
-                a[:] = 0
+        r = self.touched()
+        self.hist.reshape(-1, _NB)[r] = 0
+        self.rtt[r] = 0
+        self.busy.reshape(-1, 3)[r] = 0
+        if self.waits is not None:
+            self.waits.reshape(-1, 3)[r] = 0
+        self.mark[r] = False
 
     def rows(self, ports: np.ndarray) -> np.ndarray:
         return ports.astype(np.intp) if self.lut is None else self.lut[ports]
@@ -175,7 +185,12 @@ class _InfoFold(Fold):
         listen = state == LISTEN
         if listen.any():
             f.listening[sport[listen]] = True
-        waits, ok = tcpinfo.columns(batch, _WAITS)
+        # One gather pass for all six fields; a second, for the waits alone, only when
+        # some message carries a struct too short for the chronographs (kernel < 4.10).
+        chrono, full = tcpinfo.columns(batch, _WAITS + _CHRONO)
+        waits, ok = chrono, full
+        if (batch.attribute(tcpinfo.INET_DIAG_INFO).present & ~full).any():
+            waits, ok = tcpinfo.columns(batch, _WAITS)
         rows = np.flatnonzero(ok & ~listen)
         if not len(rows):
             return
@@ -183,6 +198,8 @@ class _InfoFold(Fold):
         ldr, lar, rtt = waits["last_data_recv"][rows], waits["last_ack_recv"][rows], waits["rtt"][rows]
         loc, rem = f.local, f.remote
         lrow, rrow = loc.rows(sp), rem.rows(dp)
+        loc.mark[lrow] = True
+        rem.mark[rrow] = True
         assert loc.waits is not None
         for slot, mask, value in ((0, (st == ESTABLISHED) & (batch.inode[rows] == 0), ldr),
                                   (1, batch.rqueue[rows] > 0, ldr),
@@ -195,9 +212,9 @@ class _InfoFold(Fold):
             b = np.searchsorted(_EDGES_US, rtt[est], side="left")
             r = rtt[est].astype(np.int64)
             for side, prow in ((loc, lrow), (rem, rrow)):
-                np.add.at(side.hist, prow[est] * _NB + b, 1)
+                # an int32 ones array: with a Python 1 np.add.at takes a casting path ~10x slower
+                np.add.at(side.hist, prow[est] * _NB + b, np.ones(len(est), np.int32))
                 np.add.at(side.rtt, prow[est], r)
-        chrono, full = tcpinfo.columns(batch, _CHRONO)
         have = rows[full[rows]]
         if not len(have):
             return
@@ -270,7 +287,8 @@ class TcpInfo(Feature):
         hist = side.hist.reshape(-1, _NB)
         busy = side.busy.reshape(-1, 3)
         waits = side.waits.reshape(-1, 3) if side.waits is not None else None
-        all_hist, all_rtt, all_busy = hist.sum(axis=0), int(side.rtt.sum()), busy.sum(axis=0)
+        t = side.touched()
+        all_hist, all_rtt, all_busy = hist[t].sum(axis=0), int(side.rtt[t].sum()), busy[t].sum(axis=0)
         totals = self._totals[name]
         kept: dict[str, np.ndarray] = {}
         out = []
@@ -290,10 +308,11 @@ class TcpInfo(Feature):
             out.append(PortFigures(str(port), w, tuple(np.cumsum(h).tolist()), r / 1e6,
                                    tuple((kept[str(port)] / 1e6).tolist())))
         if waits is not None:
-            rest = waits.copy()
-            rest[ports] = 0
-            rest[~self.listening, 0] = 0
-            rest_waits = rest.max(axis=0)
+            rest = waits[t]
+            rest[np.isin(t, ports)] = 0
+            rest[~self.listening[t], 0] = 0
+            if len(rest):
+                rest_waits = rest.max(axis=0)
         kept[OTHER] = totals.get(OTHER, np.zeros(3, np.int64)) + rest_busy
         out.append(PortFigures(OTHER, tuple((rest_waits / 1000).tolist()), tuple(np.cumsum(rest_hist).tolist()),
                                rest_rtt / 1e6, tuple((kept[OTHER] / 1e6).tolist())))
