@@ -80,18 +80,18 @@ def test_waits_rtt_and_other_bucket_from_hand_built_tcp_info():
     assert v("sockscope_tcp_local_port_oldest_close_wait_seconds", "9000") == 7.0
     assert v("sockscope_tcp_local_port_oldest_close_wait_seconds", "8080") == 0
     # ESTABLISHED only: 8080 has two (40 µs, 120 µs), other has 50000 and 7777 (30 ms, 0)
-    assert v("sockscope_tcp_local_port_rtt_seconds_bucket", "8080", "5e-05") == 1
-    assert v("sockscope_tcp_local_port_rtt_seconds_bucket", "8080", "0.00025") == 2
-    assert v("sockscope_tcp_local_port_rtt_seconds_bucket", "8080", "+Inf") == 2
+    assert v("sockscope_tcp_local_port_rtt_seconds", "8080", "5e-05") == 1
+    assert v("sockscope_tcp_local_port_rtt_seconds", "8080", "0.00025") == 2
+    assert v("sockscope_tcp_local_port_rtt_seconds", "8080", "+Inf") == 2
     assert v("sockscope_tcp_local_port_rtt_seconds_gcount", "8080") == 2
     assert v("sockscope_tcp_local_port_rtt_seconds_gsum", "8080") == pytest.approx(160e-6)
     assert v("sockscope_tcp_local_port_rtt_seconds_gcount", "9000") == 0  # CLOSE-WAIT is not observed
-    assert v("sockscope_tcp_remote_port_rtt_seconds_bucket", "3306", "0.025") == 0
-    assert v("sockscope_tcp_remote_port_rtt_seconds_bucket", "3306", "0.05") == 1
+    assert v("sockscope_tcp_remote_port_rtt_seconds", "3306", "0.025") == 0
+    assert v("sockscope_tcp_remote_port_rtt_seconds", "3306", "0.05") == 1
     assert v("sockscope_tcp_remote_port_rtt_seconds_gcount", "other") == 3  # 4 ESTABLISHED, 1 to 3306
     ports = [labels[0] for labels, _ in out.get("sockscope_tcp_local_port_oldest_unread_seconds")]
     assert ports == ["8080", "9000", "other"]  # the TCP feature's tracked ports: configured + listening
-    assert len(out.get("sockscope_tcp_local_port_rtt_seconds_bucket")) == 3 * len(BUCKETS)
+    assert len(out.get("sockscope_tcp_local_port_rtt_seconds")) == 3 * len(BUCKETS)
 
 
 def test_busy_growth_by_cookie_first_seen_contributes_nothing_and_dead_cookies_are_dropped():
@@ -253,7 +253,7 @@ def test_wait_times_against_ss_in_a_namespace(scenario):
         assert close_wait >= 2.5
         assert abs(close_wait - ss_field(ns, "lastack", 18103, "close-wait")[0] / 1000) < 0.3
         # RTT on loopback: every ESTABLISHED socket of 18104 (the accepted end) is well under 5 ms
-        assert v("sockscope_tcp_local_port_rtt_seconds_bucket", "18104", "0.005") == \
+        assert v("sockscope_tcp_local_port_rtt_seconds", "18104", "0.005") == \
             v("sockscope_tcp_local_port_rtt_seconds_gcount", "18104") == 1
         time.sleep(0.5)
         assert v("sockscope_tcp_local_port_oldest_unread_seconds", "18102") == first_unread  # a snapshot
@@ -365,8 +365,14 @@ def test_the_daemon_exports_tcp_info_series_that_parse_and_prometheus_reads(scen
     unaccepted = {s.labels["port"]: s.value for s in fams["sockscope_tcp_local_port_oldest_unaccepted_seconds"].samples}
     assert set(unaccepted) == {"18101", "18102", "18103", "18104", "other"}  # the listening ports + other
     assert unaccepted["18101"] > 0 and unaccepted["18104"] == 0
-    buckets = [s for s in fams["sockscope_tcp_local_port_rtt_seconds_bucket"].samples if s.labels["port"] == "18104"]
-    assert [s.labels["le"] for s in buckets] == list(BUCKETS)
+    rtt = fams["sockscope_tcp_local_port_rtt_seconds"]
+    assert rtt.type == "histogram"  # a gauge histogram, as text 0.0.4 spells it (OpenMetrics: gaugehistogram)
+    mine = [s for s in rtt.samples if s.labels["port"] == "18104"]
+    assert [s.labels["le"] for s in mine if s.name.endswith("_bucket")] == list(BUCKETS)
+    # text 0.0.4 has no gauge histogram: its count and sum follow as gauges
+    count = {s.labels["port"]: s.value for s in fams["sockscope_tcp_local_port_rtt_seconds_gcount"].samples}
+    assert fams["sockscope_tcp_local_port_rtt_seconds_gsum"].type == "gauge"
+    assert count["18104"] == mine[-1].value == 1  # the +Inf bucket
     assert 0 < float(p50[0]["value"][1]) < 0.005  # loopback: tens of µs
     assert float(waited[0]["value"][1]) > 0
     up = {s.labels["source"]: s.value for s in fams["sockscope_source_up"].samples}

@@ -37,15 +37,21 @@ NOT_PUSHED = None  # Metric.graphite for series Graphite does not get (liveness,
 @dataclass(frozen=True, slots=True)
 class Metric:
     name: str  # the Prometheus name; a counter's without "_total" (the exposition adds it)
-    kind: str  # "gauge" | "counter"
+    # "gauge" | "counter" | "gaugehistogram": the cumulative `_bucket{le}` rows of a
+    # histogram of this poll (OpenMetrics gauge histogram; text 0.0.4 says histogram); its
+    # count and sum are the gauges "<name>_gcount" and "<name>_gsum", which Prometheus
+    # renders inside the family and Graphite writes like any gauge.
+    kind: str
     help: str  # one line: what it is
     labels: tuple[str, ...] = ()
     graphite: GraphitePath | None = NOT_PUSHED
     peak: bool = False  # window peaks: a gauge "<name>_peak" with the same labels
 
     def __post_init__(self) -> None:
-        if self.kind not in ("gauge", "counter"):
+        if self.kind not in ("gauge", "counter", "gaugehistogram"):
             raise ValueError(f"{self.name}: kind {self.kind!r}")
+        if self.kind == "gaugehistogram" and self.labels[-1:] != ("le",):
+            raise ValueError(f"{self.name}: a gauge histogram's last label is le")
         if self.peak and self.kind != "gauge":
             raise ValueError(f"{self.name}: peaks are kept for gauges only")
         if "\n" in self.help:

@@ -29,7 +29,11 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+)
 from prometheus_client.core import Metric as PromMetric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_generate_latest
 
@@ -50,11 +54,29 @@ def families(samples: Samples) -> Iterator[PromMetric]:
     """prometheus-client metric families of `samples`, in their order (catalogue.Metric:
     name, type, HELP, labels; a counter's name gets its _total from the encoder)."""
     for metric, rows in samples:
+        if metric.kind == "gaugehistogram":
+            yield _gauge_histogram(metric, rows, samples)
+            continue
+        base = samples.metrics.get(metric.name.rpartition("_")[0])
+        if base is not None and base.kind == "gaugehistogram" and metric.name.endswith(("_gcount", "_gsum")):
+            continue  # rendered inside its gauge histogram's family
         cls = CounterMetricFamily if metric.kind == "counter" else GaugeMetricFamily
         fam = cls(metric.name, metric.help, labels=metric.labels)
         for labels, value in rows:
             fam.add_metric(list(labels), value)
         yield fam
+
+
+def _gauge_histogram(metric: Metric, rows: list[tuple[tuple[str, ...], float]], samples: Samples) -> PromMetric:
+    """The rows (labels..., le) -> cumulative count, with the `_gsum` gauge of the same
+    labels, as one gauge histogram family (the `_gcount` is its +Inf bucket)."""
+    fam = GaugeHistogramMetricFamily(metric.name, metric.help, labels=metric.labels[:-1])
+    grouped: dict[tuple[str, ...], list[tuple[str, float]]] = {}
+    for labels, value in rows:
+        grouped.setdefault(labels[:-1], []).append((labels[-1], value))
+    for labels, buckets in grouped.items():
+        fam.add_metric(list(labels), buckets, samples.value(f"{metric.name}_gsum", *labels) or 0.0)
+    return fam
 
 
 def empty_families(metrics: Iterable[Metric]) -> list[PromMetric]:

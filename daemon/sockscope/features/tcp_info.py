@@ -14,8 +14,8 @@ socket). Per tracked port, the same ports and `other` bucket as the TCP feature
 - oldest_close_wait: max tcpi_last_ack_recv over CLOSE-WAIT sockets (the peer's FIN is the
   last segment it sent);
 - RTT: one observation = one ESTABLISHED socket's smoothed RTT (tcpi_rtt) in this poll,
-  counted in fixed buckets (BUCKETS, 50 µs .. 5 s, + Inf), exported as gauges shaped like
-  an OpenMetrics gauge histogram (`_bucket{le}` cumulative, `_gcount`, `_gsum`);
+  counted in fixed buckets (BUCKETS, 50 µs .. 5 s, + Inf), exported as a gauge histogram
+  (catalogue kind "gaugehistogram": `_bucket{le}` cumulative, `_gcount`, `_gsum`);
 - busy by limit: per socket, by cookie, the growth since the last poll of tcpi_busy_time,
   tcpi_rwnd_limited, tcpi_sndbuf_limited (µs, cumulative per socket, tcp_chrono_*):
   receiver = rwnd growth, send_buffer = sndbuf growth, network = the rest of busy growth.
@@ -63,7 +63,7 @@ def _rtt(side: str) -> tuple[Metric, Metric, Metric]:
     p = f"sockscope_tcp_{side}_port_rtt_seconds"
     where = ("tcp", f"{side}_port", "{port}", "rtt")
     return (
-        Metric(f"{p}_bucket", "gauge", f"Gauge histogram of the {side} port's RTT: sockets with RTT <= le; {one}.",
+        Metric(p, "gaugehistogram", f"Gauge histogram of the {side} port's RTT: sockets with RTT <= le; {one}.",
                ("port", "le"), GraphitePath((*where, "le_{le}"))),
         Metric(f"{p}_gcount", "gauge", f"ESTABLISHED sockets of the {side} port in this poll (the RTT histogram's "
                "count).", ("port",), GraphitePath((*where, "count"))),
