@@ -182,6 +182,8 @@ unread = server(18102)
 c = socket.create_connection(("127.0.0.1", 18102)); c.sendall(b"GET /"); a, _ = unread.accept(); keep += [c, a]
 cw = server(18103)
 c = socket.create_connection(("127.0.0.1", 18103)); a_cw, _ = cw.accept(); c.shutdown(socket.SHUT_WR); keep.append(c)
+silent = server(18105)                      # never accepts; its client sends nothing
+c = socket.create_connection(("127.0.0.1", 18105)); keep.append(c)
 healthy = server(18104)
 c = socket.create_connection(("127.0.0.1", 18104)); c.sendall(b"ping"); a, _ = healthy.accept()
 assert a.recv(10) == b"ping"; keep += [c, a]
@@ -246,6 +248,9 @@ def test_wait_times_against_ss_in_a_namespace(scenario):
         unaccepted = v("sockscope_tcp_local_port_oldest_unaccepted_seconds", "18101")
         assert unaccepted >= 2.9 and abs(unaccepted - ss_unaccepted) < 0.3
         assert v("sockscope_tcp_local_port_oldest_unaccepted_seconds", "18104") < 1.0
+        # no data at all: the kernel set lrcvtime when it made the child socket, so this is its age
+        silent = v("sockscope_tcp_local_port_oldest_unaccepted_seconds", "18105")
+        assert silent >= 2.9 and abs(silent - max(ss_field(ns, "lastrcv", 18105)) / 1000) < 0.3
         first_unread = v("sockscope_tcp_local_port_oldest_unread_seconds", "18102")
         assert first_unread >= 2.9 and abs(first_unread - max(ss_field(ns, "lastrcv", 18102)) / 1000) < 0.3
         assert v("sockscope_tcp_local_port_oldest_unread_seconds", "18104") == 0
@@ -363,7 +368,7 @@ def test_the_daemon_exports_tcp_info_series_that_parse_and_prometheus_reads(scen
         assert daemon.stop() == 0, daemon.log()
     assert fams["sockscope_tcp_local_port_busy_seconds"].type == "counter"
     unaccepted = {s.labels["port"]: s.value for s in fams["sockscope_tcp_local_port_oldest_unaccepted_seconds"].samples}
-    assert set(unaccepted) == {"18101", "18102", "18103", "18104", "other"}  # the listening ports + other
+    assert set(unaccepted) == {"18101", "18102", "18103", "18104", "18105", "other"}  # the listening ports + other
     assert unaccepted["18101"] > 0 and unaccepted["18104"] == 0
     rtt = fams["sockscope_tcp_local_port_rtt_seconds"]
     assert rtt.type == "histogram"  # a gauge histogram, as text 0.0.4 spells it (OpenMetrics: gaugehistogram)
