@@ -120,6 +120,25 @@ def test_busy_growth_by_cookie_first_seen_contributes_nothing_and_dead_cookies_a
     assert busy(out, "local", "8080") == pytest.approx({"network": 1.3, "receiver": 0.6, "send_buffer": 0.1})
 
 
+def test_an_attempt_thrown_away_changes_neither_figures_nor_cookie_state():
+    """The poller starts a fresh fold when a dump is interrupted (NLM_F_DUMP_INTR): what
+    the abandoned fold added must not leak into the next poll."""
+    f = TcpInfo(features.tcp.Rules())
+
+    def sock(busy: int, ldr: int = 0, rq: int = 0) -> tuple:
+        return rec(8080, 1, rq=rq), 7, [info(busy_time=busy, last_data_recv=ldr, rtt=100)]
+
+    poll(f, [listener(8080), sock(1_000_000)])
+    abandoned = f.fold(CTX)
+    abandoned.add(Batch.from_records([listener(8080)[0], sock(9_000_000, 60_000, 5)[0]], cookies=[1, 7],
+                                     attributes=[listener(8080)[2], sock(9_000_000, 60_000, 5)[2]]))
+    out = poll(f, [listener(8080), sock(1_500_000)])
+    assert out.value("sockscope_tcp_local_port_busy_seconds", "8080", "network") == 0.5
+    assert out.value("sockscope_tcp_local_port_oldest_unread_seconds", "8080") == 0
+    assert out.value("sockscope_tcp_local_port_rtt_seconds_gcount", "8080") == 1
+    assert f.state.busy.tolist() == [1_500_000]
+
+
 def test_a_shorter_tcp_info_decodes_what_is_there():
     """A 4.9-era struct (no busy_time, 168 bytes) gives waits and RTT but no busy growth;
     a 2.6-era one (104 bytes) still has last_data_recv and rtt; a stub (40 bytes) nothing."""
