@@ -23,7 +23,7 @@ from sockscope.catalogue import Samples
 from sockscope.features import DumpStats, PollContext
 from sockscope.features.tcp_info import BUCKETS, LIMITS, TcpInfo
 from sockscope.poller import Poller, merge_needs
-from sockscope.service import make_reader
+from sockscope.service import Service, make_reader
 from support.daemon import start_daemon
 from support.prom_server import RealPrometheus
 
@@ -185,6 +185,41 @@ def test_recorded_tcp_info_bytes_decode_and_truncate_cleanly():
                 assert out.value("sockscope_tcp_local_port_oldest_unaccepted_seconds", "80") == expect
             if not whole:
                 assert out.value("sockscope_tcp_local_port_oldest_unaccepted_seconds", "80") == 0
+
+
+class FakeReader:
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+
+    def poll(self, start, states=None):
+        start()(self.batch)
+        return DumpStats(("ipv4",), len(self.batch), 0, 0)
+
+    def close(self):
+        pass
+
+
+def test_reload_turning_tcp_info_on_asks_the_tcp_dump_for_it_and_off_again():
+    made: list[tuple[int, int]] = []
+
+    def factory(cfg, need):
+        made.append((need.protocol, need.ext))
+        return FakeReader(Batch.from_records([listener(80)[0]], attributes=[listener(80)[2]]))
+
+    base = {"poll": {"kernel_stats": False}, "prometheus": {"enabled": False}, "udp": {"enabled": False}}
+    service = Service(config.from_mapping(base), reader_factory=factory)
+    try:
+        assert made == [(socket.IPPROTO_TCP, 0)]
+        service.reload(config.from_mapping({**base, "tcp_info": {"enabled": True}}))
+        assert made[-1] == (socket.IPPROTO_TCP, tcpinfo.INFO_EXT)
+        status = service.poller.poll()
+        assert status.sources["tcp_info"].up
+        assert status.samples.value("sockscope_tcp_local_port_oldest_unaccepted_seconds", "80") == 0
+        service.reload(config.from_mapping(base))
+        assert made[-1] == (socket.IPPROTO_TCP, 0)
+        assert "sockscope_tcp_local_port_rtt_seconds" not in service.poller.poll().samples.series
+    finally:
+        service.stop()
 
 
 # -- real kernel ------------------------------------------------------------------------
