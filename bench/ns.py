@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 SYSCTLS = {
     # 2 (the default) lets loopback connects reuse TIME-WAIT ports: counts would drift.
@@ -31,3 +33,18 @@ def create(name: str) -> None:
 def delete(name: str) -> None:
     if os.path.exists(f"/run/netns/{name}"):
         subprocess.run(["ip", "netns", "del", name], timeout=60)
+
+
+def rerun_inside(module: str, argv: list[str], cwd: Path) -> int:
+    """Root check, then `python -m module --inner *argv` inside a namespace of its own
+    (created with SYSCTLS, deleted afterwards whatever happens); its exit status."""
+    if os.geteuid() != 0:
+        print(f"{module}: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    name = f"sockscope-{module.replace('.', '-')}-{os.getpid()}"
+    create(name)
+    try:
+        cmd = ["ip", "netns", "exec", name, sys.executable, "-m", module, "--inner", *argv]
+        return subprocess.run(cmd, cwd=cwd).returncode
+    finally:
+        delete(name)

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,19 +60,6 @@ def parse_args(argv):
     p.add_argument("--out", default=str(RESULTS), help="result directory")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def outer(args, argv) -> int:
-    if os.geteuid() != 0:
-        print("bench: needs root (network namespaces)", file=sys.stderr)
-        return 2
-    name = f"sockscope-bench-{os.getpid()}"
-    netns.create(name)
-    try:
-        cmd = ["ip", "netns", "exec", name, sys.executable, "-m", "bench.run", "--inner", *argv]
-        return subprocess.run(cmd, cwd=REPO).returncode
-    finally:
-        netns.delete(name)
 
 
 def machine() -> dict:
@@ -314,7 +300,7 @@ def inner(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    return inner(args) if args.inner else outer(args, argv)
+    return inner(args) if args.inner else netns.rerun_inside("bench.run", argv, REPO)
 
 
 if __name__ == "__main__":

@@ -309,16 +309,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if not args.inner:
-        if os.geteuid() != 0:
-            print("bench.udp: needs root (network namespaces)", file=sys.stderr)
-            return 2
-        name = f"sockscope-bench-udp-{os.getpid()}"
-        netns.create(name)
-        try:
-            cmd = ["ip", "netns", "exec", name, sys.executable, "-m", "bench.udp", "--inner", *argv]
-            return subprocess.run(cmd, cwd=REPO).returncode
-        finally:
-            netns.delete(name)
+        return netns.rerun_inside("bench.udp", argv, REPO)
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

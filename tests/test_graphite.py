@@ -54,8 +54,6 @@ from sockscope.graphite import (
     stats_samples,
     tag_value,
 )
-from sockscope.kernelstats import KernelStats
-from sockscope.kernelstats import build as build_kernel_stats
 from sockscope.poller import samples_of
 from sockscope.prometheus import SamplesCollector
 from sockscope.service import max_series
@@ -69,8 +67,8 @@ from sockscope.snapshot import (
     Snapshot,
     SourceHealth,
 )
+from support.recorded import fixed_kernel, fixed_udp, fixed_udp_counts
 from support.sink import Sink
-from support.udp_fixtures import fixed_udp, fixed_udp_counts
 
 GOLDEN = Path(__file__).parent / "golden"
 STAMP = 1700000000
@@ -129,23 +127,6 @@ def status_with(snap: Snapshot | None = None, counters: PollStatus = FIXED_STATU
     return PollStatus(results={"tcp": snap}, samples=samples, polls=counters.polls, errors=counters.errors)
 
 
-def fixed_kernel() -> KernelStats:
-    """Parsed from the recorded tests/fixtures/proc_net_* files (proc_net_README.md says how
-    they were recorded), limits as on Debian 12."""
-    fixtures = Path(__file__).parent / "fixtures"
-    stats, problems = build_kernel_stats({
-        "snmp": (fixtures / "proc_net_snmp").read_text(),
-        "netstat": (fixtures / "proc_net_netstat").read_text(),
-        "sockstat": (fixtures / "proc_net_sockstat").read_text(),
-        "tcp_max_tw_buckets": "262144\n",
-        "tcp_max_orphans": "131072\n",
-        "ip_local_port_range": "32768\t60999\n",
-        "tcp_mem": "383430\t511241\t766860\n",
-    }, page_size=4096)
-    assert not problems, problems
-    return stats
-
-
 def spike_snapshot(snap: Snapshot) -> Snapshot:
     """`snap` with 7 more CLOSE-WAIT sockets on local port 8080 (and in the ipv4 total) and
     a fuller accept queue on [::]:8080: what an earlier poll saw, so peaks differ from now."""
@@ -163,7 +144,7 @@ def spike_snapshot(snap: Snapshot) -> Snapshot:
 def full_status(snap: Snapshot | None = None) -> PollStatus:
     """A PollStatus as the poller publishes it with every feature on: the TCP table of
     `snap` (fixed_snapshot()), window peaks (an earlier poll saw spike_snapshot()), the
-    kernel counters of fixed_kernel(), the UDP table and counters of support.udp_fixtures;
+    kernel counters of fixed_kernel(), the UDP table and counters of support.recorded;
     every source healthy, one earlier kernel failure."""
     snap = snap or fixed_snapshot()
     tcp, kernel = TcpSockets(Rules()), KernelCounters(reader=object())

@@ -34,7 +34,6 @@ from sockscope.features.udp import (
 )
 from sockscope.httpserver import Request, _dual_stack_available
 from sockscope.kernelstats import KernelStats
-from sockscope.kernelstats import build as build_kernel_stats
 from sockscope.poller import samples_of
 from sockscope.prometheus import MetricsApp, StatusCollector, make_registry, metrics_server
 from sockscope.snapshot import (
@@ -48,7 +47,7 @@ from sockscope.snapshot import (
     SourceHealth,
 )
 from support.prereq import require
-from support.udp_fixtures import fixed_udp, fixed_udp_counts
+from support.recorded import fixed_kernel, fixed_udp, fixed_udp_counts
 
 ALL_METRICS = [*TcpSockets.metrics, WINDOW, *(peak_metric(m) for m in TcpSockets.metrics if m.peak),
                *KernelCounters.metrics, *UdpSockets.metrics, *UdpCounters.metrics]
@@ -129,22 +128,6 @@ def spike_snapshot(snap: Snapshot) -> Snapshot:
         remote=dataclasses.replace(snap.remote, counts=tuple(map(tuple, remote_rows))),
         listeners=tuple(dataclasses.replace(ln, queue_length=4096) if ln.port == 8080 else ln
                         for ln in snap.listeners))
-
-
-def fixed_kernel() -> KernelStats:
-    """Parsed from the recorded tests/fixtures/proc_net_* files, limits as on Debian 12."""
-    fixtures = Path(__file__).parent / "fixtures"
-    stats, problems = build_kernel_stats({
-        "snmp": (fixtures / "proc_net_snmp").read_text(),
-        "netstat": (fixtures / "proc_net_netstat").read_text(),
-        "sockstat": (fixtures / "proc_net_sockstat").read_text(),
-        "tcp_max_tw_buckets": "262144\n",
-        "tcp_max_orphans": "131072\n",
-        "ip_local_port_range": "32768\t60999\n",
-        "tcp_mem": "383430\t511241\t766860\n",
-    }, page_size=4096)
-    assert not problems, problems
-    return stats
 
 
 def status_of(snapshot: Snapshot | None, kernel: KernelStats | None = None, *, peaks: bool = True,

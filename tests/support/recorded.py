@@ -1,13 +1,32 @@
-"""Fixed UDP results for the exposition and Graphite goldens (test_prometheus, test_graphite)."""
+"""Fixed kernel-counter and UDP results for the exposition and Graphite goldens
+(test_prometheus, test_graphite), parsed from the recorded tests/fixtures files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from sockscope.features.udp import UdpCounts, UdpPort, UdpTable, counts_from
+from sockscope.kernelstats import KernelStats
+from sockscope.kernelstats import build as build_kernel_stats
 from sockscope.snapshot import OTHER
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def fixed_kernel() -> KernelStats:
+    """Parsed from the recorded tests/fixtures/proc_net_* files (proc_net_README.md says how
+    they were recorded), limits as on Debian 12."""
+    stats, problems = build_kernel_stats({
+        "snmp": (FIXTURES / "proc_net_snmp").read_text(),
+        "netstat": (FIXTURES / "proc_net_netstat").read_text(),
+        "sockstat": (FIXTURES / "proc_net_sockstat").read_text(),
+        "tcp_max_tw_buckets": "262144\n",
+        "tcp_max_orphans": "131072\n",
+        "ip_local_port_range": "32768\t60999\n",
+        "tcp_mem": "383430\t511241\t766860\n",
+    }, page_size=4096)
+    assert not problems, problems
+    return stats
 
 
 def fixed_udp() -> UdpTable:
