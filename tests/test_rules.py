@@ -125,7 +125,7 @@ def test_commands_never_filter_on_port_other():
             assert '{{ if eq $labels.port "other" }}' in description, rule["alert"]
             other_part = description.split("{{ else }}")[0]
             assert "sport = :" not in other_part, rule["alert"]
-    assert local_port_alerts == 3
+    assert local_port_alerts == 7
 
 
 def test_every_alert_is_tested_firing_and_quiet():
@@ -184,6 +184,46 @@ def run_with_alerts(promtool: str, tmp_path: Path, alerts_text: str, test_file: 
     (tmp_path / ALERTS.name).write_text(alerts_text)
     shutil.copy(RULES_DIR / "tests" / test_file, tmp_path / "tests" / test_file)
     return promtool_test(promtool, tmp_path / "tests", test_file)
+
+
+# Every threshold and duration of the wait-time alerts (issue 12), moved a little either way:
+# sockscope-waits.test.yml must fail, naming the alert. (alert, expression fragment or
+# "for", replacement.)
+WAIT_CHANGES = [
+    ("SockscopeAcceptQueueWait", "_peak > 1", "_peak > 0.5"),
+    ("SockscopeAcceptQueueWait", "_peak > 1", "_peak > 4"),
+    ("SockscopeAcceptQueueWait", "for", "1m30s"),
+    ("SockscopeAcceptQueueWait", "for", "2m15s"),
+    ("SockscopeUnreadRequestOld", "_peak > 5", "_peak > 4"),
+    ("SockscopeUnreadRequestOld", "_peak > 5", "_peak > 8"),
+    ("SockscopeUnreadRequestOld", "for", "2m30s"),
+    ("SockscopeUnreadRequestOld", "for", "3m15s"),
+    ("SockscopeCloseWaitOld", "> 600", "> 500"),
+    ("SockscopeCloseWaitOld", "> 600", "> 700"),
+    ("SockscopeCloseWaitOld", "for", "9m"),
+    ("SockscopeCloseWaitOld", "for", "14m45s"),
+    ("SockscopeReceiverLimited", "> 0.5", "> 0.4"),
+    ("SockscopeReceiverLimited", "> 0.5", "> 0.65"),
+    ("SockscopeReceiverLimited", "> 0.1", "> 0.05"),
+    ("SockscopeReceiverLimited", "> 0.1", "> 0.25"),
+    ("SockscopeReceiverLimited", "for", "9m45s"),
+    ("SockscopeReceiverLimited", "for", "10m15s"),
+]
+
+
+@pytest.mark.parametrize("alert,old,new", WAIT_CHANGES,
+                         ids=[f"{a}:{o}->{n}" for a, o, n in WAIT_CHANGES])
+def test_the_wait_tests_catch_a_changed_threshold(promtool, tmp_path, alert, old, new):
+    doc = yaml.safe_load(ALERTS.read_text())
+    (rule,) = [r for g in doc["groups"] for r in g["rules"] if r.get("alert") == alert]
+    if old == "for":
+        rule["for"] = new
+    else:
+        assert rule["expr"].count(old) == 1, (alert, old)
+        rule["expr"] = rule["expr"].replace(old, new)
+    r = run_with_alerts(promtool, tmp_path, yaml.safe_dump(doc, sort_keys=False), "sockscope-waits.test.yml")
+    assert r.returncode != 0, f"sockscope-waits.test.yml passes with {alert} {old} -> {new}"
+    assert f"alertname: {alert}," in r.stdout + r.stderr
 
 
 # The rules as they were before issue 10 (defect 3), with today's annotations: the unit
