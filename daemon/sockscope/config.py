@@ -121,6 +121,14 @@ class TcpInfoConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionsConfig:
+    enabled: bool  # per-port traffic/retransmit/close counters from tcp_info + close notifications
+    max_sockets: int  # sockets the per-cookie ledger follows at most
+    max_pending_events: int  # close events held between two polls at most
+    receive_buffer: int  # bytes asked for the close-notification socket (SO_RCVBUFFORCE / SO_RCVBUF)
+
+
+@dataclass(frozen=True, slots=True)
 class PrometheusConfig:
     enabled: bool
     listen_address: str
@@ -164,6 +172,7 @@ class Config:
     listeners: ListenersConfig
     udp: UdpConfig
     tcp_info: TcpInfoConfig
+    connections: ConnectionsConfig
     prometheus: PrometheusConfig
     graphite: GraphiteConfig
     log: LogConfig
@@ -683,6 +692,16 @@ _SECTIONS: tuple[_Section, ...] = (
                        if len(ports) > cap else None),),
     ),
     _Section("tcp_info", TcpInfoConfig, (_Field("enabled", _boolean, False),)),
+    _Section(
+        "connections",
+        ConnectionsConfig,
+        (
+            _Field("enabled", _boolean, False),
+            _Field("max_sockets", _integer(1, 16_000_000), 1_000_000),
+            _Field("max_pending_events", _integer(1, 16_000_000), 100_000),
+            _Field("receive_buffer", _integer(65_536, 1 << 30), 8 * 1024 * 1024),
+        ),
+    ),
     _Section(
         "prometheus",
         PrometheusConfig,
