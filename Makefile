@@ -18,6 +18,9 @@ DEB_PACKAGES += collectd-core
 DEB_PACKAGES += systemd curl openssl time
 # tmux: `sockscope snapshot --watch` is tested in a real terminal (tests/test_cli.py).
 DEB_PACKAGES += tmux
+# nftables: the connections tests drop packets in a test namespace (retransmissions, SYNs
+# that time out: tests/test_connections.py).
+DEB_PACKAGES += nftables
 # python3-venv: ensurepip for Debian's python3, which `make install` builds its venv from
 # (tests/test_packaging.py installs into a staging directory).
 DEB_PACKAGES += python3-venv

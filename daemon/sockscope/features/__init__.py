@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .base import DumpNeed, DumpStats, Feature, Fold, PollContext
+from .connections import Connections
 from .kernel import KernelCounters
 from .peaks import WindowPeaks
 from .tcp import TcpSockets
@@ -35,6 +36,8 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("tcp", ("ports", "listeners", "poll.families"), lambda cfg, built: TcpSockets.from_config(cfg)),
     Entry("tcp_info", ("tcp_info", "ports"),
           lambda cfg, built: TcpInfo.from_config(cfg) if cfg.tcp_info.enabled else None),
+    Entry("connections", ("connections", "ports", "poll.netns", "poll.families"),
+          lambda cfg, built: Connections.from_config(cfg) if cfg.connections.enabled else None),
     Entry("peaks", ("poll.peak_window",),
           lambda cfg, built: WindowPeaks(cfg.poll.peak_window, [m for f in built for m in f.metrics])
           if cfg.poll.peak_window else None, build_last=True),

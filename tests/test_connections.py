@@ -1,0 +1,467 @@
+"""connections feature (sockscope.features.connections): per-port bytes, retransmits and
+closed connections, exact across polls and close notifications. Pure tests of the ledger
+on hand-built sockets and events, then the real kernel in test namespaces (figures against
+the traffic the test made and `nstat` there).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from sockscope import config, features, tcpinfo
+from sockscope.batch import Batch
+from sockscope.catalogue import Samples
+from sockscope.closeevents import FAILED, NORMAL, UNREAD_DATA, Closed
+from sockscope.features import DumpStats, PollContext
+from sockscope.features.connections import Connections
+from sockscope.poller import Poller, merge_needs
+from sockscope.service import make_reader
+from support.prereq import require
+
+LO4 = socket.inet_aton("127.0.0.1") + bytes(12)
+ESTABLISHED, SYN_SENT, LISTEN = 1, 2, 10
+STATS = DumpStats(("ipv4",), 0, 0, 0)
+CTX = PollContext(0.0, 0.0)
+
+
+class QuietEvents:
+    """A CloseEvents that never receives: pure tests put events in feature.pending."""
+
+    granted = 4096
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+
+    def open(self) -> None:
+        pass
+
+    def receive(self, timeout: float):
+        self._stop.wait(timeout)
+        return None
+
+    def dropped(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def feature(**kw) -> Connections:
+    rules = features.tcp.Rules(local=kw.pop("local", ()), remote=kw.pop("remote", ()))
+    return Connections(rules, events=QuietEvents, **kw)
+
+
+def info(acked: int = 0, received: int = 0, retrans: int = 0) -> list[tuple[int, bytes]]:
+    raw = bytearray(232)
+    for name, v in (("bytes_acked", acked), ("bytes_received", received), ("total_retrans", retrans)):
+        f = tcpinfo.FIELDS[name]
+        raw[f.offset:f.offset + np.dtype(f.dtype).itemsize] = np.array([v], f.dtype).tobytes()
+    return [(tcpinfo.INET_DIAG_INFO, bytes(raw))]
+
+
+def sock(cookie: int, sport: int, dport: int, acked: int = 0, received: int = 0, retrans: int = 0,
+         state: int = ESTABLISHED) -> tuple[tuple, int, list]:
+    return (socket.AF_INET, state, sport, dport, LO4, LO4, 0, 0, 0, 1), cookie, info(acked, received, retrans)
+
+
+def listener(port: int) -> tuple[tuple, int, list]:
+    return (socket.AF_INET, LISTEN, port, 0, LO4, LO4, 0, 128, 0, 1), 1, info()
+
+
+def closed(*rows: tuple[int, int, int, int, int, int, int]) -> Closed:
+    """Events: (cookie, sport, dport, acked, received, retrans, outcome)."""
+    cols = list(zip(*rows))
+    return Closed(np.array(cols[0], np.uint64), np.array(cols[1], np.uint16), np.array(cols[2], np.uint16),
+                  np.array(cols[3], np.int64), np.array(cols[4], np.int64), np.array(cols[5], np.int64),
+                  np.array(cols[6], np.uint8))
+
+
+def poll(f: Connections, rows: list[tuple[tuple, int, list]]) -> Samples:
+    fold = f.fold(CTX)
+    if rows:
+        fold.add(Batch.from_records([r for r, _, _ in rows], cookies=[c for _, c, _ in rows],
+                                    attributes=[a for _, _, a in rows]))
+    out = Samples()
+    f.samples(fold.finish(STATS), out)
+    return out
+
+
+def counters(out: Samples, side: str, port: str) -> tuple[float, ...]:
+    return tuple(out.value(f"sockscope_tcp_{side}_port_{m}_total".removesuffix("_total"), port)
+                 for m in ("sent_bytes", "received_bytes", "retransmitted_segments"))
+
+
+def closes(out: Samples, side: str, port: str) -> dict[str, float]:
+    return {o: out.value(f"sockscope_tcp_{side}_port_connections_closed", port, o)
+            for o in ("normal", "unread_data", "failed")}
+
+
+@pytest.fixture
+def made():
+    built: list[Connections] = []
+    yield built
+    for f in built:
+        f.close()
+
+
+# -- pure ---------------------------------------------------------------------------------
+
+def test_first_poll_is_a_baseline_then_growth_and_newborns_count_whole(made):
+    f = feature(remote=(5432,))
+    made.append(f)
+    out = poll(f, [listener(80), sock(7, 80, 40000, acked=1000, received=50, retrans=2)])
+    assert counters(out, "local", "80") == (0, 0, 0)  # alive at start: only growth after counts
+    out = poll(f, [listener(80), sock(7, 80, 40000, acked=1500, received=70, retrans=3),
+                   sock(8, 40001, 5432, acked=300, received=10)])
+    assert counters(out, "local", "80") == (500, 20, 1)
+    assert counters(out, "local", "other") == (300, 10, 0)  # born since: whole
+    assert counters(out, "remote", "5432") == (300, 10, 0)
+    assert counters(out, "remote", "other") == (500, 20, 1)
+    ports = [labels[0] for labels, _ in out.get("sockscope_tcp_local_port_sent_bytes")]
+    assert ports == ["80", "other"]
+    assert len(out.get("sockscope_tcp_local_port_connections_closed")) == 2 * 3
+
+
+def test_a_close_adds_the_growth_since_the_last_poll_exactly_once(made):
+    f = feature()
+    made.append(f)
+    poll(f, [listener(80), sock(7, 80, 40000, acked=1000)])
+    poll(f, [listener(80), sock(7, 80, 40000, acked=1500)])
+    f.pending.put(closed((7, 80, 40000, 2000, 0, 0, NORMAL)))  # closed before the next dump
+    out = poll(f, [listener(80)])
+    assert counters(out, "local", "80")[0] == 1000  # 500 by the poll, 500 by the close
+    assert closes(out, "local", "80") == {"normal": 1, "unread_data": 0, "failed": 0}
+    assert len(f.ledger) == 0
+    # a socket still in this poll's dump whose close arrives while the dump runs
+    poll(f, [listener(80), sock(9, 80, 40002, acked=10)])  # newborn: 10
+    fold = f.fold(CTX)
+    fold.add(Batch.from_records([listener(80)[0], sock(9, 80, 40002)[0]], cookies=[1, 9],
+                                attributes=[info(), info(acked=400)]))
+    f.pending.put(closed((9, 80, 40002, 450, 0, 0, UNREAD_DATA)))
+    out = Samples()
+    f.samples(fold.finish(STATS), out)
+    assert counters(out, "local", "80")[0] == 1000 + 10 + 390 + 50
+    assert closes(out, "local", "80")["unread_data"] == 1 and len(f.ledger) == 0
+    out = poll(f, [listener(80)])
+    assert counters(out, "local", "80")[0] == 1450  # nothing counted twice
+
+
+def test_connections_born_and_gone_between_polls_count_whole_and_failed_ones_find_their_port(made):
+    f = feature(remote=(3306,))
+    made.append(f)
+    f.pending.put(closed((3, 40000, 3306, 99, 99, 0, NORMAL)))  # before the first poll: the close only
+    out = poll(f, [listener(80)])
+    assert counters(out, "remote", "3306") == (0, 0, 0) and closes(out, "remote", "3306")["normal"] == 1
+    poll(f, [listener(80), sock(11, 40005, 3306, state=SYN_SENT)])  # a slow connect, seen in SYN-SENT
+    f.pending.put(closed((21, 40003, 80, 10_001, 0, 0, NORMAL), (22, 80, 40003, 0, 10_001, 0, NORMAL),
+                         (11, 40005, 0, 0, 0, 0, FAILED),  # a blocking connect() gave up: dport cleared
+                         (12, 40006, 0, 0, 0, 0, FAILED)))  # refused at once: no poll saw where it went
+    out = poll(f, [listener(80)])
+    assert counters(out, "local", "80") == (0, 10_001, 0)
+    assert counters(out, "local", "other") == (10_001, 0, 0)
+    assert closes(out, "remote", "3306") == {"normal": 1, "unread_data": 0, "failed": 1}
+    assert closes(out, "remote", "other")["failed"] == 1
+    assert closes(out, "local", "other") == {"normal": 2, "unread_data": 0, "failed": 2}  # + the first poll's
+
+
+def test_the_ledger_is_capped_and_an_untracked_socket_is_counted_once(made):
+    f = feature(max_sockets=2)
+    made.append(f)
+    poll(f, [listener(80)])
+    out = poll(f, [listener(80), sock(1, 80, 1, acked=10), sock(2, 80, 2, acked=20), sock(3, 80, 3, acked=30)])
+    assert out.value("sockscope_tcp_connections_untracked_sockets") == 1
+    assert len(f.ledger) == 2
+    left_out = ({1, 2, 3} - set(f.ledger.cookie.tolist())).pop()
+    sent = counters(out, "local", "80")[0]
+    assert sent == 60 - 10 * left_out  # only the followed ones counted
+    others = [c for c in (1, 2, 3) if c != left_out]
+    out = poll(f, [listener(80), sock(others[0], 80, 9, acked=10 * others[0]), sock(left_out, 80, 3, acked=40)])
+    assert out.value("sockscope_tcp_connections_untracked_sockets") == 0
+    assert counters(out, "local", "80")[0] == sent + 40  # counted whole once it has room
+    out = poll(f, [listener(80), sock(others[0], 80, 9, acked=10 * others[0]), sock(left_out, 80, 3, acked=40)])
+    assert counters(out, "local", "80")[0] == sent + 40
+
+
+def test_pending_events_beyond_the_limit_are_lost_and_counted(made):
+    f = feature(max_pending_events=2)
+    made.append(f)
+    poll(f, [listener(80)])
+    f.pending.put(closed(*[(c, 50000 + c, 80, 5, 0, 0, NORMAL) for c in range(100, 103)]))
+    out = poll(f, [listener(80)])
+    assert out.value("sockscope_tcp_close_events_lost") == 1
+    assert closes(out, "remote", "other")["normal"] == 2
+
+
+def test_an_attempt_thrown_away_counts_nothing(made):
+    f = feature()
+    made.append(f)
+    poll(f, [listener(80), sock(7, 80, 1, acked=100)])
+    abandoned = f.fold(CTX)
+    abandoned.add(Batch.from_records([sock(7, 80, 1)[0]], cookies=[7], attributes=[info(acked=900)]))
+    out = poll(f, [listener(80), sock(7, 80, 1, acked=300)])
+    assert counters(out, "local", "80")[0] == 200
+
+
+def test_reload_with_connections_on_builds_the_feature_and_its_dump_asks_for_tcp_info():
+    cfg = config.from_mapping({"connections": {"enabled": True, "max_sockets": 10}})
+    built = features.build(cfg)
+    try:
+        f = next(x for x in built if x.name == "connections")
+        assert isinstance(f, Connections) and f.max_sockets == 10 and f.receiver is None  # nothing runs yet
+        assert merge_needs(built)[socket.IPPROTO_TCP].ext & tcpinfo.INFO_EXT
+        assert "connections" in features.changed_features({"connections.max_sockets"})
+        assert "connections" not in {x.name for x in features.build(config.from_mapping({}))}
+    finally:
+        for x in built:
+            x.close()
+
+
+# -- real kernel ------------------------------------------------------------------------
+
+class NsPoller:
+    """In-process polls of one namespace with connections on; the features live across polls."""
+
+    def __init__(self, ns, extra: dict | None = None) -> None:
+        cfg = config.from_mapping({"poll": {"netns": ns.name, "kernel_stats": False},
+                                   "connections": {"enabled": True}, "udp": {"enabled": False},
+                                   **(extra or {})})
+        self.feats = features.build(cfg)
+        self.readers = {p: make_reader(cfg, need) for p, need in merge_needs(self.feats).items()}
+        self.poller = Poller(self.feats, self.readers, 5.0)
+
+    def poll(self) -> Samples:
+        status = self.poller.poll()
+        assert status.last_error is None and status.sources["tcp"].up
+        return status.samples
+
+    @property
+    def feature(self) -> Connections:
+        return next(f for f in self.feats if isinstance(f, Connections))
+
+    def settle(self, want_closes: int, side: str, port: str, timeout: float = 5.0) -> Samples:
+        """Poll until `want_closes` closes are counted on the port (events in flight)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.poll()
+            if sum(closes(out, side, port).values()) >= want_closes or time.monotonic() > deadline:
+                return out
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        for f in self.feats:
+            f.close()
+        for r in self.readers.values():
+            r.close()
+
+
+SHORT = r"""
+import socket, sys, threading
+n, size = int(sys.argv[1]), int(sys.argv[2])
+srv = socket.create_server(("127.0.0.1", 18501), backlog=n)
+def serve():
+    for _ in range(n):
+        a, _ = srv.accept()
+        while a.recv(65536):
+            pass
+        a.close()
+t = threading.Thread(target=serve); t.start()
+for _ in range(n):
+    c = socket.create_connection(("127.0.0.1", 18501))
+    c.sendall(b"x" * size)
+    c.shutdown(socket.SHUT_WR)
+    c.recv(1)  # the server's FIN: every byte was read
+    c.close()
+t.join()
+"""
+
+
+def test_200_connections_born_and_gone_between_two_polls_are_counted(netns_factory):
+    ns = netns_factory()
+    # configured: the listener is gone (with its process) by the poll that counts
+    p = NsPoller(ns, {"ports": {"local": [18501], "remote": [18501]}})
+    try:
+        first = p.poll()
+        assert first.value("sockscope_tcp_close_events_subscribed") == 1
+        assert first.value("sockscope_tcp_close_events_buffer_bytes") >= 16 * 1024 * 1024  # root: forced 8 MiB
+        ns.python(["-c", SHORT, "200", "10000"], check=True, timeout=60)
+        out = p.settle(200, "remote", "18501")
+        assert closes(out, "remote", "18501") == {"normal": 200, "unread_data": 0, "failed": 0}
+        assert closes(out, "local", "18501") == {"normal": 200, "unread_data": 0, "failed": 0}
+        sent, received, retrans = counters(out, "local", "18501")
+        # bytes_received counts each client's FIN too (one sequence number): 10,000 + 1
+        assert received == 200 * 10_001
+        assert sent == 200 * 1  # the server's FIN
+        assert counters(out, "remote", "18501")[0] == 200 * 10_002  # the client's SYN, data and FIN
+        assert out.value("sockscope_tcp_close_events_lost") == 0
+        assert len(p.feature.ledger) == 0  # no closed socket kept
+    finally:
+        p.close()
+
+
+BULK = r"""
+import socket, sys, time
+srv = socket.create_server(("127.0.0.1", 18502))
+c = socket.create_connection(("127.0.0.1", 18502))
+a, _ = srv.accept()
+print("ready", flush=True)
+sys.stdin.readline()  # after the baseline poll
+chunk, total = b"y" * (1 << 20), int(sys.argv[1])
+import threading
+def read():
+    got = 0
+    while got < total:
+        got += len(c.recv(1 << 20))
+t = threading.Thread(target=read); t.start()
+for i in range(total >> 20):
+    a.sendall(chunk)
+    time.sleep(0.04)
+t.join()
+sys.stdin.readline()
+a.close(); c.close()
+print("closed", flush=True)
+"""
+
+
+def test_a_long_transfer_across_polls_is_counted_once_when_it_closes(netns_factory):
+    ns = netns_factory()
+    total = 30 << 20
+    p = NsPoller(ns, {"ports": {"local": [18502]}})
+    proc = ns.popen([sys.executable, "-c", BULK, str(total)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        p.poll()  # the connection exists: a baseline (nothing sent yet)
+        proc.stdin.write("send\n")
+        proc.stdin.flush()
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            seen.append(counters(p.poll(), "local", "18502")[0])
+            if seen[-1] >= total:
+                break
+        assert len([s for s in seen if 0 < s < total]) >= 3  # counted across several polls
+        proc.stdin.write("close\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "closed"
+        out = p.settle(1, "local", "18502")
+        for _ in range(3):
+            out = p.poll()
+        sent = counters(out, "local", "18502")[0]
+        assert abs(sent - total) <= 0.01 * total and sent <= total + 2  # SYN/FIN at most
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        p.close()
+
+
+def nstat(ns, name: str) -> int:
+    out = ns.run(["nstat", "-az", name], check=True).stdout
+    return int(next(line.split()[1] for line in out.splitlines() if line.startswith(name)))
+
+
+LOSSY = r"""
+import socket, subprocess, sys, threading
+srv = socket.create_server(("127.0.0.1", 18503))
+c = socket.create_connection(("127.0.0.1", 18503))
+a, _ = srv.accept()
+total = int(sys.argv[1])
+def read():
+    got = 0
+    while got < total:
+        got += len(c.recv(1 << 20))
+t = threading.Thread(target=read); t.start()
+a.sendall(b"z" * total)
+t.join()
+a.close(); c.close()
+"""
+
+
+def test_retransmits_per_port_equal_the_namespaces_tcp_retrans_segs(netns_factory):
+    require(subprocess.run(["which", "nft"], capture_output=True).returncode == 0, "needs nft (nftables)")
+    ns = netns_factory()
+    ns.run(["ip", "link", "set", "lo", "mtu", "1500"], check=True)
+    ns.run(["nft", "add table inet loss; add chain inet loss in { type filter hook input priority 0; }; "
+                   "add rule inet loss in tcp sport 18503 numgen random mod 20 == 0 drop"], check=True)
+    p = NsPoller(ns, {"ports": {"local": [18503]}})
+    try:
+        p.poll()
+        before = nstat(ns, "TcpRetransSegs")
+        ns.python(["-c", LOSSY, str(6 << 20)], check=True, timeout=120)
+        after = nstat(ns, "TcpRetransSegs")
+        out = p.settle(1, "local", "18503")
+        grew = after - before
+        assert grew >= 50  # the drop made retransmissions
+        port = counters(out, "local", "18503")[2]
+        assert abs(port - grew) <= 0.02 * grew
+    finally:
+        p.close()
+
+
+TIMEOUTS = r"""
+import socket, sys
+c = socket.socket()
+c.settimeout(1.2)  # a non-blocking connect given up: the socket keeps its peer
+try:
+    c.connect(("127.0.0.1", 18504))
+except TimeoutError:
+    pass
+c.close()
+b = socket.socket()
+b.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)  # a blocking connect the kernel gives up (~3 s)
+print("blocking", flush=True)
+try:
+    b.connect(("127.0.0.1", 18504))
+except TimeoutError:
+    pass
+b.close()
+print("done", flush=True)
+"""
+
+
+def test_timed_out_connects_are_failed_on_their_remote_port(netns_factory):
+    require(subprocess.run(["which", "nft"], capture_output=True).returncode == 0, "needs nft (nftables)")
+    ns = netns_factory()
+    ns.run(["nft", "add table inet syn; add chain inet syn in { type filter hook input priority 0; }; "
+                   "add rule inet syn in tcp dport 18504 drop"], check=True)
+    p = NsPoller(ns, {"ports": {"remote": [18504]}})
+    proc = ns.popen([sys.executable, "-c", TIMEOUTS], stdout=subprocess.PIPE, text=True)
+    try:
+        p.poll()
+        assert proc.stdout.readline().strip() == "blocking"
+        time.sleep(0.5)
+        p.poll()  # sees the blocking connect in SYN-SENT: its close event will have dport 0
+        assert proc.stdout.readline().strip() == "done"
+        out = p.settle(2, "remote", "18504")
+        assert closes(out, "remote", "18504") == {"normal": 0, "unread_data": 0, "failed": 2}
+        # the non-blocking connect's SYN retransmission (at 1 s); the blocking one's close
+        # reports zeroed counters (tcp_disconnect), so its retransmissions after the poll are lost
+        assert counters(out, "remote", "18504")[2] >= 1
+    finally:
+        proc.wait(timeout=10)
+        p.close()
+
+
+def test_a_server_closing_with_unread_data_is_unread_data(netns_factory):
+    ns = netns_factory()
+    p = NsPoller(ns, {"ports": {"local": [18505]}})
+    script = ("import socket, time\nsrv = socket.create_server(('127.0.0.1', 18505))\n"
+              "c = socket.create_connection(('127.0.0.1', 18505)); a, _ = srv.accept()\n"
+              "c.sendall(b'x' * 5000); time.sleep(0.1); a.close(); time.sleep(0.1); c.close()\n")
+    try:
+        p.poll()
+        ns.python(["-c", script], check=True)
+        out = p.settle(1, "local", "18505")
+        assert closes(out, "local", "18505") == {"normal": 0, "unread_data": 1, "failed": 0}
+        # remote side: both ends' peers are untracked ports: the server end and the client end
+        assert closes(out, "remote", "other") == {"normal": 1, "unread_data": 1, "failed": 0}
+    finally:
+        p.close()
+
