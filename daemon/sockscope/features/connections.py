@@ -53,6 +53,14 @@ _PORTS = 65536
 _FIELDS = ("bytes_acked", "bytes_received", "total_retrans")
 _NO = len(OUTCOMES)
 RECEIVE_WAIT = 0.5  # seconds the receiver blocks per wakeup: how fast it sees stop()
+# Decoding costs ~130 µs per wakeup plus ~0.2 µs per event (numpy set-up dominates small
+# batches: 26 µs/event at 5 events, 0.6 at 500). After a wakeup that had events the
+# receiver lets the kernel queue more for a moment, as long as the buffer granted holds
+# what DESIGN_RATE events/s bring meanwhile (a queued event takes ~1.3 KiB of it: the
+# default 208 KiB buffer held ~166), and never longer than MAX_BATCH_WAIT.
+MAX_BATCH_WAIT = 0.01
+EVENT_TRUESIZE = 1280
+DESIGN_RATE = 100_000
 
 
 def _counter(side: str, what: str, help_: str) -> Metric:
@@ -166,6 +174,7 @@ class Receiver:
         self.malformed = 0
         self.subscribed = False
         self.granted = 0
+        self.batch_wait = 0.0  # seconds waited after a wakeup with events (see MAX_BATCH_WAIT)
         self._stop = threading.Event()
         self._problems = Problems(log, "close notifications", recovery="close notifications received again")
         self._overrun = Problems(log, "", level=logging.WARNING)  # logged once
@@ -182,6 +191,7 @@ class Receiver:
 
     def _opened(self) -> None:
         self.granted = self.events.granted
+        self.batch_wait = min(MAX_BATCH_WAIT, self.granted / (4 * EVENT_TRUESIZE * DESIGN_RATE))
         self.subscribed = True
 
     def _run(self) -> None:
@@ -203,6 +213,8 @@ class Receiver:
                             f"the kernel dropped close notifications: the {self.granted}-byte receive buffer was "
                             "full (counted in sockscope_tcp_close_events_lost_total; raise "
                             "connections.receive_buffer, and give CAP_NET_ADMIN to go past net.core.rmem_max)")
+                    if self.batch_wait:
+                        self._stop.wait(self.batch_wait)
             except Exception as e:  # noqa: BLE001 - the thread must survive anything
                 self.subscribed = False
                 self._problems.failed(e, traceback=None if isinstance(e, OSError) else e)
