@@ -6,6 +6,7 @@ the traffic the test made and `nstat` there).
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from sockscope.closeevents import FAILED, NORMAL, UNREAD_DATA, Closed
 from sockscope.features import DumpStats, PollContext
 from sockscope.features.connections import Connections
 from sockscope.poller import Poller, merge_needs
-from sockscope.service import make_reader
+from sockscope.service import Service, make_reader
 from support.prereq import require
 
 LO4 = socket.inet_aton("127.0.0.1") + bytes(12)
@@ -221,6 +222,36 @@ def test_reload_with_connections_on_builds_the_feature_and_its_dump_asks_for_tcp
     finally:
         for x in built:
             x.close()
+
+
+
+class FakeReader:
+    def poll(self, start, states=None):
+        start()(Batch.from_records([listener(80)[0]], attributes=[listener(80)[2]]))
+        return DumpStats(("ipv4",), 1, 0, 0)
+
+    def close(self):
+        pass
+
+
+def receivers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "sockscope-close-events"]
+
+
+def test_the_receiver_runs_only_while_the_feature_is_on():
+    base = {"poll": {"kernel_stats": False}, "prometheus": {"enabled": False}, "udp": {"enabled": False}}
+    service = Service(config.from_mapping(base), reader_factory=lambda cfg, need: FakeReader())
+    try:
+        service.poller.poll()
+        assert receivers() == []  # off: nothing of it runs
+        service.reload(config.from_mapping({**base, "connections": {"enabled": True}}))
+        status = service.poller.poll()
+        assert len(receivers()) == 1 and status.samples.value("sockscope_tcp_close_events_subscribed") == 1
+        service.reload(config.from_mapping(base))
+        status = service.poller.poll()
+        assert receivers() == [] and "sockscope_tcp_close_events_lost" not in status.samples.series
+    finally:
+        service.stop()
 
 
 # -- real kernel ------------------------------------------------------------------------
@@ -465,3 +496,84 @@ def test_a_server_closing_with_unread_data_is_unread_data(netns_factory):
     finally:
         p.close()
 
+
+
+HELD = r"""
+import os, socket, sys
+n = int(sys.argv[1])
+srv = socket.create_server(("127.0.0.1", 18501), backlog=n)
+held = []
+for _ in range(n):
+    c = socket.create_connection(("127.0.0.1", 18501)); a, _ = srv.accept(); held += [c, a]
+sys.stdout.flush()
+os._exit(0)  # the kernel closes every socket at once
+"""
+
+
+def test_the_daemon_without_cap_net_admin_counts_a_bursts_losses_and_keeps_counting(netns_factory, tmp_path):
+    """The issue's unprivileged burst: without CAP_NET_ADMIN the buffer is the one asked
+    (capped by rmem_max, not forced); a burst beyond it is lost and counted, the counters
+    keep working afterwards and the poll cadence holds."""
+    from support.daemon import start_daemon
+
+    ns = netns_factory()
+    daemon = start_daemon(tmp_path, "poll:\n  interval: 250ms\nports:\n  local: [18501]\nconnections:\n"
+                          "  enabled: true\n  receive_buffer: 65536\n", netns=ns.name,
+                          prefix=("setpriv", "--bounding-set", "-net_admin", "--"))
+    try:
+        s = daemon.wait_polls(1)
+        assert s[("sockscope_tcp_close_events_buffer_bytes", ())] == 131072  # asked 64 KiB, doubled, not forced
+        assert s[("sockscope_tcp_close_events_subscribed", ())] == 1
+        # 3,000 events within milliseconds (the exiting process's sockets, closed by the
+        # kernel): far more than a 128 KiB buffer holds (~100)
+        ns.python(["-c", HELD, "1500"], check=True, timeout=60)
+        s = daemon.wait_polls(2)
+        lost = s[("sockscope_tcp_close_events_lost_total", ())]
+        assert lost > 0 and s[("sockscope_tcp_close_events_overruns_total", ())] >= 1
+        key = ("sockscope_tcp_local_port_connections_closed_total", (("outcome", "normal"), ("port", "18501")))
+        before = s[key]
+        assert before < 1500, (before, lost)  # some server ends were lost
+        polls = s[("sockscope_polls_total", ())]
+        ns.python(["-c", SHORT, "20", "10"], check=True, timeout=60)
+        time.sleep(0.6)
+        s = daemon.wait_polls(2)
+        assert s[key] == before + 20  # counting again, exactly
+        assert s[("sockscope_tcp_close_events_lost_total", ())] == lost
+        assert s[("sockscope_polls_total", ())] - polls >= 4  # ~0.6 s + 2 polls at 250 ms: cadence kept
+        assert "dropped close notifications" in daemon.log()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_the_receiver_follows_its_namespace_when_it_is_deleted_and_made_again(netns_factory, caplog):
+    from support.netns import NetNS
+
+    caplog.set_level(logging.INFO, logger="sockscope")
+    ns = netns_factory()
+    p = NsPoller(ns, {"ports": {"local": [18506]}})
+    again = None
+    try:
+        assert p.poll().value("sockscope_tcp_close_events_subscribed") == 1
+        receiver = p.feature.receiver
+        assert receiver is not None
+        ns.delete()
+        deadline = time.monotonic() + 5
+        while receiver.subscribed and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not receiver.subscribed  # the path is gone: an error, logged once, retried
+        again = NetNS.create(name=ns.name)
+        deadline = time.monotonic() + 5
+        while not receiver.subscribed and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert receiver.subscribed
+        p.poll()
+        again.python(["-c", "import socket\nsrv = socket.create_server(('127.0.0.1', 18506))\n"
+                      "c = socket.create_connection(('127.0.0.1', 18506)); a, _ = srv.accept(); a.close(); c.close()\n"],
+                     check=True)
+        out = p.settle(1, "local", "18506")
+        assert closes(out, "local", "18506")["normal"] == 1  # heard in the new namespace
+        assert sum("close notifications" in r.getMessage() for r in caplog.records) == 2  # the problem, the recovery
+    finally:
+        p.close()
+        if again is not None:
+            again.delete()
