@@ -269,3 +269,18 @@ def test_receive_blocks_for_its_timeout_without_spinning(netns_factory):
         cpu, wall = time.process_time(), time.monotonic()
         assert events.receive(0.5) is None
         assert time.monotonic() - wall >= 0.45 and time.process_time() - cpu < 0.05
+
+
+def test_ipv6_connections_arrive_through_their_own_group(netns_factory):
+    ns = netns_factory()
+    script = ("import socket\nsrv = socket.create_server(('::1', 18405), family=socket.AF_INET6)\n"
+              "c = socket.create_connection(('::1', 18405)); a, _ = srv.accept(); c.sendall(b'v6' * 50)\n"
+              "a.recv(100); c.close(); a.close()\n")
+    with CloseEvents(("ipv4",), netns=ns.name) as v4, CloseEvents(("ipv6",), netns=ns.name) as v6:
+        v4.open()
+        v6.open()
+        ns.python(["-c", script], check=True)
+        closed, _, _ = receive_until(v6, 2)
+        assert sorted(closed.sport.tolist()) == sorted([18405, int(closed.sport[closed.dport == 18405][0])])
+        assert closed.bytes_received.max() >= 100
+        assert receive_until(v4, 1, timeout=0.3)[0].cookie.size == 0  # IPv4's group hears none of it

@@ -321,8 +321,12 @@ def test_200_connections_born_and_gone_between_two_polls_are_counted(netns_facto
         first = p.poll()
         assert first.value("sockscope_tcp_close_events_subscribed") == 1
         assert first.value("sockscope_tcp_close_events_buffer_bytes") >= 16 * 1024 * 1024  # root: forced 8 MiB
+        opens = nstat(ns, "TcpActiveOpens") + nstat(ns, "TcpPassiveOpens")
         ns.python(["-c", SHORT, "200", "10000"], check=True, timeout=60)
         out = p.settle(200, "remote", "18501")
+        opened = nstat(ns, "TcpActiveOpens") + nstat(ns, "TcpPassiveOpens") - opens
+        closed_here = sum(sum(closes(out, "local", port).values()) for port in ("18501", "other"))
+        assert opened == closed_here == 400  # reconciliation: every connection opened was closed once
         assert closes(out, "remote", "18501") == {"normal": 200, "unread_data": 0, "failed": 0}
         assert closes(out, "local", "18501") == {"normal": 200, "unread_data": 0, "failed": 0}
         sent, received, retrans = counters(out, "local", "18501")
