@@ -7,6 +7,7 @@ the traffic the test made and `nstat` there).
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -223,6 +224,32 @@ def test_reload_with_connections_on_builds_the_feature_and_its_dump_asks_for_tcp
         for x in built:
             x.close()
 
+
+
+
+def test_graphite_writes_every_counter_with_the_port_and_outcome_in_its_path(made):
+    from sockscope.graphite.lines import LineBuilder
+    from sockscope.snapshot import PollStatus
+
+    f = feature(remote=(3306,))
+    made.append(f)
+    poll(f, [listener(80)])
+    f.pending.put(closed((5, 80, 40000, 7, 9, 1, UNREAD_DATA)))
+    status = PollStatus(samples=poll(f, [listener(80)]))
+    host = dict(hostname=lambda: "web1", fqdn=lambda: "web1")
+    lines = dict(LineBuilder(**host).series(status))
+    assert lines["sockscope.web1.tcp.local_port.80.sent_bytes"] == 7
+    assert lines["sockscope.web1.tcp.local_port.80.received_bytes"] == 9
+    assert lines["sockscope.web1.tcp.local_port.80.retransmitted_segments"] == 1
+    assert lines["sockscope.web1.tcp.local_port.80.connections_closed.unread_data"] == 1
+    assert lines["sockscope.web1.tcp.remote_port.other.connections_closed.unread_data"] == 1
+    assert lines["sockscope.web1.tcp.remote_port.3306.connections_closed.failed"] == 0
+    assert lines["sockscope.web1.tcp.close_events.lost"] == 0
+    assert lines["sockscope.web1.tcp.close_events.subscribed"] == 1
+    tagged = dict(LineBuilder(tags=True, **host).series(status))
+    assert tagged["sockscope.tcp.local_port_connections_closed;port=80;outcome=unread_data;host=web1"] == 1
+    collectd = dict(LineBuilder(naming="collectd", **host).series(status))
+    assert collectd["web1.sockscope.tcp.local_port.80.sent_bytes"] == 7
 
 
 class FakeReader:
@@ -545,6 +572,11 @@ def test_the_daemon_without_cap_net_admin_counts_a_bursts_losses_and_keeps_count
         assert s[("sockscope_tcp_close_events_lost_total", ())] == lost
         assert s[("sockscope_polls_total", ())] - polls >= 4  # ~0.6 s + 2 polls at 250 ms: cadence kept
         assert "dropped close notifications" in daemon.log()
+        promtool = shutil.which("promtool")
+        require(promtool is not None, "needs promtool (Debian package prometheus)")
+        lint = subprocess.run([promtool, "check", "metrics"], input=daemon.scrape().encode(), capture_output=True,
+                              timeout=60)
+        assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint
     finally:
         assert daemon.stop() == 0, daemon.log()
 
