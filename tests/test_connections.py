@@ -191,6 +191,16 @@ def test_the_ledger_is_capped_and_an_untracked_socket_is_counted_once(made):
     assert counters(out, "local", "80")[0] == sent + 40
 
 
+def test_a_socket_reported_twice_by_one_dump_is_followed_once(made):
+    f = feature()
+    made.append(f)
+    poll(f, [listener(80)])
+    poll(f, [listener(80), sock(4, 80, 1, acked=10), sock(4, 80, 1, acked=12)])
+    assert f.ledger.cookie.tolist() == [4] and f.ledger.values[0, 0] == 12
+    f.pending.put(closed((4, 80, 1, 20, 0, 0, NORMAL)))
+    out = poll(f, [listener(80)])
+    assert counters(out, "local", "80")[0] == 20  # its last sighting counted whole, then the close
+
 def test_pending_events_beyond_the_limit_are_lost_and_counted(made):
     f = feature(max_pending_events=2)
     made.append(f)

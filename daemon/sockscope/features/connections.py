@@ -303,6 +303,10 @@ class _LedgerFold(Fold):
         f = self.f
         cookie, values, dport = _concat(self.seen, 3)
         n_cookie, n_values, n_dport, n_sport = _concat(self.new, 4)
+        if len(n_cookie) > 1:  # a socket the kernel's walk met twice (the table changed under it): its last sighting
+            _, last = np.unique(n_cookie[::-1], return_index=True)
+            keep = np.sort(len(n_cookie) - 1 - last)
+            n_cookie, n_values, n_dport, n_sport = n_cookie[keep], n_values[keep], n_dport[keep], n_sport[keep]
         room = max(f.max_sockets - len(cookie), 0)
         f.untracked = max(len(n_cookie) - room, 0)
         n_cookie, n_values, n_dport, n_sport = n_cookie[:room], n_values[:room], n_dport[:room], n_sport[:room]
@@ -311,8 +315,11 @@ class _LedgerFold(Fold):
             f.remote.add(n_dport, n_values)
         cookie = np.concatenate((cookie, n_cookie))
         order = np.argsort(cookie, kind="stable")
-        ledger = Ledger(cookie[order], np.concatenate((values, n_values))[order],
-                        np.concatenate((dport, n_dport))[order])
+        cookie = cookie[order]
+        # A followed socket met twice is kept once (its growth was added at each sighting).
+        once = np.flatnonzero(np.append(cookie[1:] != cookie[:-1], True)) if len(cookie) else order
+        ledger = Ledger(cookie[once], np.concatenate((values, n_values))[order][once],
+                        np.concatenate((dport, n_dport))[order][once])
         f.ledger = f.close_all(ledger, f.ledger, f.pending.take())
         f.started = True
         return f.result()
