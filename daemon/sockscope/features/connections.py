@@ -88,7 +88,7 @@ def _side(side: str) -> tuple[Metric, ...]:
 LOCAL, REMOTE = _side("local"), _side("remote")
 LOST = Metric("sockscope_tcp_close_events_lost", "counter",
               "Close notifications lost: dropped by the kernel because the receive buffer was full (SO_MEMINFO "
-              "drops), or by sockscope's pending queue (connections.max_pending_events).", (),
+              "drops), by sockscope's pending queue (connections.max_pending_events), or unreadable.", (),
               GraphitePath(("tcp", "close_events", "lost")))
 OVERRUNS = Metric("sockscope_tcp_close_events_overruns", "counter",
                   "Times the kernel reported a close-notification overrun (recv failed with ENOBUFS).", (),
@@ -108,7 +108,7 @@ METRICS = (*LOCAL, *REMOTE, LOST, OVERRUNS, BUFFER, SUBSCRIBED, UNTRACKED)
 
 @dataclass(slots=True)
 class Ledger:
-    """What was last accounted per live socket, sorted by cookie (36 bytes a socket)."""
+    """What was last accounted per live socket, sorted by cookie (34 bytes a socket)."""
 
     cookie: np.ndarray  # uint64
     values: np.ndarray  # (n, 3) int64: bytes_acked, bytes_received, total_retrans
@@ -418,7 +418,7 @@ class Connections(Feature):
         local = self._table("local", self.local, tracked, tracked)
         remote = self._table("remote", self.remote, list(self.remote.ports), list(range(len(self.remote.ports))))
         r = self.receiver
-        lost = self.pending.dropped + (r.kernel_dropped if r is not None else 0)
+        lost = self.pending.dropped + (r.kernel_dropped + r.malformed if r is not None else 0)
         return ConnectionsResult(local, remote, lost, r.overruns if r else 0, r.granted if r else 0,
                                  bool(r and r.subscribed), self.untracked)
 
