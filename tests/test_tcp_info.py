@@ -105,7 +105,7 @@ def test_busy_growth_by_cookie_first_seen_contributes_nothing_and_dead_cookies_a
 
     out = poll(f, [listener(8080), sock(7, 5_000_000, 1_000_000, 0), sock(8, 100, 0, 0)])
     assert busy(out, "local", "8080") == {"network": 0, "receiver": 0, "send_buffer": 0}  # first seen
-    assert len(f.state) == 2 and f.state.nbytes == 2 * 32
+    assert len(f.state) == 2 and f.state.nbytes == 2 * 20
     out = poll(f, [listener(8080), sock(7, 6_000_000, 1_600_000, 100_000), sock(8, 100, 0, 0),
                    sock(9, 9_000_000, 0, 0)])
     assert busy(out, "local", "8080") == pytest.approx({"network": 0.3, "receiver": 0.6, "send_buffer": 0.1})
@@ -118,6 +118,69 @@ def test_busy_growth_by_cookie_first_seen_contributes_nothing_and_dead_cookies_a
     out = poll(f, [listener(8080)])
     assert len(f.state) == 0
     assert busy(out, "local", "8080") == pytest.approx({"network": 1.3, "receiver": 0.6, "send_buffer": 0.1})
+
+
+def test_chunked_fold_equals_a_per_socket_reference(monkeypatch):
+    """The fold works per chunk of sockets, joining each chunk's sorted cookies with the
+    last poll's state: with chunks of 7 sockets over batches of 10 it must give what a
+    plain per-socket dictionary gives (growth since the last sighting, by port), poll
+    after poll, with sockets coming and going."""
+    import sockscope.features.tcp_info as ti
+
+    rng = np.random.default_rng(12)
+    ports, remotes = [8080, 8081, 9000], (5432, 6379)
+    live: dict[int, list[int]] = {}  # cookie -> [sport, dport, busy, rwnd, sndbuf] (µs)
+    next_cookie = 1
+    totals = {"local": {}, "remote": {}}
+    by_chunk = {}
+    for chunk in (7, 65536):
+        monkeypatch.setattr(ti, "_CHUNK", chunk)
+        by_chunk[chunk] = TcpInfo(features.tcp.Rules(remote=remotes))
+    for _ in range(6):
+        for c in list(live):
+            if rng.random() < 0.2:
+                del live[c]
+        for _ in range(int(rng.integers(5, 25))):
+            live[next_cookie] = [int(rng.choice(ports)), int(rng.choice((5432, 6379, 7000))), 0, 0, 0]
+            next_cookie += 1
+        grown = {}
+        for c, v in live.items():
+            r, snd, net = (int(x) * 1000 for x in rng.integers(0, 50, 3))
+            if v[2]:  # seen before: its growth counts
+                grown[c] = (net, r, snd)
+            v[2] += r + snd + net
+            v[3] += r
+            v[4] += snd
+        for c, (net, r, snd) in grown.items():
+            sport, dport = live[c][0], live[c][1]
+            for side, port in (("local", str(sport)), ("remote", str(dport) if dport in remotes else "other")):
+                t = totals[side].setdefault(port, [0, 0, 0])
+                for i, x in enumerate((net, r, snd)):
+                    t[i] += x
+        order = list(live.items())
+        rng.shuffle(order)
+        socks = [listener(p) for p in ports] + [
+            (rec(v[0], v[1]), c, [info(busy_time=v[2], rwnd_limited=v[3], sndbuf_limited=v[4], rtt=100)])
+            for c, v in order]
+        outs = {}
+        for chunk, f in by_chunk.items():
+            monkeypatch.setattr(ti, "_CHUNK", chunk)
+            fold = f.fold(CTX)
+            for i in range(0, len(socks), 10):
+                part = socks[i:i + 10]
+                fold.add(Batch.from_records([r for r, _, _ in part], cookies=[c for _, c, _ in part],
+                                            attributes=[a for _, _, a in part]))
+            out = Samples()
+            f.samples(fold.finish(STATS), out)
+            outs[chunk] = out
+            assert sorted(f.state.cookie.tolist()) == sorted(live)
+        for side in ("local", "remote"):
+            for port, want in totals[side].items():
+                for chunk, out in outs.items():
+                    got = [out.value(f"sockscope_tcp_{side}_port_busy_seconds", port, lim) for lim in LIMITS]
+                    assert got == pytest.approx([x / 1e6 for x in want]), (chunk, side, port)
+        assert outs[7].value("sockscope_tcp_local_port_rtt_seconds_gcount", "8080") == \
+            sum(1 for v in live.values() if v[0] == 8080)
 
 
 def test_an_attempt_thrown_away_changes_neither_figures_nor_cookie_state():
@@ -136,7 +199,7 @@ def test_an_attempt_thrown_away_changes_neither_figures_nor_cookie_state():
     assert out.value("sockscope_tcp_local_port_busy_seconds", "8080", "network") == 0.5
     assert out.value("sockscope_tcp_local_port_oldest_unread_seconds", "8080") == 0
     assert out.value("sockscope_tcp_local_port_rtt_seconds_gcount", "8080") == 1
-    assert f.state.busy.tolist() == [1_500_000]
+    assert f.state.chrono[:, 0].tolist() == [1_500]  # ms
 
 
 def test_a_shorter_tcp_info_decodes_what_is_there():
@@ -173,7 +236,8 @@ def test_recorded_tcp_info_bytes_decode_and_truncate_cleanly():
     assert out.value("sockscope_tcp_local_port_oldest_close_wait_seconds", "80") >= 1.4
     assert len(f.state) == 3
     bulk = f.state.cookie.tolist().index(3)
-    assert 0 < f.state.rwnd[bulk] <= f.state.busy[bulk]  # the slow reader held the sender back
+    busy_ms, rwnd_ms, _ = f.state.chrono[bulk].tolist()
+    assert 0 < rwnd_ms <= busy_ms  # the slow reader held the sender back
     for name, raw in samples:
         for cut in range(0, len(raw) + 1, 4):
             f = TcpInfo(features.tcp.Rules())
