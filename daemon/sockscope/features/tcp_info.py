@@ -28,7 +28,7 @@ gather of the tcp_info words (tcpinfo.words), the arithmetic per chunk of 16,384
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from ..catalogue import GraphitePath, Metric, Samples
 from ..snapshot import OTHER
 from .base import DumpNeed, DumpStats, Feature, Fold, PollContext
 
-__all__ = ["TcpInfo", "METRICS", "BUCKETS", "LIMITS"]
+__all__ = ["TcpInfo", "METRICS", "BUCKETS", "LIMITS", "PortInfo", "PortTables", "SnapshotInfo"]
 
 ESTABLISHED, CLOSE_WAIT, LISTEN = 1, 8, 10  # include/net/tcp_states.h
 _PORTS = 65536
@@ -404,3 +404,84 @@ class TcpInfo(Feature):
 
     def max_peak_series(self) -> int:
         return (self.rules.max_local + 1) * 3
+
+
+# --- `sockscope snapshot`: the same fold, every port --------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PortInfo:
+    """One dump's figures for every port of one side that had a socket with tcp_info (not
+    only the tracked ports: the snapshot shows any port). Rows align with `ports`."""
+
+    ports: np.ndarray  # int64, ascending
+    waits: np.ndarray  # (n, 3) ms: oldest unaccepted (0 where the port has no listener), unread, close-wait
+    hist: np.ndarray  # (n, len(BUCKETS)) ESTABLISHED sockets per RTT bucket (not cumulative)
+    rtt: np.ndarray  # (n,) µs, sum of the smoothed RTTs
+    busy: np.ndarray  # (n, 3) µs growth since the previous dump, per LIMITS
+
+    def _at(self, ports) -> np.ndarray:
+        want = np.asarray(list(ports), np.int64)
+        if not len(self.ports):
+            return np.full(len(want), -1)
+        at = np.minimum(np.searchsorted(self.ports, want), len(self.ports) - 1)
+        return np.where(self.ports[at] == want, at, -1)
+
+    def rows(self, ports) -> tuple[np.ndarray, ...]:
+        """(waits, hist, rtt, busy) of `ports`, zeros for a port without such sockets."""
+        at = self._at(ports)
+        out = []
+        for a in (self.waits, self.hist, self.rtt, self.busy):
+            z = np.zeros((len(at), *a.shape[1:]), np.int64)
+            z[at >= 0] = a[at[at >= 0]]
+            out.append(z)
+        return tuple(out)
+
+    def rest(self, ports) -> tuple[np.ndarray, ...]:
+        """(waits, hist, rtt, busy) of every port NOT in `ports`: waits the maxima, the rest summed."""
+        keep = ~np.isin(self.ports, np.asarray(list(ports), np.int64))
+        waits = self.waits[keep].max(axis=0) if keep.any() else np.zeros(3, np.int64)
+        return (waits, self.hist[keep].sum(axis=0), self.rtt[keep].sum(), self.busy[keep].sum(axis=0))
+
+
+@dataclass(frozen=True, slots=True)
+class PortTables:
+    local: PortInfo
+    remote: PortInfo
+    # Seconds between the dump these figures come from and the previous one, over which
+    # `busy` grew; None for a first dump (no growth known).
+    interval: float | None
+
+
+class SnapshotInfo(TcpInfo):
+    """The TcpInfo fold for `sockscope snapshot`: dense on both sides (a remote port needs no
+    configuration to get a row there), and the result is every port's figures rather than
+    the tracked ports' series. Its cookie state lives across dumps, so the busy split is the
+    growth between two dumps of the same SnapshotInfo."""
+
+    def __init__(self, rules: Rules) -> None:
+        super().__init__(replace(rules, remote=()))
+        self.remote = _Side(None)
+        self._dump_at: float | None = None
+        self._last_at: float | None = None
+
+    def fold(self, ctx: PollContext) -> Fold:
+        self._dump_at = ctx.monotonic
+        return super().fold(ctx)
+
+    def result(self) -> PortTables:  # type: ignore[override]
+        now = self._dump_at
+        interval = None if self._last_at is None or now is None else now - self._last_at
+        self._last_at = now
+        return PortTables(self._info(self.local, self.listening), self._info(self.remote, None), interval)
+
+    @staticmethod
+    def _info(side: _Side, listening: np.ndarray | None) -> PortInfo:
+        t = side.touched()
+        if side.waits is not None and listening is not None:
+            waits = side.waits.reshape(-1, 3)[t].copy()
+            waits[~listening[t], 0] = 0
+        else:
+            waits = np.zeros((len(t), 3), np.int64)
+        return PortInfo(t.astype(np.int64), waits, side.hist.reshape(-1, _NB)[t].astype(np.int64),
+                        side.rtt[t].copy(), side.busy.reshape(-1, 3)[t].copy())
