@@ -436,7 +436,7 @@ def info_tables(interval=1.0) -> PortTables:
 
     local = PortInfo(ports=np.array([80, 51000]), waits=np.array([[2350, 40, 125_000], [0, 7000, 0]]),
                      hist=np.array([hist(**{"0_0001": 1, "0_0025": 2}), hist(**{"0_0005": 4})]),
-                     rtt=np.array([5100, 2000]), busy=np.array([[100_000, 800_000, 100_000], [0, 0, 0]]))
+                     rtt=np.array([5100, 2000]), busy=np.array([[100, 800, 100], [0, 0, 0]]))
     remote = PortInfo(ports=np.array([5432, 40001]), waits=np.zeros((2, 3), np.int64),
                       hist=np.array([[9] + [0] * (nb - 2) + [1], hist(**{"0_0001": 2})]),
                       rtt=np.array([6_000_400, 200]), busy=np.zeros((2, 3), np.int64))

@@ -221,7 +221,7 @@ def _info_figures(waits, hist, rtt, busy, *, local: bool, interval: float | None
         "rtt_p50_le": bucket_quantile(hist, 0.5),
         "rtt_p90_le": bucket_quantile(hist, 0.9),
         "busy_seconds": None if interval is None
-        else {lim: round(int(v) / 1e6, 6) for lim, v in zip(LIMITS, busy)},
+        else {lim: round(int(v) / 1e3, 3) for lim, v in zip(LIMITS, busy)},
     }
 
 

@@ -418,7 +418,7 @@ class PortInfo:
     waits: np.ndarray  # (n, 3) ms: oldest unaccepted (0 where the port has no listener), unread, close-wait
     hist: np.ndarray  # (n, len(BUCKETS)) ESTABLISHED sockets per RTT bucket (not cumulative)
     rtt: np.ndarray  # (n,) µs, sum of the smoothed RTTs
-    busy: np.ndarray  # (n, 3) µs growth since the previous dump, per LIMITS
+    busy: np.ndarray  # (n, 3) ms growth since the previous dump, per LIMITS
 
     def _at(self, ports) -> np.ndarray:
         want = np.asarray(list(ports), np.int64)
