@@ -730,3 +730,86 @@ def test_redraw_and_fit():
     assert watch.use_colour("auto", Tty(), {"NO_COLOR": "1"}) is False
     assert watch.use_colour("auto", Tty(), {"NO_COLOR": ""}) is True  # no-color.org: non-empty
     assert watch.use_colour("auto", Tty(), {"TERM": "dumb"}) is False
+
+
+# --- tcp_info columns (tcp_info.enabled) -------------------------------------------------
+
+WAITING = r"""
+import json, socket, subprocess, sys, threading, time
+subprocess.run(["ip", "link", "set", "lo", "mtu", "1500"], check=True)  # as tests/test_tcp_info.py
+def server(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port)); s.listen(8); return s
+never = server(18201)                            # never accepts
+c1 = socket.create_connection(("127.0.0.1", 18201)); c1.sendall(b"GET /")
+healthy = server(18204)
+c2 = socket.create_connection(("127.0.0.1", 18204)); c2.sendall(b"ping")
+a2, _ = healthy.accept(); assert a2.recv(10) == b"ping"
+bulk = server(18301)                             # a sender behind a slow reader
+c3 = socket.socket(); c3.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+c3.connect(("127.0.0.1", 18301)); a3, _ = bulk.accept(); a3.setblocking(False)
+def send():
+    while True:
+        try:
+            a3.send(b"x" * 65536)
+        except BlockingIOError:
+            time.sleep(0.002)
+def read():
+    while True:
+        c3.recv(1024); time.sleep(0.05)
+for f in (send, read):
+    threading.Thread(target=f, daemon=True).start()
+print(json.dumps({"t": time.time()}), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def waiting(netns_factory, tmp_path):
+    """A namespace whose port 18201 never accepts a client that connected (and sent a
+    request) at `t`; 18204 accepts and reads; 18301 sends to a reader of 1 KB per 50 ms.
+    Yields (ns, t, config file with tcp_info.enabled)."""
+    ns = netns_factory()
+    proc = ns.popen([PY, "-c", WAITING], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    cfg = tmp_path / "tcp_info.yaml"
+    cfg.write_text("tcp_info:\n  enabled: true\n")
+    try:
+        yield ns, json.loads(proc.stdout.readline())["t"], str(cfg)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+def test_snapshot_tcp_info_columns_in_a_namespace(waiting):
+    ns, connected, cfg = waiting
+    time.sleep(max(0.0, connected + 2.0 - time.time()))
+    before = time.time()
+    report = snapshot_json("snapshot", "--netns", ns.name, "--config.file", cfg, "--json",
+                           "--busy-interval", "0.5")
+    after = time.time()
+    local = {row["port"]: row["tcp_info"] for row in report["local_ports"]}
+    unaccepted = local[18201]["oldest_unaccepted_seconds"]
+    assert 2.0 <= unaccepted <= after - connected
+    lastrcv = [float(m) for m in re.findall(r"\blastrcv:([0-9]+)", ns.run(
+        ["ss", "-tinH", "state", "established", "sport", "=", ":18201"], check=True).stdout)]
+    # ss's lastrcv is the same age read later: older by the time since the snapshot's dump
+    assert lastrcv and lastrcv[0] / 1000 - (time.time() - before) <= unaccepted <= lastrcv[0] / 1000
+    assert local[18204]["oldest_unaccepted_seconds"] == 0 and local[18204]["oldest_unread_seconds"] < 1
+    assert local[18204]["rtt_sockets"] == 1 and local[18204]["rtt_p50_le"] is not None
+    # the busy split over the 0.5 s between the two dumps: the slow reader's window limits 18301
+    assert 0.5 <= report["tcp_info"]["busy_interval_seconds"] < 5
+    busy = local[18301]["busy_seconds"]
+    assert 0.3 <= sum(busy.values()) <= report["tcp_info"]["busy_interval_seconds"] + 0.2
+    assert busy["receiver"] == max(busy.values()) and busy["receiver"] > 0.5 * sum(busy.values())
+
+    r = subprocess.run(_run_argv("snapshot", "--netns", ns.name, "--config.file", cfg,
+                                 "--busy-interval", "0"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    headers, rows = pane_table(r.stdout, "LOCAL PORTS")
+    row = next(row for row in rows if row[0] == "18201")
+    text = row[headers.index("UNACCEPTED")]
+    assert text.endswith("s") and float(text[:-1]) >= 2.0, text
+    assert "BUSY" not in headers and "no busy split" in r.stdout
+
+    plain = snapshot_json("snapshot", "--netns", ns.name, "--json")  # tcp_info off: as before
+    assert "tcp_info" not in json.dumps(plain)

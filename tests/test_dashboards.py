@@ -135,16 +135,44 @@ def test_prometheus_dashboard_variables_and_coverage():
         # Ranges follow the zoom and the scrape interval, never a fixed [5m].
         for rng in re.findall(r"\[([^\]]*)\]", expr):
             assert rng == "$__rate_interval", expr
-    # Several instances on one panel: each series says which.
-    no_instance = [t["expr"] for p in all_panels(dash) for t in p.get("targets", [])
+    # Several instances on one panel: each series says which, except in the panels that
+    # sum the selected instances on purpose (RTT heatmap, limited-by shares: one stack per
+    # port): repeated over a port variable, aggregated by `sum` to no instance label.
+    no_instance = [(p, t) for p in all_panels(dash) for t in p.get("targets", [])
                    if "{{instance}}" not in t["legendFormat"]]
-    assert not no_instance, no_instance
+    for p, t in no_instance:
+        assert summed_over_instances(p), (p["title"], t["expr"])
+    assert {p["type"] for p, _ in no_instance} == {"heatmap", "timeseries"}
+    for p in all_panels(dash):
+        if p["type"] == "heatmap":  # Prometheus turns the cumulative le buckets into cells
+            assert all(t["format"] == "heatmap" and t["legendFormat"] == "{{le}}"
+                       and t["expr"].startswith("sum by (le) (") and "_bucket{" in t["expr"]
+                       and "rate(" not in t["expr"] for t in p["targets"]), p["title"]
+            assert p["options"]["calculate"] is False and p["options"]["yAxis"]["unit"] == "s"
     joined = " ".join(exprs)
     assert 'port=~"$remote_port"' in joined
     for needed in ("close_wait", "_peak", "receive_queue_bytes", "listen_queue_length_per_limit",
                    "listen_overflows", "out_resets", "sockscope_up", "snapshot_age",
-                   "sockscope_poll_interval_seconds", "out_segments"):
+                   "sockscope_poll_interval_seconds", "out_segments",
+                   # issue 12, tcp_info: the three waits as window peaks, RTT and limited-by both sides
+                   "oldest_unaccepted_seconds_peak", "oldest_unread_seconds_peak",
+                   "oldest_close_wait_seconds_peak", "local_port_rtt_seconds_bucket",
+                   "remote_port_rtt_seconds_bucket", "local_port_busy_seconds_total",
+                   "remote_port_busy_seconds_total"):
         assert needed in joined, needed
+
+
+def summed_over_instances(panel: dict) -> bool:
+    """A panel repeated over a port variable (one port each) whose every query sums the
+    selected instances: `sum(`/`sum by (<labels other than instance>) (`."""
+    var = panel.get("repeat")
+    if var not in ("port", "remote_port"):
+        return False
+    for t in panel["targets"]:
+        m = re.match(r"sum(?: by \(([\w, ]*)\))? ?\(", t["expr"])
+        if not m or "instance" in (m.group(1) or "") or f'port=~"${var}"' not in t["expr"]:
+            return False
+    return True
 
 
 def threshold_steps(panel: dict) -> list[float]:
@@ -158,25 +186,44 @@ def panel_by_expr(dash: dict, fragment: str) -> list[dict]:
 
 
 def test_thresholds_are_the_alerts():
-    """Accept-queue fill at 0.8 and the 1 MiB receive backlog: the same literals as the
-    alerts, read from the rule file (change one, this fails until the other follows)."""
+    """Accept-queue fill at 0.8, the 1 MiB receive backlog, the three tcp_info waits and the
+    receiver-limited share: the same literals as the alerts, read from the rule file (change
+    one, this fails until the other follows)."""
     rules = alert_rules()
     fill = float(re.search(r">= ([\d.]+)", rules["SockscopeAcceptQueueNearFull"]["expr"]).group(1))
     backlog = float(re.search(r"> (\d+)", rules["SockscopeReceiveQueueBacklogGrowing"]["expr"]).group(1))
     overflows = float(re.search(r"> ([\d.]+)", rules["SockscopeListenOverflows"]["expr"]).group(1))
     tw = float(re.search(r"> ([\d.]+)", rules["SockscopeTimeWaitNearLimit"]["expr"]).group(1))
+    waits = {fragment: float(re.fullmatch(rf"sockscope_tcp_local_port_{fragment}(?:_peak)? > ([\d.]+)",
+                                          rules[alert]["expr"].strip()).group(1))
+             for fragment, alert in (("oldest_unaccepted_seconds", "SockscopeAcceptQueueWait"),
+                                     ("oldest_unread_seconds", "SockscopeUnreadRequestOld"),
+                                     ("oldest_close_wait_seconds", "SockscopeCloseWaitOld"))}
+    receiver = float(re.search(r"^> ([\d.]+)$", rules["SockscopeReceiverLimited"]["expr"], re.M).group(1))
     assert (fill, backlog) == (0.8, 1048576)
+    assert list(waits.values()) == [1, 5, 600] and receiver == 0.5
     prom = load(PROM_DASH)
     for fragment, value in (("listen_queue_length_per_limit:ratio", fill),
                             ("local_port_receive_queue_bytes", backlog), ("listen_overflows", overflows),
-                            ("time_wait_sockets_per_limit", tw)):
+                            ("time_wait_sockets_per_limit", tw), *waits.items(),
+                            ('local_port_busy_seconds_total{job="$job",instance=~"$instance",port=~"$port",'
+                             'limited_by="receiver"}', receiver)):
         (panel,) = panel_by_expr(prom, fragment)
         assert threshold_steps(panel) == [value], (panel["title"], threshold_steps(panel))
+    # The receiver share's line reads against the bottom band: receiver first in the stack.
+    (panel,) = panel_by_expr(prom, 'local_port_busy_seconds_total{job="$job",instance=~"$instance",'
+                                   'port=~"$port",limited_by="receiver"}')
+    assert [t["legendFormat"] for t in panel["targets"]] == ["receiver", "send_buffer", "network"]
     graphite = load(GRAPHITE_DASH)
-    (panel,) = panel_by_expr(graphite, "asPercent(")
+    (panel,) = panel_by_expr(graphite, "asPercent($prefix.$host.tcp.listen.")
     assert threshold_steps(panel) == [fill * 100] and panel["fieldConfig"]["defaults"]["unit"] == "percent"
     (panel,) = panel_by_expr(graphite, "receive_queue_bytes")
     assert threshold_steps(panel) == [backlog]
+    for dash in (graphite, load(COLLECTD_DASH)):
+        for fragment, value in waits.items():
+            (panel,) = panel_by_expr(dash, fragment)
+            assert threshold_steps(panel) == [value], (panel["title"], threshold_steps(panel))
+            assert ".peak.tcp.local_port." in panel["targets"][0]["target"]  # stalls between pushes
 
 
 def test_a_panel_never_mixes_a_ratio_with_counts():
@@ -202,7 +249,10 @@ def stack(netns, sockmix, tmp_path_factory):
     """Two sockscopes watching `netns` (with the full sockmix), scraped every 1 s by one
     Prometheus with the recording and alert rules loaded."""
     work = tmp_path_factory.mktemp("prom")
-    config = "poll:\n  interval: 500ms\n  peak_window: 5s\nports:\n  remote: [18080, 18084]\n"
+    # tcp_info on: the mix's idle ESTABLISHED pairs fill the RTT buckets, its full queue, unread
+    # and CLOSE-WAIT sockets the waits, its zero-window senders (sendq) grow receiver busy time.
+    config = ("poll:\n  interval: 500ms\n  peak_window: 5s\nports:\n  remote: [18080, 18084]\n"
+              "tcp_info:\n  enabled: true\n")
     daemons = []
     try:
         for _ in range(2):
@@ -219,11 +269,19 @@ def stack(netns, sockmix, tmp_path_factory):
             d.stop()
 
 
+def fill_in(expr: str, values: dict[str, str]) -> str:
+    """A dashboard expression with its variables as Grafana renders them."""
+    for name in sorted(values, key=len, reverse=True):  # $remote_port before $port
+        expr = expr.replace("$" + name, values[name])
+    assert "$" not in expr, expr
+    return expr
+
+
 def label_values(prom: RealPrometheus, label: str, match: str) -> list[str]:
     return prom.get(f"label/{label}/values", **{"match[]": match})
 
 
-def test_every_prometheus_dashboard_query_returns_data_for_every_instance(stack):
+def test_every_prometheus_dashboard_query_returns_data_for_every_instance(stack, sockmix):
     prom, daemons = stack
     dash = load(PROM_DASH)
     instances = {d.address for d in daemons}
@@ -251,25 +309,47 @@ def test_every_prometheus_dashboard_query_returns_data_for_every_instance(stack)
             assert set(listed) == {"18080", "18084", "other"}
         if v["name"] in ("port", "remote_port"):
             values[v["name"]] = "|".join(listed)  # "All" selected, as a multi-value regex
-    exprs = {}
+    # Each query with every instance selected must return series of both; a panel that sums
+    # the instances (summed_over_instances) must return data with each instance alone.
+    exprs: dict[str, tuple[str, frozenset]] = {}
     for p in all_panels(dash):
         for t in p.get("targets", []):
-            expr = t["expr"]
-            for name in sorted(values, key=len, reverse=True):  # $remote_port before $port
-                expr = expr.replace("$" + name, values[name])
-            assert "$" not in expr, expr
-            exprs[expr] = p["title"]
+            if summed_over_instances(p):
+                for one in instances:
+                    exprs[fill_in(t["expr"], {**values, "instance": one})] = \
+                        (f"{p['title']} ({one} alone)", frozenset([None]))
+            else:
+                exprs[fill_in(t["expr"], values)] = (p["title"], frozenset(instances))
     pending = dict(exprs)
     deadline = time.monotonic() + 30  # recording rules and rate() need a few samples
     while pending and time.monotonic() < deadline:
-        for expr in list(pending):
+        for expr, (_title, want) in list(pending.items()):
             seen = {s["metric"].get("instance") for s in prom.query(expr)}
-            if seen == instances:
+            if seen == want:
                 del pending[expr]
         if pending:
             time.sleep(1)
-    assert not pending, f"no data for both instances: {json.dumps(pending, indent=1)}"
+    assert not pending, f"no data for both instances: {json.dumps({e: t for e, (t, _w) in pending.items()}, indent=1)}"
     assert len(exprs) >= 35
+    # The tcp_info panels show the namespace's sockets, per instance: the RTT heatmap of the
+    # mix's ESTABLISHED port counts each of its sockets once in each of its 17 cumulative
+    # buckets' +Inf (as the socket count does); the limited-by stack of the zero-window senders
+    # (sendq: the client never reads) is all receiver and adds up to 1.
+    (heat,) = [p for p in all_panels(dash) if p["type"] == "heatmap" and p["repeat"] == "port"]
+    (share,) = [p for p in all_panels(dash) if p.get("repeat") == "port" and p["type"] == "timeseries"]
+    stalled = str(sockmix.group("sendq")["port"])
+    for one in sorted(instances):
+        single = {**values, "instance": one}
+        buckets = prom.query(fill_in(heat["targets"][0]["expr"], {**single, "port": "18080"}))
+        by_le = sorted((float(s["metric"]["le"]), float(s["value"][1])) for s in buckets)
+        counts = [n for _le, n in by_le]
+        assert len(by_le) == 17 and by_le[-1][0] == float("inf") and counts == sorted(counts), by_le
+        (est,) = prom.query(f'sockscope_tcp_local_port_sockets{{instance="{one}",port="18080",state="established"}}')
+        assert counts[-1] == float(est["value"][1]) > 0
+        shares = {t["legendFormat"]: prom.query(fill_in(t["expr"], {**single, "port": stalled}))
+                  for t in share["targets"]}
+        got = {k: float(v[0]["value"][1]) for k, v in shares.items()}
+        assert got["receiver"] == pytest.approx(1, abs=0.02) and sum(got.values()) == pytest.approx(1), got
     # And the data is the namespace's: the sockmix's CLOSE-WAIT sockets and full queue.
     cw = prom.query('sockscope_tcp_local_port_sockets_peak{port="18084",state="close_wait"}')
     assert [float(s["value"][1]) for s in cw] == [3, 3]
@@ -488,6 +568,7 @@ def carbon_fed(sockmix, netns, tmp_path_factory):
         for graphite in PUSHERS.values():
             daemons.append(start_daemon(
                 work, "poll:\n  interval: 1s\n  kernel_stats: false\nports:\n  remote: [18080, 18084]\n"
+                "tcp_info:\n  enabled: true\n"
                 f"graphite:\n  enabled: true\n  address: 127.0.0.1:{carbon.port}\n{graphite}",
                 netns=netns.name))
         yield carbon
@@ -589,5 +670,13 @@ def test_every_graphite_dashboard_target_exists_in_carbon(carbon_fed, sockmix):
                  f"collectd.hostd_example_com.tcpconns-{close_wait_port}-local.tcp_connections-CLOSE_WAIT"):
         points = carbon.fetch(path)
         assert points and list(points.values())[-1] == n, path
+    # tcp_info under both namings: the age of those CLOSE-WAIT sockets (window peak), and the
+    # receiver-limited time of the mix's zero-window senders growing from push to push.
+    stalled = sockmix.group("sendq")["port"]
+    for base in ("sockscope.hosta", "collectd.hostd_example_com.sockscope"):
+        age = carbon.fetch(f"{base}.peak.tcp.local_port.{close_wait_port}.oldest_close_wait_seconds")
+        assert age and list(age.values())[-1] > 0, base
+        busy = list(carbon.fetch(f"{base}.tcp.local_port.{stalled}.busy_seconds.receiver").values())
+        assert len(busy) >= 2 and busy[-1] > busy[0], (base, busy)
     targets = sum(len(p["targets"]) for d in (sockscope_dash, collectd_dash) for p in all_panels(d))
     print(f"\n{targets} targets x 9 host/port choices x 3 prefixes: every series in whisper")

@@ -27,6 +27,7 @@ from sockscope.features import tcp as tcp_feature
 from sockscope.features.kernel import KernelCounters
 from sockscope.features.peaks import WindowPeaks
 from sockscope.features.tcp import TcpSockets
+from sockscope.features.tcp_info import BUCKETS, PortFigures, TcpInfo, TcpInfoResult
 from sockscope.features.udp import UdpCounters, UdpSockets
 from sockscope.graphite import (
     COLLECTD_STATES,
@@ -179,6 +180,52 @@ def test_golden_lines(name):
         path.write_text(text)
     assert text == path.read_text(), f"lines differ from {path}; if intended, regenerate " \
                                       "with SOCKSCOPE_UPDATE_GOLDEN=1 and review the diff"
+
+
+def _cumulative(*counts: int) -> tuple[int, ...]:
+    """Cumulative RTT bucket counts: `counts` for the first buckets, the last one repeated."""
+    return counts + (counts[-1],) * (len(BUCKETS) - len(counts))
+
+
+def tcp_info_status() -> PollStatus:
+    """The tcp_info feature's samples (and their window peaks) for a constructed result:
+    local 8080 + other, remote 5432 + other; RTTs in the 100 µs, 250 µs, 2.5 ms and +Inf
+    buckets, fractional seconds everywhere, so every `le` and value format shows."""
+    info = TcpInfo(Rules(remote=(5432,)))
+    result = TcpInfoResult(
+        local=(PortFigures("8080", (5.25, 0.5, 421.0), _cumulative(0, 1, 3), 0.000275, (1.5, 12.25, 0.125)),
+               PortFigures(OTHER, (0.0, 0.0, 0.0), _cumulative(2), 0.00006, (0.0, 0.0, 0.0))),
+        remote=(PortFigures("5432", (0.0, 0.0, 0.0), _cumulative(0, 0, 0, 0, 0, 1), 0.0012, (0.5, 0.0, 0.0)),
+                PortFigures(OTHER, (0.0, 0.0, 0.0), _cumulative(*[0] * 16, 1), 7.5, (0.0, 0.0, 0.0))))
+    samples, _ = samples_of([info, WindowPeaks(60.0, list(info.metrics))], {"tcp_info": result},
+                            PollContext(STAMP, 100.0), True)
+    return PollStatus(results={"tcp_info": result}, samples=samples)
+
+
+def test_tcp_info_paths_in_every_naming():
+    """Pins every tcp_info path as docs/graphite.md lists it, `le` sanitised per naming
+    (tests/golden/graphite-tcp-info.txt, regenerated like the other golden files)."""
+    status = tcp_info_status()
+    text = ""
+    for name in sorted(GOLDEN_CASES):
+        text += f"# {name}\n"
+        b = builder(**GOLDEN_CASES[name])
+        for metric, rows in status.samples:  # the feature's and the peaks' (not the poll loop's own)
+            for path, value in b._metric_series(metric, rows):
+                text += f"{path} {value}\n"
+    path = GOLDEN / "graphite-tcp-info.txt"
+    if os.environ.get("SOCKSCOPE_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert text == path.read_text(), f"lines differ from {path}; if intended, regenerate " \
+                                      "with SOCKSCOPE_UPDATE_GOLDEN=1 and review the diff"
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    # the shapes docs/graphite.md promises
+    assert lines["sockscope.web1_example_com.tcp.local_port.8080.rtt.le_0_00025"] == "3"
+    assert lines["sockscope.web1_example_com.tcp.local_port.8080.rtt.le__Inf"] == "3"
+    assert lines["collectd.web1_example_com.sockscope.tcp.remote_port.5432.busy_seconds.network"] == "0.5"
+    assert lines["collectd.web1_example_com.sockscope.tcp.local_port.other.oldest_unread_seconds"] == "0"
+    assert lines["sockscope.tcp.local_port_rtt_seconds;port=8080;le=+Inf;host=web1.example.com"] == "3"
+    assert lines["sockscope.web1_example_com.peak.tcp.local_port.8080.oldest_close_wait_seconds"] == "421"
 
 
 # -- every catalogue metric reaches Graphite -------------------------------------------------

@@ -6,22 +6,28 @@ owners and kernel counters are hand-made values.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import socket
 
+import numpy as np
 import pytest
 
+from sockscope.features.tcp_info import BUCKETS, PortInfo, PortTables
 from sockscope.kernelstats import KernelStats
 from sockscope.owners import Owner, PortOwners
 from sockscope.report import (
     Frame,
     View,
+    bucket_quantile,
     build_report,
     choose_ports,
     endpoint,
     fill_percent,
+    format_age,
     format_bytes,
+    format_le,
     render_text,
 )
 from sockscope.snapshot import STATES
@@ -412,3 +418,92 @@ def test_v4_mapped_peers_are_their_own_family():
     report = build_report(frame(records, owners=None))
     assert report["time_wait_peers"] == [{"family": "ipv6", "address": "::ffff:10.0.0.7",
                                           "sockets": 1}]
+
+
+# --- tcp_info columns (tcp_info.enabled) -------------------------------------------------
+
+
+def info_tables(interval=1.0) -> PortTables:
+    """Local 80 (a request 2.35 s in the accept queue, CLOSE-WAIT 125 s, 3 RTTs), 51000
+    (a client's ephemeral port: `other`), remote 5432 (9 RTTs <= 50 µs, 1 past 5 s)."""
+    nb = len(BUCKETS)
+
+    def hist(**at: int) -> list[int]:
+        h = [0] * nb
+        for le, n in at.items():
+            h[BUCKETS.index(le.replace("_", ".").replace("p", "+"))] = n
+        return h
+
+    local = PortInfo(ports=np.array([80, 51000]), waits=np.array([[2350, 40, 125_000], [0, 7000, 0]]),
+                     hist=np.array([hist(**{"0_0001": 1, "0_0025": 2}), hist(**{"0_0005": 4})]),
+                     rtt=np.array([5100, 2000]), busy=np.array([[100, 800, 100], [0, 0, 0]]))
+    remote = PortInfo(ports=np.array([5432, 40001]), waits=np.zeros((2, 3), np.int64),
+                      hist=np.array([[9] + [0] * (nb - 2) + [1], hist(**{"0_0001": 2})]),
+                      rtt=np.array([6_000_400, 200]), busy=np.zeros((2, 3), np.int64))
+    return PortTables(local, remote, interval)
+
+
+def info_report(interval=1.0) -> dict:
+    survey = survey_of(RECORDS)
+    survey = dataclasses.replace(survey, results={"tcp_info": info_tables(interval)})
+    return build_report(Frame(survey, None, None), View(top=1))
+
+
+def test_rtt_quantile_is_the_bucket_that_holds_it():
+    h = [0] * len(BUCKETS)
+    assert bucket_quantile(h, 0.5) is None
+    h[1], h[2] = 1, 2  # sockets <= 100 µs: 1, <= 250 µs: 2 more
+    assert (bucket_quantile(h, 0.5), bucket_quantile(h, 0.9)) == ("0.00025", "0.00025")
+    assert bucket_quantile(h, 0.3) == "0.0001"
+    h = [9] + [0] * (len(BUCKETS) - 2) + [1]
+    assert (bucket_quantile(h, 0.5), bucket_quantile(h, 0.9), bucket_quantile(h, 0.95)) == ("5e-05", "5e-05", "+Inf")
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "-"), (None, "-"), (0.001, "1ms"), (0.35, "350ms"),
+                                           (2.04, "2.0s"), (59.96, "60.0s"), (125, "2m05s"), (7300.5, "2h01m")])
+def test_format_age(seconds, text):
+    assert format_age(seconds) == text
+
+
+@pytest.mark.parametrize("le, text", [("5e-05", "<=50us"), ("0.00025", "<=250us"), ("0.0025", "<=2.5ms"),
+                                      ("0.5", "<=500ms"), ("1", "<=1s"), ("2.5", "<=2.5s"), ("+Inf", ">5s"),
+                                      (None, "-")])
+def test_format_le(le, text):
+    assert format_le(le) == text
+
+
+def test_tcp_info_json_per_port_row():
+    report = info_report()
+    assert report["tcp_info"] == {"busy_interval_seconds": 1.0}
+    (row,), other = report["local_ports"], report["local_ports_other"]
+    assert row["port"] == 80
+    t = row["tcp_info"]
+    assert (t["oldest_unaccepted_seconds"], t["oldest_unread_seconds"], t["oldest_close_wait_seconds"]) == \
+        (2.35, 0.04, 125.0)
+    assert (t["rtt_sockets"], t["rtt_sum_seconds"], t["rtt_p50_le"], t["rtt_p90_le"]) == (3, 0.0051, "0.0025", "0.0025")
+    assert list(t["rtt_buckets"]) == list(BUCKETS) and t["rtt_buckets"]["0.0001"] == 1 and t["rtt_buckets"]["+Inf"] == 3
+    assert t["busy_seconds"] == {"network": 0.1, "receiver": 0.8, "send_buffer": 0.1}
+    # every port without a row: 51000 (a client's end) and 9000 (no tcp_info socket)
+    assert other["tcp_info"]["oldest_unread_seconds"] == 7.0 and other["tcp_info"]["rtt_sockets"] == 4
+    (r,) = report["remote_ports"]
+    assert r["port"] == 5432 and r["tcp_info"]["oldest_unaccepted_seconds"] is None  # waits: local ports only
+    assert (r["tcp_info"]["rtt_p50_le"], r["tcp_info"]["rtt_p90_le"], r["tcp_info"]["rtt_sockets"]) == \
+        ("5e-05", "5e-05", 10)
+    assert report["remote_ports_other"]["tcp_info"]["rtt_sockets"] == 2
+    json.dumps(report, allow_nan=False)
+    assert info_report(None)["local_ports"][0]["tcp_info"]["busy_seconds"] is None
+    assert "tcp_info" not in json.dumps(build_report(frame(), View(top=1)))  # off: the report is unchanged
+
+
+def test_tcp_info_columns_in_the_port_tables():
+    text = render_text(info_report())
+    local, remote = section(text, "LOCAL PORTS"), section(text, "REMOTE PORTS")
+    head = ["UNACCEPTED", "UNREAD", "CLOSE-WAIT AGE", "RTT P50", "RTT P90", "BUSY", "NET/RCV/SNDBUF"]
+    assert local[0].split()[-10:-3] == ["UNACCEPTED", "UNREAD", "CLOSE-WAIT", "AGE", "RTT", "P50", "RTT"]
+    assert local[1].split()[-7:] == ["2.4s", "40ms", "2m05s", "<=2.5ms", "<=2.5ms", "1.00s", "10/80/10%"]
+    assert local[2].split()[-7:] == ["-", "7.0s", "-", "<=500us", "<=500us", "-", "-"]  # other
+    assert "UNACCEPTED" not in remote[0] and remote[1].split()[-4:] == ["<=50us", "<=50us", "-", "-"]
+    assert_aligned(local, [(h, "r") for h in head])
+    assert "BUSY is the sockets' busy time in the last 1s" in text
+    text = render_text(info_report(None))
+    assert "BUSY" not in section(text, "LOCAL PORTS")[0] and "no busy split" in text

@@ -17,10 +17,12 @@ from typing import TextIO
 
 from . import __version__, config, report, survey, watch
 from .aggregate import Rules
-from .features import DumpNeed
+from .features import DumpNeed, PollContext
+from .features.tcp_info import SnapshotInfo
 from .kernelstats import KernelStatsReader
 from .netlink import NetlinkError, Reader
 from .owners import port_owners
+from .poller import dump_into
 from .sdnotify import ServiceNotifier
 from .service import Service, make_reader
 
@@ -79,14 +81,15 @@ def _state_list(text: str) -> list[str]:
     return text.split(",")
 
 
-def _positive(kind: type):
+def _positive(kind: type, *, zero: bool = False):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+        if not (value >= 0 if zero else value > 0) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(
+                f"{text} is not a {'non-negative' if zero else 'positive'} number")
         return value
     return parse
 
@@ -136,6 +139,13 @@ def _parser() -> argparse.ArgumentParser:
                            "frame and since the start; Ctrl-C stops")
     snap.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                       help="colour: auto (a terminal, unless NO_COLOR is set), always, never")
+    snap.add_argument("--busy-interval", type=_positive(float, zero=True), default=1.0,
+                      metavar="SECONDS",
+                      help="with tcp_info.enabled in the configuration: the busy-time split "
+                           "(network/receiver/send_buffer) is the growth between a first dump "
+                           "and the snapshot's, SECONDS apart (default %(default)g; the "
+                           "snapshot takes that much longer); 0: one dump, no split. With "
+                           "--watch: the growth since the previous frame")
 
     chk = sub.add_parser(
         "check-config", allow_abbrev=False,
@@ -327,8 +337,13 @@ def snapshot(cfg: config.Config, args, *, environ: Mapping[str, str] | None = No
     rules = Rules.from_config(cfg)
     colour = not args.json and watch.use_colour(args.color, out, environ)
     terminal = args.watch is not None and not args.json and watch.is_terminal(out)
+    # tcp_info.enabled: the same dump asks for INET_DIAG_INFO and the tcp_info fold runs on
+    # it for every port (SnapshotInfo); its cookie state lives across dumps for the busy split.
+    info = SnapshotInfo(rules) if cfg.tcp_info.enabled else None
+    also = (info,) if info is not None else ()
+    primed: list[bool] = []
     with contextlib.ExitStack() as stack:
-        reader = stack.enter_context(make_reader(cfg))
+        reader = stack.enter_context(make_reader(cfg, info.needs() if info else DumpNeed()))
         kernel = None
         if cfg.poll.kernel_stats:
             kernel = stack.enter_context(KernelStatsReader(cfg.poll.netns))
@@ -336,7 +351,12 @@ def snapshot(cfg: config.Config, args, *, environ: Mapping[str, str] | None = No
         last_scan: list = []  # [(OwnerScan, monotonic time it ended)]
 
         def take() -> report.Frame:
-            s = survey.take(reader, flt, rules)
+            if info is not None and not primed and args.busy_interval:
+                # the busy counters are cumulative per socket: one dump has no growth
+                dump_into(reader, [info], PollContext(time.time(), time.monotonic()), info.needs())
+                time.sleep(args.busy_interval)
+            primed[:] = [True]
+            s = survey.take(reader, flt, rules, also=also)
             local, remote = report.choose_ports(s, view)
             reuse = None
             if last_scan and args.watch is not None:

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from .features.tcp_info import BUCKETS, LIMITS, PortInfo, PortTables
 from .kernelstats import KernelStats
 from .owners import Owner, PortOwners
 from .snapshot import FAMILIES, STATES
@@ -192,6 +193,46 @@ def _side(rows: PortRows, shown: list[int], owners: dict | None,
     return out, other
 
 
+def bucket_quantile(hist, q: float) -> str | None:
+    """The `le` (BUCKETS) of the RTT bucket holding the q-quantile of `hist` (sockets per
+    bucket, not cumulative): the bucket of the ceil(q*n)-th smallest RTT, so the quantile is
+    known to bucket resolution only (<= that bound, above the one before). None: no sockets."""
+    cum = np.cumsum(np.asarray(hist, np.int64))
+    if not len(cum) or not cum[-1]:
+        return None
+    return BUCKETS[int(np.searchsorted(cum, q * cum[-1], side="left"))]
+
+
+def _ms_seconds(ms) -> float:
+    return round(int(ms) / 1000, 3)
+
+
+def _info_figures(waits, hist, rtt, busy, *, local: bool, interval: float | None) -> dict:
+    """The tcp_info part of a port row (JSON). Waits are per local port only (a remote
+    port's row has them null); busy is the growth over `interval`, null without one."""
+    w = [_ms_seconds(v) if local else None for v in waits]
+    return {
+        "oldest_unaccepted_seconds": w[0],
+        "oldest_unread_seconds": w[1],
+        "oldest_close_wait_seconds": w[2],
+        "rtt_sockets": int(np.sum(hist)),
+        "rtt_sum_seconds": round(int(rtt) / 1e6, 6),
+        "rtt_buckets": dict(zip(BUCKETS, np.cumsum(hist).tolist())),
+        "rtt_p50_le": bucket_quantile(hist, 0.5),
+        "rtt_p90_le": bucket_quantile(hist, 0.9),
+        "busy_seconds": None if interval is None
+        else {lim: round(int(v) / 1e3, 3) for lim, v in zip(LIMITS, busy)},
+    }
+
+
+def _info_side(table: PortInfo, rows: list[dict], other: dict, *, local: bool,
+               interval: float | None) -> None:
+    shown = [row["port"] for row in rows]
+    for row, *figures in zip(rows, *table.rows(shown)):
+        row["tcp_info"] = _info_figures(*figures, local=local, interval=interval)
+    other["tcp_info"] = _info_figures(*table.rest(shown), local=local, interval=interval)
+
+
 def _peers(peers: PeerCounts, top: int, before: dict[str, PeerCounts]) -> tuple[list[dict], dict]:
     rows = []
     shown = 0
@@ -288,6 +329,10 @@ def build_report(frame: Frame, view: View = View(), *, last: Frame | None = None
     kernel = None
     if frame.kernel is not None:
         kernel = dict(frame.kernel.counters)
+    info: PortTables | None = survey.results.get("tcp_info")
+    if info is not None:
+        _info_side(info.local, local, local_other, local=True, interval=info.interval)
+        _info_side(info.remote, remote, remote_other, local=False, interval=info.interval)
 
     report = {
         "timestamp": _iso_utc(survey.timestamp),
@@ -326,6 +371,9 @@ def build_report(frame: Frame, view: View = View(), *, last: Frame | None = None
             if owners is not None and owners.scanned_at is not None else None,
         },
     }
+    if info is not None:  # only then: without tcp_info the report is what it always was
+        report["tcp_info"] = {"busy_interval_seconds": None if info.interval is None
+                              else round(info.interval, 3)}
     if frame_number is not None:
         report["frame"] = {"number": frame_number, "interval_seconds": interval,
                            "started": _iso_utc(start.survey.timestamp) if start else None}
@@ -454,11 +502,65 @@ def _delta(row: dict, when: str, *path: str):
     return d
 
 
+def format_age(seconds: float | None) -> str:
+    """A wait for a person: 350ms, 2.0s, 12m05s, 3h12m; `-` for 0 (none, or under 1 ms)."""
+    if not seconds:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def format_le(le: str | None) -> str:
+    """An RTT bucket bound for a person: <=50us, <=2.5ms, <=1s, >5s (+Inf); `-`: none."""
+    if le is None:
+        return "-"
+    if le == "+Inf":
+        return f">{format_le(BUCKETS[-2])[2:]}"
+    v = float(le)
+    text = f"{v * 1e6:g}us" if v < 1e-3 else f"{v * 1e3:g}ms" if v < 1 else f"{v:g}s"
+    return "<=" + text
+
+
+def format_busy_split(busy: dict | None) -> str:
+    """Shares of busy time per LIMITS, in percent: `2/97/1%`; `-` when not busy."""
+    total = sum(busy.values()) if busy else 0
+    if not busy or not total:
+        return "-"
+    return "/".join(f"{100 * busy[lim] / total:.0f}" for lim in LIMITS) + "%"
+
+
+# tcp_info columns of the port tables: (header, local only, cell of a row's tcp_info dict).
+INFO_COLUMNS = (
+    ("UNACCEPTED", True, lambda t: format_age(t["oldest_unaccepted_seconds"])),
+    ("UNREAD", True, lambda t: format_age(t["oldest_unread_seconds"])),
+    ("CLOSE-WAIT AGE", True, lambda t: format_age(t["oldest_close_wait_seconds"])),
+    ("RTT P50", False, lambda t: format_le(t["rtt_p50_le"])),
+    ("RTT P90", False, lambda t: format_le(t["rtt_p90_le"])),
+)
+BUSY_COLUMNS = (
+    ("BUSY", lambda b: f"{sum(b.values()):.2f}s" if sum(b.values()) else "-"),
+    ("NET/RCV/SNDBUF", format_busy_split),
+)
+
+
 def _port_rows(title: str, rows: list[dict], other: dict, columns: tuple[str, ...],
-               show_owners: bool, colour: bool) -> list[str]:
+               show_owners: bool, colour: bool, *, local: bool = True) -> list[str]:
     headers = ["PORT", "SOCKETS", *(STATE_LABELS[s] for s in columns), "OTHER STATES",
                "RECV-Q", "SEND-Q", "BACKLOGGED(R/S)"]
     align = "rr" + "r" * len(columns) + "lrrr"
+    info_columns: list[tuple[str, object]] = []
+    if "tcp_info" in other:
+        info_columns = [(h, cell) for h, local_only, cell in INFO_COLUMNS if local or not local_only]
+        if other["tcp_info"]["busy_seconds"] is not None:
+            info_columns += [(h, lambda t, f=f: f(t["busy_seconds"])) for h, f in BUSY_COLUMNS]
+        headers += [h for h, _ in info_columns]
+        align += "r" * len(info_columns)
     if show_owners:
         headers.append("PROCESS")
         align += "l"
@@ -491,6 +593,7 @@ def _port_rows(title: str, rows: list[dict], other: dict, columns: tuple[str, ..
             fig(q["receive_bytes"], "queues", "receive_bytes", fmt=format_bytes),
             fig(q["send_bytes"], "queues", "send_bytes", fmt=format_bytes),
             f"{q['receive_backlogged']}/{q['send_backlogged']}",
+            *(cell(row["tcp_info"]) for _, cell in info_columns),  # type: ignore[operator]
         ]
         if show_owners:
             cells.append("" if is_other else _process_groups(row["owners"], MAX_GROUPS))
@@ -603,9 +706,19 @@ def render_text(report: dict, *, colour: bool = False) -> str:
 
     states_asked = set(flt["states"])
     columns = tuple(s for s in PORT_COLUMNS if not states_asked or SS_NAME[s] in states_asked)
+    info = report.get("tcp_info")
+    if info is not None:
+        interval = info["busy_interval_seconds"]
+        out.append("")
+        out.append("tcp_info: waits are the oldest per port (- none); RTT P50/P90 are bucket "
+                   "bounds (the bucket holding the quantile); " +
+                   (f"BUSY is the sockets' busy time in the last {interval:g}s, split "
+                    "network/receiver/send_buffer" if interval is not None
+                    else "no busy split (one dump: --busy-interval 0)"))
     for title, key in (("LOCAL PORTS", "local_ports"), ("REMOTE PORTS", "remote_ports")):
         out.append("")
-        out += _port_rows(title, report[key], report[key + "_other"], columns, show_owners, colour)
+        out += _port_rows(title, report[key], report[key + "_other"], columns, show_owners, colour,
+                          local=key == "local_ports")
 
     out.append("")
     if report["listeners"]:

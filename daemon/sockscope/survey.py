@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
 from .aggregate import Accumulator, Rules
 from .batch import Batch, format_address
+from .features.base import DumpStats, Feature, Fold, PollContext
 from .netlink import ALL_STATES, Reader
 from .snapshot import FAMILIES, Listener
 from .states import COUNTED, NSTATES, STATES, TcpState
@@ -209,6 +211,9 @@ class Survey:
     dump_interrupted: int = 0
     unknown_states: int = 0  # sockets in a state this build does not know (not counted)
     sockets_index: SocketIndex | None = field(default=None, compare=False)
+    # Results of other features' folds of the same dump, by feature name (take(also=)):
+    # `tcp_info` (features.tcp_info.PortTables) when tcp_info.enabled.
+    results: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def sockets(self) -> int:
@@ -333,7 +338,8 @@ class Tally:
                 self.index_parts.append((inode[held], sport[held], dport[held], slot[held]))
 
     def finish(self, rules: Rules, *, families: Iterable[str], timestamp: float,
-               duration: float = 0.0, dump_interrupted: int = 0) -> Survey:
+               duration: float = 0.0, dump_interrupted: int = 0,
+               results: dict[str, Any] | None = None) -> Survey:
         families = tuple(families)
         states = {}
         for f, name in enumerate(FAMILIES):
@@ -376,6 +382,7 @@ class Tally:
             dump_interrupted=dump_interrupted,
             unknown_states=self.unknown,
             sockets_index=index,
+            results=results or {},
         )
 
 
@@ -414,19 +421,41 @@ def take(
     index_sockets: bool = True,
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
+    also: Sequence[Feature] = (),
 ) -> Survey:
-    """One dump of `reader` (retried like the daemon's) folded into a Survey.
-    Raises NetlinkError."""
+    """One dump of `reader` (retried like the daemon's) folded into a Survey, and by the
+    folds of the features `also` (their results in Survey.results; the reader must ask
+    for what they need). Raises NetlinkError."""
     started = monotonic()
     timestamp = clock()
     attempt: list[Tally] = []
+    folds: dict[str, Fold] = {}
+    ctx = PollContext(timestamp, started)
 
     def start() -> Callable:
         tally = Tally(flt, index_sockets=index_sockets)  # an interrupted dump starts afresh
         attempt[:] = [tally]
-        return tally.add
+        folds.clear()
+        folds.update({f.name: fold for f in also if (fold := f.fold(ctx)) is not None})
+        if not folds:
+            return tally.add
+
+        def sink(batch: Batch) -> None:
+            tally.add(batch)
+            # The features see the port filter's sockets and every listener (take() asks
+            # the kernel for them whatever --state says; a fold needs them to know which
+            # ports listen); the kernel applied the state filter.
+            if flt.ports and len(batch):
+                wanted = np.fromiter(flt.ports, np.uint16)
+                batch = batch.take(np.isin(batch.sport, wanted) | np.isin(batch.dport, wanted)
+                                   | (batch.state == TcpState.LISTEN))
+            for fold in folds.values():
+                fold.add(batch)
+        return sink
 
     stats = reader.poll(start, states=flt.states | SS_STATES["listening"])
+    done = DumpStats(stats.families, stats.messages, stats.retries, stats.interrupted)
     return attempt[0].finish(rules, families=stats.families, timestamp=timestamp,
                              duration=monotonic() - started,
-                             dump_interrupted=stats.interrupted)
+                             dump_interrupted=stats.interrupted,
+                             results={name: fold.finish(done) for name, fold in folds.items()})

@@ -20,7 +20,7 @@ import numpy as np
 
 from .batch import Batch
 
-__all__ = ["INET_DIAG_INFO", "INFO_EXT", "FIELDS", "Field", "columns"]
+__all__ = ["INET_DIAG_INFO", "INFO_EXT", "FIELDS", "Field", "columns", "word_index", "words", "u64s"]
 
 INET_DIAG_INFO = 2  # include/uapi/linux/inet_diag.h: the attribute, and ext bit (1 << (2 - 1))
 INFO_EXT = 1 << (INET_DIAG_INFO - 1)
@@ -121,3 +121,35 @@ def columns(batch: Batch, names: Iterable[str]) -> tuple[dict[str, np.ndarray], 
                 col[rows] = u8[base + f.offset]
         out[name] = col
     return out, ok
+
+
+def word_index(names: Iterable[str]) -> tuple[np.ndarray, int]:
+    """The 32-bit words (from the start of tcp_info) that hold the fields `names`, in order:
+    one for a u4 field, two for a u8 field (low word first, whatever the byte order: see
+    u64); and the struct length they need."""
+    out: list[int] = []
+    need = 0
+    for name in names:
+        f = FIELDS[name]
+        if f.dtype not in ("u4", "u8"):
+            raise ValueError(f"{name}: only u4/u8 fields are read as words")
+        w = f.offset >> 2
+        out += [w] if f.dtype == "u4" else ([w, w + 1] if _LITTLE else [w + 1, w])
+        need = max(need, f.offset + np.dtype(f.dtype).itemsize)
+    return np.array(out, np.int64), need
+
+
+def words(batch: Batch, rows: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """A (len(rows), len(index)) uint32 block: for each message in `rows`, the words
+    `index` (word_index) of its tcp_info, in one gather. The caller has checked that those
+    messages' INET_DIAG_INFO is at least as long as word_index said."""
+    u32 = np.frombuffer(batch.data, np.uint32, len(batch.data) >> 2)
+    base = batch.attribute(INET_DIAG_INFO).offset[rows] >> 2  # payloads are 4-aligned (NLA_ALIGNTO)
+    return u32[base[:, None] + index[None, :]]
+
+
+def u64s(pairs: np.ndarray) -> np.ndarray:
+    """(n, k) u8 fields from an (n, 2k) block of (low, high) word pairs (word_index)."""
+    if _LITTLE:  # (low, high) in memory is the u64 itself
+        return np.ascontiguousarray(pairs).view(np.uint64)
+    return pairs[:, 0::2].astype(np.uint64) | (pairs[:, 1::2].astype(np.uint64) << np.uint64(32))
