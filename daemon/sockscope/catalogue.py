@@ -40,7 +40,10 @@ class Metric:
     # "gauge" | "counter" | "gaugehistogram": the cumulative `_bucket{le}` rows of a
     # histogram of this poll (OpenMetrics gauge histogram; text 0.0.4 says histogram); its
     # count and sum are the gauges "<name>_gcount" and "<name>_gsum", which Prometheus
-    # renders inside the family and Graphite writes like any gauge.
+    # renders inside the family and Graphite writes like any gauge. | "histogram": the same
+    # rows as counters since the start (observations accumulate; `rate()` applies), its
+    # count and sum the counters "<name>_count" and "<name>_sum" (catalogue names as they
+    # are: no "_total"), rendered inside the family.
     kind: str
     help: str  # one line: what it is
     labels: tuple[str, ...] = ()
@@ -48,10 +51,10 @@ class Metric:
     peak: bool = False  # window peaks: a gauge "<name>_peak" with the same labels
 
     def __post_init__(self) -> None:
-        if self.kind not in ("gauge", "counter", "gaugehistogram"):
+        if self.kind not in ("gauge", "counter", "gaugehistogram", "histogram"):
             raise ValueError(f"{self.name}: kind {self.kind!r}")
-        if self.kind == "gaugehistogram" and self.labels[-1:] != ("le",):
-            raise ValueError(f"{self.name}: a gauge histogram's last label is le")
+        if self.kind in ("gaugehistogram", "histogram") and self.labels[-1:] != ("le",):
+            raise ValueError(f"{self.name}: a histogram's last label is le")
         if self.peak and self.kind != "gauge":
             raise ValueError(f"{self.name}: peaks are kept for gauges only")
         if "\n" in self.help:

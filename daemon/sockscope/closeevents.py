@@ -75,6 +75,8 @@ class Closed:
     bytes_received: np.ndarray  # int64, tcpi_bytes_received
     total_retrans: np.ndarray  # int64, tcpi_total_retrans (ss -ti retrans:x/TOTAL)
     outcome: np.ndarray  # uint8: NORMAL, UNREAD_DATA, FAILED
+    rtt: np.ndarray  # uint32, tcpi_rtt at close: the smoothed RTT, µs (ss -ti rtt)
+    at: np.ndarray  # float64, monotonic seconds when the receiver read the event
 
     def __len__(self) -> int:
         return len(self.cookie)
@@ -83,7 +85,7 @@ class Closed:
     def empty(cls) -> Closed:
         z = np.zeros(0, np.int64)
         return cls(np.zeros(0, np.uint64), np.zeros(0, np.uint16), np.zeros(0, np.uint16), z, z, z,
-                   np.zeros(0, np.uint8))
+                   np.zeros(0, np.uint8), np.zeros(0, np.uint32), np.zeros(0, np.float64))
 
     @classmethod
     def concat(cls, parts: Iterable[Closed]) -> Closed:
@@ -117,17 +119,18 @@ def classify(rqueue: np.ndarray, delivered: np.ndarray, advmss: np.ndarray) -> n
     return out
 
 
-def decode(batch: Batch) -> tuple[Closed, int]:
-    """The connections closed in `batch` (close notifications), and how many of its
-    messages were skipped: no tcp_info long enough to classify them (a kernel older than
-    4.18), or not a connection (listeners, sockets never connected)."""
+def decode(batch: Batch, at: float = 0.0) -> tuple[Closed, int]:
+    """The connections closed in `batch` (close notifications read at monotonic time `at`),
+    and how many of its messages were skipped: no tcp_info long enough to classify them (a
+    kernel older than 4.18), or not a connection (listeners, sockets never connected)."""
     cols, ok = tcpinfo.columns(batch, FIELDS)
     outcome = classify(batch.rqueue, cols["delivered"], cols["advmss"])
     keep = np.flatnonzero(ok & (outcome != NOT_A_CONNECTION))
     closed = Closed(
         batch.cookie[keep], batch.sport[keep], batch.dport[keep],
         cols["bytes_acked"][keep].astype(np.int64), cols["bytes_received"][keep].astype(np.int64),
-        cols["total_retrans"][keep].astype(np.int64), outcome[keep],
+        cols["total_retrans"][keep].astype(np.int64), outcome[keep], cols["rtt"][keep].astype(np.uint32),
+        np.full(len(keep), at, np.float64),
     )
     return closed, int((ok & (outcome == NOT_A_CONNECTION)).sum()) + int((~ok).sum())
 

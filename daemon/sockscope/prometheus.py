@@ -33,6 +33,7 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeHistogramMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
 )
 from prometheus_client.core import Metric as PromMetric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_generate_latest
@@ -54,12 +55,12 @@ def families(samples: Samples) -> Iterator[PromMetric]:
     """prometheus-client metric families of `samples`, in their order (catalogue.Metric:
     name, type, HELP, labels; a counter's name gets its _total from the encoder)."""
     for metric, rows in samples:
-        if metric.kind == "gaugehistogram":
-            yield _gauge_histogram(metric, rows, samples)
+        if metric.kind in ("gaugehistogram", "histogram"):
+            yield _histogram(metric, rows, samples)
             continue
         base = samples.metrics.get(metric.name.rpartition("_")[0])
-        if base is not None and base.kind == "gaugehistogram" and metric.name.endswith(("_gcount", "_gsum")):
-            continue  # rendered inside its gauge histogram's family
+        if base is not None and (base.kind, metric.name.rpartition("_")[2]) in _INSIDE:
+            continue  # rendered inside its histogram's family
         cls = CounterMetricFamily if metric.kind == "counter" else GaugeMetricFamily
         fam = cls(metric.name, metric.help, labels=metric.labels)
         for labels, value in rows:
@@ -67,15 +68,22 @@ def families(samples: Samples) -> Iterator[PromMetric]:
         yield fam
 
 
-def _gauge_histogram(metric: Metric, rows: list[tuple[tuple[str, ...], float]], samples: Samples) -> PromMetric:
-    """The rows (labels..., le) -> cumulative count, with the `_gsum` gauge of the same
-    labels, as one gauge histogram family (the `_gcount` is its +Inf bucket)."""
-    fam = GaugeHistogramMetricFamily(metric.name, metric.help, labels=metric.labels[:-1])
+_INSIDE = {("gaugehistogram", "gcount"), ("gaugehistogram", "gsum"), ("histogram", "count"), ("histogram", "sum")}
+
+
+def _histogram(metric: Metric, rows: list[tuple[tuple[str, ...], float]], samples: Samples) -> PromMetric:
+    """The rows (labels..., le) -> cumulative count, with the sum of the same labels
+    (`_gsum` gauge, `_sum` counter), as one (gauge) histogram family (the count is its
+    +Inf bucket)."""
+    gauge = metric.kind == "gaugehistogram"
+    cls = GaugeHistogramMetricFamily if gauge else HistogramMetricFamily
+    fam = cls(metric.name, metric.help, labels=metric.labels[:-1])
+    total = f"{metric.name}_gsum" if gauge else f"{metric.name}_sum"
     grouped: dict[tuple[str, ...], list[tuple[str, float]]] = {}
     for labels, value in rows:
         grouped.setdefault(labels[:-1], []).append((labels[-1], value))
     for labels, buckets in grouped.items():
-        fam.add_metric(list(labels), buckets, samples.value(f"{metric.name}_gsum", *labels) or 0.0)
+        fam.add_metric(list(labels), buckets, samples.value(total, *labels) or 0.0)
     return fam
 
 
