@@ -125,7 +125,7 @@ def test_commands_never_filter_on_port_other():
             assert '{{ if eq $labels.port "other" }}' in description, rule["alert"]
             other_part = description.split("{{ else }}")[0]
             assert "sport = :" not in other_part, rule["alert"]
-    assert local_port_alerts == 7
+    assert local_port_alerts == 8
 
 
 def test_every_alert_is_tested_firing_and_quiet():
@@ -223,6 +223,39 @@ def test_the_wait_tests_catch_a_changed_threshold(promtool, tmp_path, alert, old
         rule["expr"] = rule["expr"].replace(old, new)
     r = run_with_alerts(promtool, tmp_path, yaml.safe_dump(doc, sort_keys=False), "sockscope-waits.test.yml")
     assert r.returncode != 0, f"sockscope-waits.test.yml passes with {alert} {old} -> {new}"
+    assert f"alertname: {alert}," in r.stdout + r.stderr
+
+
+# The connection-outcome alerts (issue 13): sockscope-connections.test.yml must fail for
+# each threshold, minimum rate and duration moved a little either way.
+CONNECTION_CHANGES = [
+    ("SockscopeConnectFailures", "> 0.1", "> 0.07"),
+    ("SockscopeConnectFailures", "> 0.1", "> 0.2"),
+    ("SockscopeConnectFailures", "> 0.05", "> 0.03"),
+    ("SockscopeConnectFailures", "> 0.05", "> 0.25"),
+    ("SockscopeConnectFailures", "for", "2m"),
+    ("SockscopeConnectFailures", "for", "10m"),
+    ("SockscopeUnreadDataCloses", "> 0.1", "> 0.04"),
+    ("SockscopeUnreadDataCloses", "> 0.1", "> 0.25"),
+    ("SockscopeUnreadDataCloses", "> 0.05", "> 0.03"),
+    ("SockscopeUnreadDataCloses", "> 0.05", "> 0.3"),
+    ("SockscopeUnreadDataCloses", "for", "5m"),
+    ("SockscopeUnreadDataCloses", "for", "15m"),
+]
+
+
+@pytest.mark.parametrize("alert,old,new", CONNECTION_CHANGES,
+                         ids=[f"{a}:{o}->{n}" for a, o, n in CONNECTION_CHANGES])
+def test_the_connection_tests_catch_a_changed_threshold(promtool, tmp_path, alert, old, new):
+    doc = yaml.safe_load(ALERTS.read_text())
+    (rule,) = [r for g in doc["groups"] for r in g["rules"] if r.get("alert") == alert]
+    if old == "for":
+        rule["for"] = new
+    else:
+        assert rule["expr"].count(old) == 1, (alert, old)
+        rule["expr"] = rule["expr"].replace(old, new)
+    r = run_with_alerts(promtool, tmp_path, yaml.safe_dump(doc, sort_keys=False), "sockscope-connections.test.yml")
+    assert r.returncode != 0, f"sockscope-connections.test.yml passes with {alert} {old} -> {new}"
     assert f"alertname: {alert}," in r.stdout + r.stderr
 
 
