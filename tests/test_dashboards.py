@@ -11,6 +11,8 @@ import fnmatch
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -158,7 +160,14 @@ def test_prometheus_dashboard_variables_and_coverage():
                    "oldest_unaccepted_seconds_peak", "oldest_unread_seconds_peak",
                    "oldest_close_wait_seconds_peak", "local_port_rtt_seconds_bucket",
                    "remote_port_rtt_seconds_bucket", "local_port_busy_seconds_total",
-                   "remote_port_busy_seconds_total"):
+                   "remote_port_busy_seconds_total",
+                   # issue 13, connections: bytes per closed connection (the Solr-XML view),
+                   # closes by outcome, retransmits per port, lifetime, reconciliation
+                   "remote_port_sent_bytes_total", "remote_port_received_bytes_total",
+                   "local_port_connections_closed_total", "remote_port_connections_closed_total",
+                   "local_port_retransmitted_segments_total", "remote_port_retransmitted_segments_total",
+                   "remote_port_connection_duration_seconds_bucket",
+                   "connections_accounted_retransmitted_segments_total", "connections_accounted_closed_total"):
         assert needed in joined, needed
 
 
@@ -200,6 +209,8 @@ def test_thresholds_are_the_alerts():
                                      ("oldest_unread_seconds", "SockscopeUnreadRequestOld"),
                                      ("oldest_close_wait_seconds", "SockscopeCloseWaitOld"))}
     receiver = float(re.search(r"^> ([\d.]+)$", rules["SockscopeReceiverLimited"]["expr"], re.M).group(1))
+    failed, unread = (float(re.search(r"^> ([\d.]+)$", rules[a]["expr"], re.M).group(1))
+                      for a in ("SockscopeConnectFailures", "SockscopeUnreadDataCloses"))
     assert (fill, backlog) == (0.8, 1048576)
     assert list(waits.values()) == [1, 5, 600] and receiver == 0.5
     prom = load(PROM_DASH)
@@ -207,7 +218,9 @@ def test_thresholds_are_the_alerts():
                             ("local_port_receive_queue_bytes", backlog), ("listen_overflows", overflows),
                             ("time_wait_sockets_per_limit", tw), *waits.items(),
                             ('local_port_busy_seconds_total{job="$job",instance=~"$instance",port=~"$port",'
-                             'limited_by="receiver"}', receiver)):
+                             'limited_by="receiver"}', receiver),
+                            ('port=~"$remote_port",outcome="failed"}', failed),
+                            ('port=~"$port",outcome="unread_data"}', unread)):
         (panel,) = panel_by_expr(prom, fragment)
         assert threshold_steps(panel) == [value], (panel["title"], threshold_steps(panel))
     # The receiver share's line reads against the bottom band: receiver first in the stack.
@@ -234,8 +247,15 @@ def test_a_panel_never_mixes_a_ratio_with_counts():
     for p in all_panels(dash):
         if p["type"] == "row":
             continue
-        ratios = [(":ratio" in t["expr"] or " / " in t["expr"]) for t in p["targets"]]
         unit = p["fieldConfig"]["defaults"]["unit"]
+        # bytes per closed connection: a division, in bytes (issue 13's Solr-XML view)
+        per_connection = [re.fullmatch(r"sum by \(instance, port\) \(rate\(\w+_bytes_total.* / sum by "
+                                       r"\(instance, port\) \(rate\(\w+_connections_closed_total[^/]*", t["expr"])
+                          for t in p["targets"]]
+        if any(per_connection):
+            assert all(per_connection) and unit == "bytes", (p["id"], p["title"], unit)
+            continue
+        ratios = [(":ratio" in t["expr"] or " / " in t["expr"]) for t in p["targets"]]
         assert all(ratios) if unit == "percentunit" else not any(ratios), (p["id"], p["title"], unit)
     (ports,) = [p for p in all_panels(dash) if p["id"] == 24]
     assert len(ports["targets"]) == 1 and ports["fieldConfig"]["defaults"]["unit"] == "none"
@@ -251,9 +271,12 @@ def stack(netns, sockmix, tmp_path_factory):
     work = tmp_path_factory.mktemp("prom")
     # tcp_info on: the mix's idle ESTABLISHED pairs fill the RTT buckets, its full queue, unread
     # and CLOSE-WAIT sockets the waits, its zero-window senders (sendq) grow receiver busy time.
-    config = ("poll:\n  interval: 500ms\n  peak_window: 5s\nports:\n  remote: [18080, 18084]\n"
-              "tcp_info:\n  enabled: true\n")
+    # connections on: CHURN's connections to its own port 18095 (a tracked remote port) close
+    # normally, with unread data, and fail, while the polls run.
+    config = ("poll:\n  interval: 500ms\n  peak_window: 5s\nports:\n  remote: [18080, 18084, 18095]\n"
+              "tcp_info:\n  enabled: true\nconnections:\n  enabled: true\n")
     daemons = []
+    churn = netns.popen([sys.executable, "-c", CHURN], stdin=subprocess.PIPE)
     try:
         for _ in range(2):
             daemons.append(start_daemon(work, config, netns=netns.name))
@@ -265,8 +288,49 @@ def stack(netns, sockmix, tmp_path_factory):
             prom.wait_value('count(up{job="sockscope"} == 1) == 2')
             yield prom, daemons
     finally:
+        churn.stdin.close()
+        churn.wait(timeout=10)
         for d in daemons:
             d.stop()
+
+
+# Connections for the connections panels, ~10/s, until stdin closes (at most 10 minutes):
+# each sends 2,000 bytes and lives ~0.7 s (so the 500 ms polls see it: its lifetime is
+# observed); the server closes every 4th without reading it (unread_data); every 5th connect
+# goes to a port nobody listens on (failed).
+CHURN = r"""
+import select, socket, sys, threading, time
+srv = socket.create_server(("127.0.0.1", 18095), backlog=256)
+def serve():
+    n = 0
+    while True:
+        a, _ = srv.accept()
+        n += 1
+        if n % 4:
+            threading.Thread(target=drain, args=(a,), daemon=True).start()
+        else:
+            threading.Timer(0.3, a.close).start()  # the request sits unread: an RST on close
+def drain(a):
+    while a.recv(65536):
+        pass
+    a.close()
+def client(i):
+    try:
+        c = socket.create_connection(("127.0.0.1", 18096 if i % 5 == 0 else 18095), timeout=2)
+    except OSError:
+        return
+    try:
+        c.sendall(b"r" * 2000)
+        time.sleep(0.7)
+    except OSError:
+        pass
+    c.close()
+threading.Thread(target=serve, daemon=True).start()
+deadline, i = time.monotonic() + 600, 0
+while time.monotonic() < deadline and not select.select([sys.stdin], [], [], 0.1)[0]:
+    i += 1
+    threading.Thread(target=client, args=(i,), daemon=True).start()
+"""
 
 
 def fill_in(expr: str, values: dict[str, str]) -> str:
@@ -306,7 +370,7 @@ def test_every_prometheus_dashboard_query_returns_data_for_every_instance(stack,
         if v["name"] == "port":
             assert {"18084", "other"} <= set(listed)  # the sockmix CLOSE-WAIT port
         if v["name"] == "remote_port":
-            assert set(listed) == {"18080", "18084", "other"}
+            assert set(listed) == {"18080", "18084", "18095", "other"}
         if v["name"] in ("port", "remote_port"):
             values[v["name"]] = "|".join(listed)  # "All" selected, as a multi-value regex
     # Each query with every instance selected must return series of both; a panel that sums
@@ -357,6 +421,21 @@ def test_every_prometheus_dashboard_query_returns_data_for_every_instance(stack,
     assert [float(s["value"][1]) for s in fill] == [pytest.approx(5 / 4)] * 2
     interval = prom.query("sockscope_poll_interval_seconds")
     assert [float(s["value"][1]) for s in interval] == [0.5, 0.5]
+    # The connections panels show CHURN's connections, per instance: each carried its
+    # 2,000-byte request (+ SYN, FIN), lived ~0.7 s, some were closed unread, some refused.
+    (per_conn,) = panel_by_expr(dash, "remote_port_sent_bytes_total{")[:1]
+    (lifetime,) = panel_by_expr(dash, "remote_port_connection_duration_seconds_bucket")
+    for one in sorted(instances):
+        single = {**values, "instance": one, "remote_port": "18095", "__rate_interval": "10s"}
+        (got,) = prom.query(fill_in(per_conn["targets"][0]["expr"], single))
+        assert 1500 < float(got["value"][1]) < 2500, got
+        (p50,) = prom.query(fill_in(lifetime["targets"][0]["expr"], {**single, "__rate_interval": "30s"}))
+        assert 0.1 <= float(p50["value"][1]) <= 1, p50
+        for side, port, outcome in (("remote", "18095", "normal"), ("local", "18095", "unread_data"),
+                                    ("remote", "other", "failed")):
+            (n,) = prom.query(f'sockscope_tcp_{side}_port_connections_closed_total'
+                              f'{{instance="{one}",port="{port}",outcome="{outcome}"}}')
+            assert float(n["value"][1]) > 0, (one, side, port, outcome)
 
 
 # -- Graphite dashboards against a real carbon ------------------------------------------------
@@ -568,7 +647,7 @@ def carbon_fed(sockmix, netns, tmp_path_factory):
         for graphite in PUSHERS.values():
             daemons.append(start_daemon(
                 work, "poll:\n  interval: 1s\n  kernel_stats: false\nports:\n  remote: [18080, 18084]\n"
-                "tcp_info:\n  enabled: true\n"
+                "tcp_info:\n  enabled: true\nconnections:\n  enabled: true\n"
                 f"graphite:\n  enabled: true\n  address: 127.0.0.1:{carbon.port}\n{graphite}",
                 netns=netns.name))
         yield carbon
