@@ -120,7 +120,7 @@ def _histograms(side: str) -> tuple[Metric, ...]:
     return (
         *_histogram(side, "connection_duration_seconds",
                     f"Histogram of the lifetime of {closed} and that a poll saw alive: from the start of the first "
-                    "poll that saw it to its close notification (short of the true lifetime by up to one poll "
+                    "poll that saw it to the reading of its close notification (short of the true lifetime by up to one poll "
                     "interval; sockets alive at the feature's start are not observed).",
                     f"Closed connections of the {side} port observed by the duration histogram.",
                     f"Sum of the durations the {side} port's duration histogram observed (seconds)."),
