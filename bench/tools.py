@@ -60,6 +60,12 @@ def proc_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of the whole process so far (/proc/PID/stat field 10)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
 def vm_hwm(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         m = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
@@ -432,10 +438,10 @@ class ConfigDaemon:
             before = self.metrics()  # outside the window
             time.sleep(0.2 * self.interval)
             u0, s0 = proc_times(self.proc.pid)
-            c0 = cpu_seconds(self.proc.pid)
+            c0, f0 = cpu_seconds(self.proc.pid), minor_faults(self.proc.pid)
             time.sleep(polls * self.interval)
             u1, s1 = proc_times(self.proc.pid)
-            c1 = cpu_seconds(self.proc.pid)
+            c1, f1 = cpu_seconds(self.proc.pid), minor_faults(self.proc.pid)
             after = self.metrics()
         finally:
             os.kill(self.proc.pid, signal.SIGSTOP)
@@ -443,7 +449,7 @@ class ConfigDaemon:
         n = min(polls, seen) if seen else polls
         src = {k[1].split('"')[1]: v for k, v in after.items() if k[0] == "sockscope_source_duration_seconds"}
         return {"polls": polls, "polls_seen": seen, "cpu": (c1 - c0) / n, "user": (u1 - u0) / n,
-                "sys": (s1 - s0) / n, "source_seconds": src, "tcp_sockets": after.get(("sockscope_poll_sockets", ""), 0),
+                "sys": (s1 - s0) / n, "minor_faults": (f1 - f0) / n, "source_seconds": src, "tcp_sockets": after.get(("sockscope_poll_sockets", ""), 0),
                 "rss_peak": vm_hwm(self.proc.pid), "metrics": after}
 
     def close(self) -> None:
