@@ -60,6 +60,12 @@ def proc_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of the whole process so far (/proc/PID/stat field 10)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
 def vm_hwm(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         m = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
@@ -380,4 +386,72 @@ class Daemon:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGCONT)
         self.daemon.stop()
+        subprocess.run(["rm", "-rf", self.dir])
+
+
+class ConfigDaemon:
+    """One `sockscope run` with the given configuration, SIGSTOPped between windows: its
+    whole-process CPU per poll (utime/stime of /proc/PID/stat and the schedstat sum) over a
+    window of polls with no scrape inside, and its peak RSS."""
+
+    def __init__(self, name: str, config: str, port: int, interval: float) -> None:
+        self.name, self.port, self.interval = name, port, interval
+        self.dir = tempfile.mkdtemp(prefix=f"sockscope-bench-{name}-")
+        conf = os.path.join(self.dir, "sockscope.yaml")
+        with open(conf, "w") as f:
+            f.write(config)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sockscope", "run", "--config.file", conf,
+             "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warning"],
+            env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            if self.metrics().get(("sockscope_polls_total", "")):
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"daemon {name} did not poll")
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def metrics(self) -> dict[tuple[str, str], float]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=60) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("sockscope_") and " " in line:
+                key, value = line.rsplit(" ", 1)
+                name, _, labels = key.partition("{")
+                out[(name, labels.rstrip("}"))] = float(value)
+        return out
+
+    def window(self, polls: int) -> dict:
+        """CPU per poll over `polls` x interval. Continued, the daemon polls at once, then on
+        its grid; the window starts 1.5 intervals later, so it holds `polls` poll starts. A
+        poll longer than the interval delays the next: the figures divide by the polls the
+        daemon counted in the window when that is fewer."""
+        os.kill(self.proc.pid, signal.SIGCONT)
+        try:
+            time.sleep(1.5 * self.interval)
+            before = self.metrics()  # outside the window
+            time.sleep(0.2 * self.interval)
+            u0, s0 = proc_times(self.proc.pid)
+            c0, f0 = cpu_seconds(self.proc.pid), minor_faults(self.proc.pid)
+            time.sleep(polls * self.interval)
+            u1, s1 = proc_times(self.proc.pid)
+            c1, f1 = cpu_seconds(self.proc.pid), minor_faults(self.proc.pid)
+            after = self.metrics()
+        finally:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+        seen = after[("sockscope_polls_total", "")] - before[("sockscope_polls_total", "")]
+        n = min(polls, seen) if seen else polls
+        src = {k[1].split('"')[1]: v for k, v in after.items() if k[0] == "sockscope_source_duration_seconds"}
+        return {"polls": polls, "polls_seen": seen, "cpu": (c1 - c0) / n, "user": (u1 - u0) / n,
+                "sys": (s1 - s0) / n, "minor_faults": (f1 - f0) / n, "source_seconds": src, "tcp_sockets": after.get(("sockscope_poll_sockets", ""), 0),
+                "rss_peak": vm_hwm(self.proc.pid), "metrics": after}
+
+    def close(self) -> None:
+        _stop(self.proc)
         subprocess.run(["rm", "-rf", self.dir])

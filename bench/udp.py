@@ -33,21 +33,18 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from . import ns as netns
 from .loader import Table
 from .run import machine
-from .tools import REPO, _env, _stop, cpu_seconds
+from .tools import REPO, ConfigDaemon
 
 RESULTS = REPO / "bench" / "results"
 SERVICE_PORTS = range(19000, 19032)  # 32 ports with unconnected sockets: the tracked ones
 REUSEPORT_GROUP = 4  # IPv4 SO_REUSEPORT sockets per service port (plus one IPv6 socket)
 SMALL_RCVBUF_PORT = 19000  # its sockets get a 4 KiB receive buffer: they drop datagrams
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the UDP table --------------------------------------------------------------------------
@@ -122,75 +119,6 @@ def ss_udp_counts() -> dict[str, int]:
 # -- measurements ---------------------------------------------------------------------------
 
 
-def _stat_times(pid: int) -> tuple[float, float]:
-    """(user, system) seconds of the whole process (/proc/PID/stat utime, stime)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
-
-
-class Daemon:
-    """One `sockscope run` with `udp.enabled` on or off, SIGSTOPped between windows."""
-
-    def __init__(self, name: str, udp: bool, port: int, interval: float) -> None:
-        self.name, self.port, self.interval = name, port, interval
-        self.dir = tempfile.mkdtemp(prefix=f"sockscope-bench-udp-{name}-")
-        conf = os.path.join(self.dir, "sockscope.yaml")
-        with open(conf, "w") as f:
-            f.write(f"poll:\n  interval: {interval}s\nudp:\n  enabled: {'true' if udp else 'false'}\n")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sockscope", "run", "--config.file", conf,
-             "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warning"],
-            env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            if self.metrics().get(("sockscope_polls_total", "")):
-                break
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"daemon {name} did not poll")
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def metrics(self) -> dict[tuple[str, str], float]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30) as r:
-                text = r.read().decode()
-        except OSError:
-            return {}
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("sockscope_") and " " in line:
-                key, value = line.rsplit(" ", 1)
-                name, _, labels = key.partition("{")
-                out[(name, labels.rstrip("}"))] = float(value)
-        return out
-
-    def window(self, polls: int) -> dict:
-        os.kill(self.proc.pid, signal.SIGCONT)
-        try:
-            time.sleep(1.5 * self.interval)
-            before = self.metrics()  # outside the window
-            time.sleep(0.2 * self.interval)
-            u0, s0 = _stat_times(self.proc.pid)
-            c0 = cpu_seconds(self.proc.pid)
-            time.sleep(polls * self.interval)
-            u1, s1 = _stat_times(self.proc.pid)
-            c1 = cpu_seconds(self.proc.pid)
-            after = self.metrics()
-        finally:
-            os.kill(self.proc.pid, signal.SIGSTOP)
-        seen = after[("sockscope_polls_total", "")] - before[("sockscope_polls_total", "")]
-        src = {k[1].split('"')[1]: v for k, v in after.items() if k[0] == "sockscope_source_duration_seconds"}
-        return {"polls": polls, "polls_seen": seen, "cpu": (c1 - c0) / polls, "user": (u1 - u0) / polls,
-                "sys": (s1 - s0) / polls, "source_seconds": src,
-                "udp_sockets": sum(v for k, v in after.items() if k[0] == "sockscope_udp_sockets"),
-                "tcp_sockets": after.get(("sockscope_poll_sockets", ""), 0)}
-
-    def close(self) -> None:
-        _stop(self.proc)
-        subprocess.run(["rm", "-rf", self.dir])
-
-
 def in_process(reps: int) -> dict:
     """The UDP dump alone vs dump + fold, CPU per poll (median of `reps`)."""
     from sockscope.features import PollContext
@@ -220,7 +148,7 @@ def in_process(reps: int) -> dict:
 def run(args) -> dict:
     table = Table(args.tcp)
     holder = UdpHolder(args.udp)
-    daemons: dict[str, Daemon] = {}
+    daemons: dict[str, ConfigDaemon] = {}
     result = {"machine": machine(), "tcp": args.tcp, "udp": args.udp, "interval": args.interval,
               "window_polls": args.window, "rounds": {"off": [], "on": []}}
     try:
@@ -231,7 +159,9 @@ def run(args) -> dict:
         if ours["counts"] != theirs:
             raise RuntimeError(f"sockscope's UDP counts {ours['counts']} differ from ss {theirs}")
         result["udp_counts_equal_ss"] = theirs
-        daemons = {"off": Daemon("off", False, 19401, args.interval), "on": Daemon("on", True, 19402, args.interval)}
+        daemons = {flag: ConfigDaemon(f"udp-{flag}", f"poll:\n  interval: {args.interval}s\nudp:\n  enabled: {str(flag == 'on').lower()}\n",
+                                         port, args.interval)
+                   for flag, port in (("off", 19401), ("on", 19402))}
         round_seconds = 2 * (args.window + 2) * args.interval
         for r in range(args.rounds):
             if table.tw_age() + round_seconds > 58:
@@ -239,6 +169,7 @@ def run(args) -> dict:
             for name in (("off", "on") if r % 2 == 0 else ("on", "off")):
                 w = daemons[name].window(args.window)
                 result["rounds"][name].append(w)
+                w["udp_sockets"] = sum(v for k, v in w.pop("metrics").items() if k[0] == "sockscope_udp_sockets")
                 print(f"round {r} udp {name}: {w['cpu'] * 1000:.1f} ms/poll (user {w['user'] * 1000:.1f}, "
                       f"sys {w['sys'] * 1000:.1f}), {w['polls_seen']:.0f} polls seen, "
                       f"tcp {w['tcp_sockets']:.0f}, udp {w['udp_sockets']:.0f}", flush=True)

@@ -24,6 +24,7 @@ from sockscope.features import DumpStats, PollContext
 from sockscope.features.tcp_info import BUCKETS, LIMITS, TcpInfo
 from sockscope.poller import Poller, merge_needs
 from sockscope.service import Service, make_reader
+from sockscope.snapshot import OTHER
 from support.daemon import start_daemon
 from support.prom_server import RealPrometheus
 
@@ -181,6 +182,27 @@ def test_chunked_fold_equals_a_per_socket_reference(monkeypatch):
                     assert got == pytest.approx([x / 1e6 for x in want]), (chunk, side, port)
         assert outs[7].value("sockscope_tcp_local_port_rtt_seconds_gcount", "8080") == \
             sum(1 for v in live.values() if v[0] == 8080)
+
+
+def test_local_rows_follow_this_polls_listeners_and_grow_past_64():
+    """The local side has rows for configured ports and this dump's listening ports only:
+    100 listeners (past the first allocation) each with one unread socket; the tracked ones
+    (max_local 64, configured 9999 first) read their own wait, the rest fold into `other`;
+    a listener met after its sockets in the same chunk still gets them; a port that stops
+    listening loses its row at the next poll."""
+    f = TcpInfo(features.tcp.Rules(local=(9999,), max_local=64))
+    socks = [(rec(p, 1, rq=5), p, [info(last_data_recv=p, rtt=100)]) for p in range(20000, 20100)]
+    late = (rec(20000, 1, rq=5), 1, [info(last_data_recv=50_000, rtt=100)])  # before its listener
+    out = poll(f, [late, *[listener(p) for p in range(20000, 20100)], *socks])
+    assert out.value("sockscope_tcp_local_port_oldest_unread_seconds", "20000") == 50.0
+    for p in range(20001, 20063):  # configured 9999, then the first 63 listening ports
+        assert out.value("sockscope_tcp_local_port_oldest_unread_seconds", str(p)) == p / 1000
+    assert out.value("sockscope_tcp_local_port_oldest_unread_seconds", OTHER) == 20.099  # past the cap
+    assert out.value("sockscope_tcp_local_port_rtt_seconds_gcount", OTHER) == 100 - 63
+    out = poll(f, [listener(20005), *socks])
+    assert out.value("sockscope_tcp_local_port_oldest_unread_seconds", "20005") == 20.005
+    assert out.value("sockscope_tcp_local_port_oldest_unread_seconds", OTHER) == 20.099
+    assert out.value("sockscope_tcp_local_port_rtt_seconds_gcount", OTHER) == 99
 
 
 def test_an_attempt_thrown_away_changes_neither_figures_nor_cookie_state():

@@ -132,8 +132,9 @@ class CookieState:
 
 
 class _Side:
-    """Per-poll figures of one side: rows are ports (local: dense) or tracked remote ports
-    + other (remote: a lookup table)."""
+    """Per-poll figures of one side, one row per port: dense (row = port: the snapshot),
+    or through a lookup table (`lut`: port -> row) of the ports that may be exported, with
+    one row for every other port."""
 
     def __init__(self, remote_ports: tuple[int, ...] | None) -> None:
         if remote_ports is None:
@@ -144,18 +145,20 @@ class _Side:
             self.lut = np.full(_PORTS, len(self.ports), np.intp)
             self.lut[list(self.ports)] = np.arange(len(self.ports))
             rows = len(self.ports) + 1
-        # Allocated once, kept across polls; a poll zeroes and sums only the rows it
-        # touched (`mark`): passing over all 65,536 local rows cost ~3 ms per poll.
-        self.hist = np.zeros(rows * _NB, np.int32)
-        self.rtt = np.zeros(rows, np.int64)  # µs
-        self.busy = np.zeros(rows * 3, np.int64)  # ms growth per LIMITS
-        self.waits = np.zeros(rows * 3, np.int64) if remote_ports is None else None  # ms
-        self.mark = np.zeros(rows, bool)
+        self._alloc(rows, waits=remote_ports is None)
         # the sums over all rows, kept as the rows are added to: `other` is the sum minus
         # the tracked rows (summing the touched rows, one per ephemeral port, cost ~2 ms)
         self.all_hist = np.zeros(_NB, np.int64)
         self.all_rtt = 0
         self.all_busy = np.zeros(3, np.int64)
+
+    def _alloc(self, rows: int, waits: bool) -> None:
+        # Allocated once, kept across polls; a poll zeroes only the rows it touched (`mark`).
+        self.hist = np.zeros(rows * _NB, np.int32)
+        self.rtt = np.zeros(rows, np.int64)  # µs
+        self.busy = np.zeros(rows * 3, np.int64)  # ms growth per LIMITS
+        self.waits = np.zeros(rows * 3, np.int64) if waits else None  # ms (local side only)
+        self.mark = np.zeros(rows, bool)
 
     def touched(self) -> np.ndarray:
         return np.flatnonzero(self.mark)
@@ -174,6 +177,59 @@ class _Side:
 
     def rows(self, ports: np.ndarray) -> np.ndarray:
         return ports.astype(np.intp) if self.lut is None else self.lut[ports]
+
+    def port_of(self, rows: np.ndarray) -> np.ndarray:
+        """The port of each row (dense side); -1 for a row of several ports."""
+        return rows.astype(np.int64)
+
+
+class _LocalSide(_Side):
+    """The daemon's local side: row 0 for every port that cannot be tracked, one row per
+    configured port, and one per port a LISTEN socket of this poll's dump has, given as the
+    dump meets them (`listen`). The kernel reports every listener before any other socket
+    (inet_diag walks the listening hash first), and the fold runs a chunk behind the
+    gathers, so a socket's port has its row by then. Memory grows with the listening ports,
+    not with the 65,536 possible ones (dense rows held ~8 MB)."""
+
+    def __init__(self, configured: tuple[int, ...]) -> None:
+        self.table = self.lut = np.zeros(_PORTS, np.intp)  # `table`: the same array, never None
+        fixed = sorted(set(configured))
+        self.row_port = np.full(max(64, 2 * len(fixed) + 2), -1, np.int64)
+        self.table[fixed] = np.arange(1, len(fixed) + 1)
+        self.row_port[1:len(fixed) + 1] = fixed
+        self.fixed = self.used = len(fixed) + 1
+        self._alloc(len(self.row_port), waits=True)
+        self.all_hist = np.zeros(_NB, np.int64)
+        self.all_rtt = 0
+        self.all_busy = np.zeros(3, np.int64)
+
+    def listen(self, ports: np.ndarray) -> None:
+        new = np.unique(ports[self.table[ports] == 0])
+        if not len(new):
+            return
+        end = self.used + len(new)
+        if end > len(self.row_port):
+            self._grow(max(end, 2 * len(self.row_port)))
+        self.table[new] = np.arange(self.used, end)
+        self.row_port[self.used:end] = new
+        self.used = end
+
+    def _grow(self, rows: int) -> None:
+        old = (self.hist, self.rtt, self.busy, self.waits, self.mark, self.row_port)
+        self._alloc(rows, waits=True)
+        self.row_port = np.full(rows, -1, np.int64)
+        for new, before in zip((self.hist, self.rtt, self.busy, self.waits, self.mark, self.row_port), old):
+            assert new is not None and before is not None
+            new[:len(before)] = before
+
+    def port_of(self, rows: np.ndarray) -> np.ndarray:
+        return self.row_port[rows]
+
+    def reset(self) -> None:
+        super().reset()
+        self.table[self.row_port[self.fixed:self.used]] = 0
+        self.row_port[self.fixed:self.used] = -1
+        self.used = self.fixed
 
 
 # tcp_info words read per socket: the waits and RTT (in every tcp_info since 2.6), then
@@ -208,7 +264,10 @@ class _InfoFold(Fold):
         state = batch.state
         listen = state == LISTEN
         if listen.any():
-            self.f.listening[batch.sport[listen]] = True
+            ports = batch.sport[listen]
+            self.f.listening[ports] = True
+            if isinstance(self.f.local, _LocalSide):
+                self.f.local.listen(ports)
         length = batch.attribute(tcpinfo.INET_DIAG_INFO).length  # 0 where absent
         rows = np.flatnonzero((length >= _WAIT_LEN) & ~listen)
         if not len(rows):
@@ -302,11 +361,18 @@ class _InfoFold(Fold):
         if len(self.runs) == 1:
             f.state = CookieState(*self.runs[0])
         elif self.runs:
-            cookie = np.concatenate([c for c, _ in self.runs])
-            chrono = np.concatenate([m for _, m in self.runs])
-            self.runs.clear()
+            # One array at a time, each run freed once copied: at most twice the state is
+            # resident (48 bytes per socket when the cookies and chronographs were copied
+            # together; 20 MB per 1M sockets).
+            cookies, chronos = [c for c, _ in self.runs], [m for _, m in self.runs]
+            self.runs = []
+            cookie = np.concatenate(cookies)
+            del cookies
             order = np.argsort(cookie, kind="stable")  # merges the sorted runs
-            f.state = CookieState(cookie[order], chrono[order])
+            chrono = np.concatenate(chronos)
+            del chronos
+            chrono = chrono[order]
+            f.state = CookieState(cookie[order], chrono)
         self.runs = []
         return f.result()
 
@@ -317,7 +383,7 @@ class TcpInfo(Feature):
 
     def __init__(self, rules: Rules) -> None:
         self.rules = rules
-        self.local = _Side(None)
+        self.local: _Side = _LocalSide(tuple(rules.local))
         self.remote = _Side(tuple(rules.remote[:rules.max_remote]))
         self.listening = np.zeros(_PORTS, bool)
         self.state = CookieState.empty()
@@ -337,7 +403,7 @@ class TcpInfo(Feature):
 
     def result(self) -> TcpInfoResult:
         tracked, _ = self.rules.tracked_local(np.flatnonzero(self.listening).tolist())
-        local = self._table("local", self.local, tracked, tracked)  # dense: row = port
+        local = self._table("local", self.local, tracked, self.local.rows(np.array(tracked, np.intp)).tolist())
         remote = self._table("remote", self.remote, list(self.remote.ports),
                              list(range(len(self.remote.ports))))
         return TcpInfoResult(local, remote)
@@ -367,8 +433,9 @@ class TcpInfo(Feature):
                                    tuple((kept[str(port)] / 1e3).tolist())))
         if waits is not None:
             rest = waits[t]
-            rest[np.isin(t, ports)] = 0
-            rest[~self.listening[t], 0] = 0
+            rest[np.isin(t, rows)] = 0
+            of = side.port_of(t)
+            rest[(of < 0) | ~self.listening[np.maximum(of, 0)], 0] = 0  # no listener, no accept queue
             if len(rest):
                 rest_waits = rest.max(axis=0)
         kept[OTHER] = totals.get(OTHER, np.zeros(3, np.int64)) + rest_busy
@@ -461,6 +528,7 @@ class SnapshotInfo(TcpInfo):
 
     def __init__(self, rules: Rules) -> None:
         super().__init__(replace(rules, remote=()))
+        self.local = _Side(None)
         self.remote = _Side(None)
         self._dump_at: float | None = None
         self._last_at: float | None = None
