@@ -211,21 +211,6 @@ WAIT_CHANGES = [
 ]
 
 
-@pytest.mark.parametrize("alert,old,new", WAIT_CHANGES,
-                         ids=[f"{a}:{o}->{n}" for a, o, n in WAIT_CHANGES])
-def test_the_wait_tests_catch_a_changed_threshold(promtool, tmp_path, alert, old, new):
-    doc = yaml.safe_load(ALERTS.read_text())
-    (rule,) = [r for g in doc["groups"] for r in g["rules"] if r.get("alert") == alert]
-    if old == "for":
-        rule["for"] = new
-    else:
-        assert rule["expr"].count(old) == 1, (alert, old)
-        rule["expr"] = rule["expr"].replace(old, new)
-    r = run_with_alerts(promtool, tmp_path, yaml.safe_dump(doc, sort_keys=False), "sockscope-waits.test.yml")
-    assert r.returncode != 0, f"sockscope-waits.test.yml passes with {alert} {old} -> {new}"
-    assert f"alertname: {alert}," in r.stdout + r.stderr
-
-
 # The connection-outcome alerts (issue 13): sockscope-connections.test.yml must fail for
 # each threshold, minimum rate and duration moved a little either way.
 CONNECTION_CHANGES = [
@@ -244,9 +229,13 @@ CONNECTION_CHANGES = [
 ]
 
 
-@pytest.mark.parametrize("alert,old,new", CONNECTION_CHANGES,
-                         ids=[f"{a}:{o}->{n}" for a, o, n in CONNECTION_CHANGES])
-def test_the_connection_tests_catch_a_changed_threshold(promtool, tmp_path, alert, old, new):
+THRESHOLD_CHANGES = [("sockscope-waits.test.yml", *c) for c in WAIT_CHANGES] + \
+    [("sockscope-connections.test.yml", *c) for c in CONNECTION_CHANGES]
+
+
+@pytest.mark.parametrize("tests,alert,old,new", THRESHOLD_CHANGES,
+                         ids=[f"{a}:{o}->{n}" for _, a, o, n in THRESHOLD_CHANGES])
+def test_the_alert_tests_catch_a_changed_threshold(promtool, tmp_path, tests, alert, old, new):
     doc = yaml.safe_load(ALERTS.read_text())
     (rule,) = [r for g in doc["groups"] for r in g["rules"] if r.get("alert") == alert]
     if old == "for":
@@ -254,8 +243,8 @@ def test_the_connection_tests_catch_a_changed_threshold(promtool, tmp_path, aler
     else:
         assert rule["expr"].count(old) == 1, (alert, old)
         rule["expr"] = rule["expr"].replace(old, new)
-    r = run_with_alerts(promtool, tmp_path, yaml.safe_dump(doc, sort_keys=False), "sockscope-connections.test.yml")
-    assert r.returncode != 0, f"sockscope-connections.test.yml passes with {alert} {old} -> {new}"
+    r = run_with_alerts(promtool, tmp_path, yaml.safe_dump(doc, sort_keys=False), tests)
+    assert r.returncode != 0, f"{tests} passes with {alert} {old} -> {new}"
     assert f"alertname: {alert}," in r.stdout + r.stderr
 
 

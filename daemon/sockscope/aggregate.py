@@ -96,6 +96,15 @@ class Rules:
         return sorted(candidates[:self.max_local]), max(0, len(candidates) - self.max_local)
 
 
+def port_lookup(ports: Iterable[int], dtype=np.intp) -> tuple[tuple[int, ...], np.ndarray]:
+    """The sorted distinct `ports` and a 65,536-entry table port -> row: a port's index
+    among them, every other port the row after the last."""
+    kept = tuple(sorted(set(ports)))
+    lut = np.full(_PORTS, len(kept), dtype)
+    lut[list(kept)] = np.arange(len(kept), dtype=dtype)
+    return kept, lut
+
+
 class _Side:
     """The rows of one side (local or remote port): ports (dense), or, given `ports`, the
     sorted ports then one row for every other port. `first` is its first row in the
@@ -109,10 +118,8 @@ class _Side:
             self.lut = None
             self.rows = _PORTS
         else:
-            self.ports = tuple(sorted(set(ports)))
+            self.ports, self.lut = port_lookup(ports, np.uint32)
             self.rows = len(self.ports) + 1
-            self.lut = np.full(_PORTS, len(self.ports), np.uint32)  # port -> row; other: last
-            self.lut[list(self.ports)] = np.arange(len(self.ports), dtype=np.uint32)
         self.first = first
         self.counts = np.zeros(self.rows * _WIDTH, np.int32)
         self.lo, self.hi = self.rows, -1

@@ -44,7 +44,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from .. import tcpinfo
-from ..aggregate import Rules
+from ..aggregate import Rules, port_lookup
 from ..batch import Batch
 from ..catalogue import GraphitePath, Metric, Samples
 from ..closeevents import FAILED, OUTCOMES, Closed, CloseEvents, decode
@@ -303,9 +303,7 @@ class _PortSums:
             self.lut = None
             rows = _PORTS
         else:
-            self.ports = tuple(sorted(set(remote_ports)))
-            self.lut = np.full(_PORTS, len(self.ports), np.intp)
-            self.lut[list(self.ports)] = np.arange(len(self.ports))
+            self.ports, self.lut = port_lookup(remote_ports)
             rows = len(self.ports) + 1
         self.counts = np.zeros((rows, 3 + _NO), np.int64)
         self.mark = np.zeros(rows, bool)

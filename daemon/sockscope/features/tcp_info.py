@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import tcpinfo
-from ..aggregate import Rules
+from ..aggregate import Rules, port_lookup
 from ..batch import Batch
 from ..catalogue import GraphitePath, Metric, Samples
 from ..snapshot import OTHER
@@ -141,9 +141,7 @@ class _Side:
             self.lut = None
             rows = _PORTS
         else:
-            self.ports = tuple(sorted(set(remote_ports)))
-            self.lut = np.full(_PORTS, len(self.ports), np.intp)
-            self.lut[list(self.ports)] = np.arange(len(self.ports))
+            self.ports, self.lut = port_lookup(remote_ports)
             rows = len(self.ports) + 1
         self._alloc(rows, waits=remote_ports is None)
         # the sums over all rows, kept as the rows are added to: `other` is the sum minus
