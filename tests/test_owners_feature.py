@@ -231,7 +231,8 @@ def stop_holder(proc):
 
 def unit_of(pid: int) -> str:
     with open(f"/proc/{pid}/cgroup") as f:
-        return unit_label(proc_cgroup_path(f.read()))
+        path = proc_cgroup_path(f.read())
+    return UNKNOWN_UNIT if path is None else unit_label(path)
 
 
 class NsPoller:
