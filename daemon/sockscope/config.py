@@ -129,6 +129,13 @@ class ConnectionsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OwnersConfig:
+    enabled: bool  # process owners of listeners and CLOSE-WAIT sockets (/proc/PID/fd scan; privileged)
+    interval: int  # polls between two /proc scans at most (the last answer is reused in between)
+    max_per_listener: int  # (process, unit) series per listening address at most
+
+
+@dataclass(frozen=True, slots=True)
 class PrometheusConfig:
     enabled: bool
     listen_address: str
@@ -173,6 +180,7 @@ class Config:
     udp: UdpConfig
     tcp_info: TcpInfoConfig
     connections: ConnectionsConfig
+    owners: OwnersConfig
     prometheus: PrometheusConfig
     graphite: GraphiteConfig
     log: LogConfig
@@ -700,6 +708,15 @@ _SECTIONS: tuple[_Section, ...] = (
             _Field("max_sockets", _integer(1, 16_000_000), 1_000_000),
             _Field("max_pending_events", _integer(1, 16_000_000), 100_000),
             _Field("receive_buffer", _integer(65_536, 1 << 30), 8 * 1024 * 1024),
+        ),
+    ),
+    _Section(
+        "owners",
+        OwnersConfig,
+        (
+            _Field("enabled", _boolean, False),
+            _Field("interval", _integer(1, 100_000), 12),
+            _Field("max_per_listener", _integer(1, 64), 4),
         ),
     ),
     _Section(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .base import DumpNeed, DumpStats, Feature, Fold, PollContext
 from .connections import Connections
 from .kernel import KernelCounters
+from .owners import ProcessOwners
 from .peaks import WindowPeaks
 from .tcp import TcpSockets
 from .tcp_info import TcpInfo
@@ -38,6 +39,8 @@ REGISTRY: tuple[Entry, ...] = (
           lambda cfg, built: TcpInfo.from_config(cfg) if cfg.tcp_info.enabled else None),
     Entry("connections", ("connections", "ports", "poll.netns", "poll.families"),
           lambda cfg, built: Connections.from_config(cfg) if cfg.connections.enabled else None),
+    Entry("owners", ("owners", "ports", "listeners"),
+          lambda cfg, built: ProcessOwners.from_config(cfg) if cfg.owners.enabled else None),
     Entry("peaks", ("poll.peak_window",),
           lambda cfg, built: WindowPeaks(cfg.poll.peak_window, [m for f in built for m in f.metrics])
           if cfg.poll.peak_window else None, build_last=True),

@@ -1,0 +1,151 @@
+"""systemd/sockscope-owners.conf, the drop-in for owners.enabled: the unit with it verifies
+clean and stays under the exposure bound, and exactly its capabilities, given to a non-root
+user (as DynamicUser gets them) under the unit's ProtectProc=invisible, let a /proc scan see
+another (root) process's socket; without them the scan is partial."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import traceback
+from pathlib import Path
+
+from sockscope.owners import find_owners
+from support.prereq import require, require_root
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "sockscope.service"
+DROP_IN = ROOT / "systemd" / "sockscope-owners.conf"
+MAX_EXPOSURE = 2.0
+CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19}  # include/uapi/linux/capability.h
+NOBODY = 65534
+
+
+def settings(path: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;[":
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def analyze() -> str:
+    tool = shutil.which("systemd-analyze")
+    require(tool is not None, "needs systemd-analyze (Debian systemd; make system-deps installs it)")
+    return tool
+
+
+def unit_dir(tmp_path: Path) -> Path:
+    """The unit and the drop-in where systemd-analyze finds both: the unit's directory."""
+    shutil.copy(UNIT, tmp_path / "sockscope.service")
+    (tmp_path / "sockscope.service.d").mkdir()
+    shutil.copy(DROP_IN, tmp_path / "sockscope.service.d" / "owners.conf")
+    return tmp_path / "sockscope.service"
+
+
+def test_drop_in_grants_exactly_the_two_capabilities():
+    s = settings(DROP_IN)
+    assert set(s) == {"CapabilityBoundingSet", "AmbientCapabilities", "SystemCallFilter"}
+    assert set(s["CapabilityBoundingSet"][0].split()) == set(s["AmbientCapabilities"][0].split()) == set(CAPS)
+    assert s["SystemCallFilter"] == ["~process_vm_readv process_vm_writev"]
+    assert not [v for vs in s.values() for v in vs if "#" in v]
+    assert "ProtectProc" not in s  # the unit's invisible stays: CAP_SYS_PTRACE sees through it
+
+
+def test_unit_with_the_drop_in_verifies_clean_and_its_exposure_is_bounded(tmp_path):
+    tool = analyze()
+    unit = unit_dir(tmp_path)
+    exe = settings(UNIT)["ExecStart"][0].split()[0]
+    if os.access(exe, os.X_OK):
+        cmd = [tool, "verify", str(unit)]
+    else:
+        require_root()
+        require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
+        top = "/" + exe.strip("/").split("/")[0]
+        script = (f'mount -t tmpfs tmpfs {top} && mkdir -p "$(dirname {exe})" && '
+                  f'printf "#!/bin/sh\\n" > {exe} && chmod +x {exe} && exec "$0" verify "$1"')
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, tool, str(unit)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+    r = subprocess.run([tool, "security", "--offline=true", "--no-pager", str(unit)],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for sockscope\.service: ([\d.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m[1]) <= MAX_EXPOSURE, r.stdout
+    # the drop-in was read: systemd-analyze counts the capability against the unit
+    assert re.search(r"✗ CapabilityBoundingSet=~CAP_SYS_PTRACE", r.stdout), r.stdout
+
+
+class CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def scan_as_nobody(inode: int, caps: int, fd: int) -> dict:
+    """In a forked child: the inherited `fd` closed, a private /proc mounted hidepid=invisible
+    (ProtectProc=invisible), uid nobody with only `caps` (a bit mask below 32), then
+    find_owners({inode})."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            os.close(fd)  # the socket's holder is the parent only
+            assert libc.unshare(0x00020000) == 0, os.strerror(ctypes.get_errno())  # CLONE_NEWNS
+            assert libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None) == 0  # MS_REC|MS_PRIVATE
+            assert libc.mount(b"proc", b"/proc", b"proc", 0, b"hidepid=invisible") == 0, \
+                os.strerror(ctypes.get_errno())
+            assert libc.prctl(8, 1, 0, 0, 0) == 0  # PR_SET_KEEPCAPS: keep permitted across setuid
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            data = (CapData * 2)(CapData(caps, caps, 0), CapData(0, 0, 0))
+            assert libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), data) == 0, \
+                os.strerror(ctypes.get_errno())  # _LINUX_CAPABILITY_VERSION_3
+            scan = find_owners({inode})
+            status = Path("/proc/self/status").read_text()
+            result = {"complete": scan.complete, "note": scan.note,
+                      "owners": [o.pid for o in scan.owners.get(inode, ())],
+                      "uid": os.getuid(), "cap_eff": int(re.search(r"CapEff:\s*(\w+)", status)[1], 16)}
+            os.write(write_end, json.dumps(result).encode())
+            code = 0
+        except BaseException:  # noqa: BLE001 - the forked child reports anything, then _exit
+            os.write(write_end, traceback.format_exc().encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, data.decode()
+    return json.loads(data)
+
+
+def test_the_drop_ins_capabilities_let_a_non_root_scan_see_root_processes():
+    require_root()
+    granted = sum(1 << CAPS[name] for name in settings(DROP_IN)["AmbientCapabilities"][0].split())
+    with socket.socket() as listener:  # held by this (root, full capabilities) process
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        inode, fd = os.fstat(listener.fileno()).st_ino, listener.fileno()
+        with_caps = scan_as_nobody(inode, granted, fd)
+        without = scan_as_nobody(inode, 0, fd)
+        alone = {name: scan_as_nobody(inode, 1 << CAPS[name], fd) for name in CAPS}
+    assert with_caps["uid"] == NOBODY and with_caps["cap_eff"] == granted
+    assert with_caps["owners"] == [os.getpid()]
+    assert without["cap_eff"] == 0 and without["owners"] == [] and without["complete"] is False
+    # each one alone is not enough: hidepid hides the process, or its fd directory is 0500
+    assert {name: r["owners"] for name, r in alone.items()} == {name: [] for name in CAPS}
