@@ -188,29 +188,30 @@ def test_whisper_equals_ss_under_both_namings_tags_and_udp(carbon_factory, daemo
     cd = "collectd.test_host_example"
     probe = f"{base}.tcp.states.ipv4.listen"
 
+    probes = (probe, f"{cd}.tcpconns-all.tcp_connections-LISTEN", f"{udp}.tcp.states.ipv4.listen",
+              "tagged.tcp.sockets;family=ipv4;host=test.host.example;state=listen")
+
+    def common_stamp(p: dict, window: range) -> int | None:
+        return next((t for t in window if all(t in p.get(n, {}) for n in probes)), None)
+
     for _attempt in range(4):
         before = ss_parse.ss_figures(ns)
         t1 = time.time()
-        time.sleep(2.2)  # at least two pushes of every daemon in between
+        time.sleep(3.2)  # at least two whole seconds, each with a push of every daemon
         after = ss_parse.ss_figures(ns)
         t2 = time.time()
         if before.lines != after.lines:
             continue  # a TIME-WAIT expired in between; read again
         window = range(int(t1) + 1, int(t2))  # pushes stamped strictly inside the window
-        points = wait_until(
-            lambda: (lambda p: p if all(any(t in p.get(n, {}) for t in window) for n in  # noqa: B023 - polled within this iteration
-                                       (probe, f"{cd}.tcpconns-all.tcp_connections-LISTEN",
-                                        f"{udp}.tcp.states.ipv4.listen",
-                                        "tagged.tcp.sockets;family=ipv4;host=test.host.example;state=listen"))
-                     else None)(carbon.points()),
-            15, "a push of every daemon inside the ss window")
-        stamp = next(t for t in window if all(
-            t in points.get(n, {}) for n in (probe, f"{cd}.tcpconns-all.tcp_connections-LISTEN",
-                                             f"{udp}.tcp.states.ipv4.listen",
-                                             "tagged.tcp.sockets;family=ipv4;host=test.host.example;state=listen")))
-        break
+        # A busy machine may make a daemon skip a poll slot or carbon lag: a window in which
+        # the four never pushed at the same second is tried again, not failed.
+        deadline = time.monotonic() + 30
+        while (stamp := common_stamp(points := carbon.points(), window)) is None and time.monotonic() < deadline:
+            time.sleep(0.25)
+        if stamp is not None:
+            break
     else:
-        pytest.fail("the namespace's table kept changing")
+        pytest.fail("no second in which every daemon pushed while the namespace's table stood still")
     ss = before
 
     def at(name: str) -> float:
@@ -220,7 +221,7 @@ def test_whisper_equals_ss_under_both_namings_tags_and_udp(carbon_factory, daemo
         nonlocal points
         if stamp not in points.get(name, {}):
             points = wait_until(lambda: (lambda p: p if stamp in p.get(name, {}) else None)(carbon.points()),
-                                10, f"{name} at {stamp} (have {sorted(points.get(name, {}))[-3:]})")
+                                30, f"{name} at {stamp} (have {sorted(points.get(name, {}))[-3:]})")
         return points[name][stamp]
 
     tracked_local = {int(n.split(".")[-2]) for n in points
