@@ -1,0 +1,268 @@
+"""Sweeping many network namespaces (issue 14): every series labelled netns, each
+namespace's counts equal to `ss -tan` run in it; namespaces deleted and added while the
+daemon runs; the cap; config errors; discovery's pure parts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sockscope import config, discovery
+from sockscope.catalogue import GraphitePath, Metric
+from sockscope.snapshot import STATES
+from sockscope.sweep import labelled
+from support.daemon import start_daemon
+from support.netns import NetNS, stop_process
+
+SIZES = (3, 7, 12, 20)  # ESTABLISHED pairs per namespace, all different
+BASE = """
+udp:
+  enabled: false
+poll:
+  interval: 200ms
+  kernel_stats: false
+"""  # poll last: tests append "  netns: ..." to it
+
+
+def _state_counts(samples: dict, netns: str) -> dict[tuple[str, str], float]:
+    return {dict(labels)["family"] + "/" + dict(labels)["state"]: v
+            for (name, labels), v in samples.items()
+            if name == "sockscope_tcp_sockets" and dict(labels).get("netns") == netns}
+
+
+def _ss_counts(ns: NetNS) -> dict[str, int]:
+    """(family/state) -> count from `ss -tanOH` run inside the namespace."""
+    from support import ss_parse
+
+    figures = ss_parse.ss_figures(ns)
+    return {f"{family}/{state}": n for (family, state), n in figures.states.items()}
+
+
+def _labels(samples: dict, name: str = "sockscope_tcp_sockets") -> set[str]:
+    return {dict(labels).get("netns") for (n, labels), _ in samples.items() if n == name}
+
+
+def _wait(daemon, predicate, polls: int = 40):
+    s = daemon.samples()
+    for _ in range(polls):
+        if predicate(s):
+            return s
+        s = daemon.wait_polls(1)
+    return s
+
+
+def test_sweep_of_four_namespaces_equals_ss_in_each(tmp_path, sockmix_factory):
+    mixes = [sockmix_factory({"established": {"n": n}}) for n in SIZES]
+    names = [m.ns.name for m in mixes]
+    daemon = start_daemon(tmp_path, BASE + "  netns: [" + ", ".join(names) + "]\n")
+    try:
+        s = daemon.wait_polls(2)
+        assert _labels(s) == set(names), daemon.log()
+        for mix, n in zip(mixes, SIZES):
+            want = _ss_counts(mix.ns)
+            got = {k: v for k, v in _state_counts(s, mix.ns.name).items() if v}
+            assert got == want, (mix.ns.name, got, want)
+            assert got["ipv4/established"] == 2 * n
+        # every metric family carries the label; the sweep's own series are there
+        assert s[("sockscope_poll_dumps", ())] == len(SIZES)  # TCP only (udp off), no retries here
+        assert s[("sockscope_netns_tracked", ())] == len(SIZES)
+        for name in names:
+            assert s[("sockscope_netns_dump_duration_seconds", (("netns", name),))] > 0
+            assert s[("sockscope_netns_source_up", (("netns", name), ("source", "tcp")))] == 1
+        assert s[("sockscope_up", ())] == 1
+        assert s[("sockscope_poll_sockets", ())] == sum(sum(_ss_counts(m.ns).values()) for m in mixes)
+
+        # one deleted while the daemon runs: no crash, its series gone within 2 polls
+        gone = mixes[1]
+        gone.stop()
+        gone.ns.delete()
+        s = daemon.wait_polls(2)
+        assert gone.ns.name not in _labels(s), daemon.log()
+        assert _labels(s) == set(names) - {gone.ns.name}
+        assert s[("sockscope_netns_vanished_total", ())] == 1
+        assert daemon.proc.poll() is None
+        assert s[("sockscope_up", ())] == 1
+        for mix in (mixes[0], mixes[2], mixes[3]):
+            assert {k: v for k, v in _state_counts(s, mix.ns.name).items() if v} == _ss_counts(mix.ns)
+        assert f"netns {gone.ns.name}" in daemon.log()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_discovery_picks_up_new_namespaces_and_respects_the_cap(tmp_path, netns_factory):
+    made = [netns_factory() for _ in range(2)]
+    prefix = made[0].name.rsplit("-", 1)[0]
+    # discover: run sees every namespace on the machine (other tests' too): the cap is
+    # checked on sockscope's own figures, the new namespace by its label.
+    daemon = start_daemon(tmp_path, BASE + "netns:\n  discover: [run]\n  rediscover: 1s\n  max_tracked: 64\n")
+    try:
+        s = daemon.wait_polls(2)
+        assert {ns.name for ns in made} <= _labels(s), daemon.log()
+        late = netns_factory()
+        deadline = time.monotonic() + 10
+        while late.name not in _labels(s) and time.monotonic() < deadline:
+            s = daemon.wait_polls(1)
+        assert late.name in _labels(s), daemon.log()
+        assert s[("sockscope_netns_discoveries_total", ())] >= 2
+        found = len(os.listdir("/run/netns"))
+        assert s[("sockscope_netns_tracked", ())] + s[("sockscope_netns_folded", ())] >= 3
+        assert s[("sockscope_netns_tracked", ())] <= found
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    # the cap: 2 tracked, the rest folded, the choice stable (configured first, then by name)
+    ours = sorted(ns.name for ns in [*made, late])
+    daemon = start_daemon(tmp_path, BASE + f"  netns: [{ours[2]}]\n"
+                          "netns:\n  discover: [run]\n  max_tracked: 2\n")
+    try:
+        s = daemon.wait_polls(2)
+        tracked = _labels(s)
+        assert len(tracked) == 2 and ours[2] in tracked, tracked
+        assert s[("sockscope_netns_tracked", ())] == 2
+        assert s[("sockscope_netns_folded", ())] >= 1
+        assert _labels(daemon.wait_polls(3)) == tracked  # stable
+        assert prefix
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_host_namespace_and_process_namespace_labels(tmp_path, netns_factory):
+    ns = netns_factory()
+    # a process in an unnamed namespace: unshare gives it one no /run/netns entry names
+    holder = subprocess.Popen(["unshare", "--net", sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if os.stat(f"/proc/{holder.pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino:
+                break
+            time.sleep(0.05)
+        daemon = start_daemon(tmp_path, BASE + "netns:\n  discover: [processes]\n  host: true\n")
+        try:
+            s = daemon.wait_polls(2)
+            labels = _labels(s)
+            assert "host" in labels
+            assert f"pid:{holder.pid}" in labels, (labels, daemon.log())
+            assert ns.name not in labels  # no process in it: processes discovery cannot see it
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+    finally:
+        stop_process(holder)
+
+
+def test_one_string_netns_has_no_label(tmp_path, netns_factory):
+    ns = netns_factory()
+    daemon = start_daemon(tmp_path, BASE + f"  netns: {ns.name}\n")
+    try:
+        s = daemon.wait_polls(1)
+        assert _labels(s) == {None}
+        assert ("sockscope_poll_dumps", ()) not in s
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("poll:\n  netns: []\n", "poll.netns: must not be empty"),
+    ("poll:\n  netns: [a, a]\n", "poll.netns[1]: 'a' is listed twice"),
+    ("poll:\n  netns: [a, 'x/y']\n", "poll.netns[1]: 'x/y': give a name from /run/netns"),
+    ("poll:\n  netns: [a, '']\n", "poll.netns[1]: must not be empty"),
+    ("poll:\n  netns: [1]\n", "poll.netns[0]: expected a string"),
+    ("poll:\n  netns: {a: 1}\n", "poll.netns: expected a string or a list"),
+    ("poll:\n  netns: [a, b, c]\nnetns:\n  max_tracked: 2\n", "3 namespaces listed but netns.max_tracked is 2"),
+    ("poll:\n  netns: web\nnetns:\n  discover: [run]\n", "poll.netns: 'web' names one namespace"),
+    ("netns:\n  discover: [docker]\n", "netns.discover[0]: 'docker' is not one of run, processes"),
+    ("netns:\n  rediscover: 100ms\n", "netns.rediscover"),
+    ("netns:\n  max_tracked: 0\n", "netns.max_tracked"),
+])
+def test_bad_sweep_config_is_refused_with_a_clear_message(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "sockscope", "check-config", "--config.file", str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r
+    assert message in r.stderr + r.stdout, r.stderr + r.stdout
+
+
+def test_config_forms():
+    one = config.from_mapping({"poll": {"netns": "web"}})
+    assert one.poll.netns == "web" and not config.sweeping(one)
+    many = config.from_mapping({"poll": {"netns": ["web", "/proc/1/ns/net"]}})
+    assert many.poll.netns == ("web", "/proc/1/ns/net") and config.sweeping(many)
+    assert config.sweeping(config.from_mapping({"netns": {"host": True}}))
+    assert not config.sweeping(config.DEFAULTS)
+    # --netns (one namespace) overrides a sweep: the snapshot command reads one
+    assert not config.sweeping(config.override(many, netns="db"))
+
+
+def test_labelled_metric_puts_netns_first_and_in_the_graphite_path():
+    m = Metric("sockscope_tcp_sockets", "gauge", "x", ("family", "state"),
+               GraphitePath(("tcp", "states", "{family}", "{state}"), collectd_total=("tcpconns-all", "x")))
+    got = labelled(m)
+    assert got.labels == ("netns", "family", "state")
+    assert got.graphite == GraphitePath(("netns", "{netns}", "tcp", "states", "{family}", "{state}"))
+    own = labelled(Metric("sockscope_source_up", "gauge", "x", ("source",), GraphitePath(("sockscope", "source"))))
+    assert own.graphite.sockscope == ("sockscope", "netns", "{netns}", "source")
+    hist = labelled(Metric("h", "gaugehistogram", "x", ("port", "le")))
+    assert hist.labels == ("netns", "port", "le")
+
+
+@pytest.mark.parametrize("line, want", [
+    ("0::/system.slice/docker-" + "a" * 64 + ".scope\n", "docker:" + "a" * 12),
+    ("12:pids:/docker/" + "b" * 64 + "\n", "docker:" + "b" * 12),
+    ("0::/system.slice/containerd.service/kubepods-besteffort-pod1234.slice:cri-containerd:" + "c" * 64 + "\n",
+     "k8s:" + "c" * 12),
+    ("0::/kubepods.slice/kubepods-burstable.slice/cri-containerd-" + "d" * 64 + ".scope\n", "containerd:" + "d" * 12),
+    ("0::/machine.slice/libpod-" + "e" * 64 + ".scope/container\n", "podman:" + "e" * 12),
+    ("0::/user.slice/user-1000.slice/session-2.scope\n", None),
+    ("", None),
+])
+def test_container_label(line, want):
+    assert discovery.container_label(line) == want
+
+
+def test_start_time_counts_fields_after_the_last_parenthesis():
+    fields = " ".join(str(i) for i in range(3, 53))
+    assert discovery.start_time(f"123 (we) ird ) name) {fields}") == 22
+
+
+def test_choose_keeps_configured_then_tracked_then_by_label():
+    ns = [discovery.Namespace((0, i), f"n{i}", f"/p/{i}", configured=(i == 5)) for i in range(6)]
+    ns = [ns[5], *ns[:5]]  # discover() lists configured ones first
+    chosen, folded = discovery.choose(ns, tracked={(0, 3)}, cap=3)
+    assert [n.label for n in chosen] == ["n5", "n3", "n0"] and folded == 3
+
+
+def test_discover_with_fixture_roots(tmp_path):
+    """Fixture roots: files stand in for namespaces (identity = inode), as stat sees them."""
+    proc, run = tmp_path / "proc", tmp_path / "run"
+    run.mkdir()
+    nsfiles = {name: tmp_path / f"ns-{name}" for name in ("own", "a", "b", "c")}
+    for f in nsfiles.values():
+        f.write_text("")
+    os.link(nsfiles["a"], run / "alpha")
+
+    def process(pid: int, ns: str, start: int, cgroup: str = "0::/\n") -> None:
+        d = proc / str(pid)
+        (d / "ns").mkdir(parents=True)
+        os.link(nsfiles[ns], d / "ns" / "net")
+        fields = ["S"] + ["0"] * 18 + [str(start)] + ["0"] * 30
+        (d / "stat").write_text(f"{pid} (x y) " + " ".join(fields) + "\n")
+        (d / "cgroup").write_text(cgroup)
+
+    (proc / "self" / "ns").mkdir(parents=True)
+    os.link(nsfiles["own"], proc / "self" / "ns" / "net")
+    process(1, "own", 1)
+    process(10, "a", 5)
+    process(20, "b", 9)
+    process(21, "b", 7)  # the oldest of b
+    process(30, "c", 3, "0::/system.slice/docker-" + "f" * 64 + ".scope\n")
+    got = discovery.discover(kinds=["run", "processes"], proc=str(proc), run=str(run))
+    assert [(n.label, n.path) for n in got.found] == [
+        ("alpha", str(run / "alpha")), ("docker:ffffffffffff", str(proc / "30" / "ns" / "net")),
+        ("pid:21", str(proc / "21" / "ns" / "net"))]
+    with_host = discovery.discover(["alpha", "missing"], kinds=[], host=True, proc=str(proc), run=str(run))
+    assert [(n.label, n.path) for n in with_host.found] == [("host", None), ("alpha", str(run / "alpha"))]
+    assert with_host.missing == ("missing",)
+    assert STATES  # the state labels the daemon tests compare
