@@ -266,3 +266,76 @@ def test_discover_with_fixture_roots(tmp_path):
     assert [(n.label, n.path) for n in with_host.found] == [("host", None), ("alpha", str(run / "alpha"))]
     assert with_host.missing == ("missing",)
     assert STATES  # the state labels the daemon tests compare
+
+
+def _poll(service):
+    status = service.poller.poll()
+    assert status.last_error is None, status.last_error
+    return status
+
+
+def test_reload_rebuilds_only_the_lanes_whose_namespace_changed(netns_factory):
+    from sockscope.graphite.lines import LineBuilder
+    from sockscope.service import Service
+    from sockscope.sweep import Sweep
+
+    a, b, c = (netns_factory() for _ in range(3))
+    base = {"udp": {"enabled": False}, "poll": {"kernel_stats": False}, "tcp_info": {"enabled": True}}
+    cfg = config.from_mapping({**base, "poll": {"kernel_stats": False, "netns": [a.name, b.name]}})
+    service = Service(cfg)
+    try:
+        status = _poll(service)
+        sweep = service.features[0]
+        assert isinstance(sweep, Sweep)
+        lanes = {lane.ns.label: lane for lane in sweep.lanes.values()}
+        assert set(lanes) == {a.name, b.name}
+        tcp_info = {name: lane.poller.features for name, lane in lanes.items()}
+        # the series bound (Graphite buffer sizing) multiplies by the cap
+        exported = sum(len(rows) for _, rows in status.samples)
+        assert exported <= sweep.max_series()
+        one = Service(config.from_mapping({**base, "poll": {"kernel_stats": False, "netns": a.name}}))
+        try:
+            from sockscope.service import max_series
+            assert sweep.max_series() >= cfg.netns.max_tracked * max_series(one.features)
+        finally:
+            for f in one.features:
+                f.close()
+
+        # Graphite: the namespace is a path component (sockscope), a tag (tags), and
+        # under <host>.sockscope. in naming collectd (tcpconns has no namespace)
+        paths = [p for p, _ in LineBuilder(host="h").series(status)]
+        assert f"sockscope.h.netns.{a.name}.tcp.states.ipv4.listen" in paths
+        assert "sockscope.h.sockscope.netns.tracked" in paths
+        tagged = [p for p, _ in LineBuilder(host="h", tags=True).series(status)]
+        assert any(p.startswith(f"sockscope.tcp.sockets;netns={a.name};family=ipv4;state=listen") for p in tagged)
+        collectd = [p for p, _ in LineBuilder(host="h", naming="collectd").series(status)]
+        assert f"h.sockscope.netns.{a.name}.tcp.states.ipv4.listen" in collectd
+        assert not any(p.startswith("h.tcpconns") for p in collectd)
+
+        # only the list changes: a kept, b dropped, c added; a's lane keeps its state
+        cfg2 = config.from_mapping({**base, "poll": {"kernel_stats": False, "netns": [a.name, c.name]}})
+        service.reload(cfg2)
+        status = _poll(service)
+        sweep2 = service.features[0]
+        assert sweep2 is not sweep
+        lanes2 = {lane.ns.label: lane for lane in sweep2.lanes.values()}
+        assert set(lanes2) == {a.name, c.name}
+        assert lanes2[a.name] is lanes[a.name] and lanes2[a.name].poller.features == tcp_info[a.name]
+        assert {labels[0] for labels, _ in status.samples.get("sockscope_tcp_sockets")} == {a.name, c.name}
+        # a key every lane is built from changes: every lane is rebuilt
+        cfg3 = config.from_mapping({**base, "poll": {"kernel_stats": False, "netns": [a.name, c.name]},
+                                    "ports": {"local": [4242]}})
+        service.reload(cfg3)
+        _poll(service)
+        lanes3 = {lane.ns.label: lane for lane in service.features[0].lanes.values()}
+        assert lanes3[a.name] is not lanes[a.name]
+        # nothing the sweep uses changes: the same Sweep carries on
+        sweep3 = service.features[0]
+        service.reload(config.from_mapping({**base, "poll": {"kernel_stats": False, "netns": [a.name, c.name]},
+                                            "ports": {"local": [4242]}, "log": {"level": "debug"}}))
+        _poll(service)
+        assert service.features[0] is sweep3
+    finally:
+        service.poller.stop()
+        for f in service.poller.features:
+            f.close()
