@@ -5,6 +5,7 @@ daemon runs; the cap; config errors; discovery's pure parts."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from sockscope.snapshot import STATES
 from sockscope.sweep import labelled
 from support.daemon import start_daemon
 from support.netns import NetNS, stop_process
+from support.prereq import require
 
 SIZES = (3, 7, 12, 20)  # ESTABLISHED pairs per namespace, all different
 BASE = """
@@ -369,3 +371,53 @@ def test_reload_rebuilds_only_the_lanes_whose_namespace_changed(netns_factory):
         service.poller.stop()
         for f in service.poller.features:
             f.close()
+
+
+def _caps(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no CapEff")
+
+
+CAP_SYS_PTRACE, CAP_SYS_ADMIN = 19, 21  # linux/capability.h
+
+
+@pytest.mark.parametrize("caps", [("sys_admin", "sys_ptrace"), ("sys_admin",)])
+def test_the_dropins_capabilities_are_enough(tmp_path, netns_factory, caps):
+    """systemd/sockscope.service.d/netns.conf grants CAP_SYS_ADMIN and CAP_SYS_PTRACE: a
+    daemon holding only those (uid 0 without root's implicit capabilities, the noroot
+    securebit) sweeps /run/netns and the namespace of another user's process; without
+    CAP_SYS_PTRACE that process's /proc/PID/ns/net cannot be opened and it is not found."""
+    require(shutil.which("setpriv") is not None and shutil.which("unshare") is not None, "needs util-linux")
+    ns = netns_factory()
+    # a process of another user (nobody) in a namespace no /run/netns entry names
+    holder = subprocess.Popen(["unshare", "--net", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if os.stat(f"/proc/{holder.pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino \
+                        and os.stat(f"/proc/{holder.pid}").st_uid == 65534:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.05)
+        listed = ",".join(f"+{c}" for c in caps)
+        prefix = ("setpriv", f"--inh-caps=-all,{listed}", f"--ambient-caps=-all,{listed}",
+                  f"--bounding-set=-all,{listed}", "--securebits=+noroot,+noroot_locked")
+        daemon = start_daemon(tmp_path, BASE + "netns:\n  discover: [run, processes]\n  max_tracked: 4096\n",
+                              prefix=prefix)
+        try:
+            want = sum(1 << {"sys_admin": CAP_SYS_ADMIN, "sys_ptrace": CAP_SYS_PTRACE}[c] for c in caps)
+            assert _caps(daemon.pid) == want
+            s = daemon.wait_polls(2)
+            labels = _labels(s)
+            assert ns.name in labels, daemon.log()
+            assert s[("sockscope_netns_source_up", (("netns", ns.name), ("source", "tcp")))] == 1
+            assert (f"pid:{holder.pid}" in labels) == ("sys_ptrace" in caps), (labels, daemon.log())
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+    finally:
+        stop_process(holder)
