@@ -421,3 +421,49 @@ def test_the_dropins_capabilities_are_enough(tmp_path, netns_factory, caps):
             assert daemon.stop() == 0, daemon.log()
     finally:
         stop_process(holder)
+
+
+def test_a_failing_discovery_or_lane_never_stops_the_others(netns_factory, caplog):
+    from sockscope.features import PollContext
+    from sockscope.service import make_reader
+    from sockscope.sweep import Sweep
+
+    a, b = netns_factory(), netns_factory()
+
+    def found(*n: NetNS) -> discovery.Discovery:
+        return discovery.Discovery(tuple(discovery.Namespace((os.stat(x.path).st_dev, os.stat(x.path).st_ino),
+                                                             x.name, x.path) for x in n))
+
+    answers: list = [found(a, b), RuntimeError("proc exploded"), found(a, b)]
+
+    def fake_discover(configured, kinds, host):
+        got = answers.pop(0)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def reader(cfg, need):
+        if cfg.poll.netns == b.path and broken:
+            raise OSError(24, "Too many open files")
+        return make_reader(cfg, need)
+
+    broken = True
+    cfg = config.from_mapping({"udp": {"enabled": False}, "poll": {"kernel_stats": False},
+                               "netns": {"discover": ["run"], "rediscover": "1s"}})
+    now = [0.0]
+    sweep = Sweep(cfg, reader, discover=fake_discover, monotonic=lambda: now[0])
+    try:
+        got = sweep.read(PollContext(time.time(), 0.0))
+        assert [lane.label for lane in got.lanes] == [a.name]  # b's lane could not be built
+        assert "Too many open files" in caplog.text
+        now[0] = 1.5
+        got = sweep.read(PollContext(time.time(), 1.5))  # the discovery raises: a's lane carries on
+        assert [lane.label for lane in got.lanes] == [a.name] and got.discoveries == 1
+        assert "proc exploded" in caplog.text
+        broken = False
+        now[0] = 3.0
+        got = sweep.read(PollContext(time.time(), 3.0))
+        assert [lane.label for lane in got.lanes] == [a.name, b.name] and got.discoveries == 2
+        assert all(lane.status.last_error is None for lane in got.lanes)
+    finally:
+        sweep.close()

@@ -148,6 +148,8 @@ class Sweep(Feature):
         self._next_discovery: float | None = None
         self._folded = self._missing = self._vanished = self._discoveries = 0
         self._discovery_seconds = 0.0
+        self._discovery_log = Problems(log, "netns discovery", recovery="netns discovery works again")
+        self._build_log = Problems(log, "netns", recovery="netns: every namespace polled again")
         self._missing_log = Problems(log, "netns", level=logging.WARNING, recovery="netns: every listed namespace found")
         from .service import max_series  # service imports this module lazily
 
@@ -192,9 +194,18 @@ class Sweep(Feature):
         return True
 
     def _rediscover(self, now: float) -> None:
+        """Discover and reconcile the lanes. A discovery that fails keeps the lanes as
+        they are (logged once, retried at the next due time); a lane that cannot be built
+        is left out until the next discovery (logged once)."""
         started = self._monotonic()
+        self._next_discovery = now + self.cfg.netns.rediscover
         configured, kinds, host = self._targets()
-        found = self._discover(configured, kinds, host)
+        try:
+            found = self._discover(configured, kinds, host)
+        except Exception as e:  # noqa: BLE001 - the lanes polled so far carry on
+            self._discovery_log.failed(e, traceback=None if isinstance(e, OSError) else e)
+            return
+        self._discovery_log.ok()
         chosen, self._folded = discovery.choose(found.found, self.lanes, self.cfg.netns.max_tracked)
         self._missing = len(found.missing)
         if found.missing:
@@ -205,17 +216,25 @@ class Sweep(Feature):
         wanted = {ns.key: ns for ns in chosen}
         for key in [k for k in self.lanes if k not in wanted or wanted[k].path != self.lanes[k].ns.path]:
             self._drop(key, None)
+        built_all = True
         for key, ns in wanted.items():
             lane = self.lanes.get(key)
             if lane is None:
-                self.lanes[key] = self._lane(ns)
+                try:
+                    self.lanes[key] = self._lane(ns)
+                except Exception as e:  # noqa: BLE001 - one namespace must not stop the others
+                    self._build_log.failed(f"netns {ns.label}: {e or type(e).__name__}",
+                                           traceback=None if isinstance(e, OSError) else e)
+                    built_all = False
+                    continue
                 log.info("netns %s: polling %s", ns.label, ns.path or "the daemon's own namespace")
             elif lane.ns.label != ns.label:
                 lane.ns = ns
+        if built_all:
+            self._build_log.ok()
         self.lanes = {k: self.lanes[k] for k in wanted if k in self.lanes}  # the chosen order
         self._discoveries += 1
         self._discovery_seconds = self._monotonic() - started
-        self._next_discovery = now + self.cfg.netns.rediscover
 
     def _lane(self, ns: discovery.Namespace) -> _Lane:
         cfg = self._lane_config(ns.path)
