@@ -467,3 +467,14 @@ def test_a_failing_discovery_or_lane_never_stops_the_others(netns_factory, caplo
         assert all(lane.status.last_error is None for lane in got.lanes)
     finally:
         sweep.close()
+
+
+def test_snapshot_reads_one_namespace_and_says_so_for_a_sweep(tmp_path, netns_factory):
+    ns = netns_factory()
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"poll:\n  netns: [{ns.name}]\n")
+    cmd = [sys.executable, "-m", "sockscope", "snapshot", "--json", "--config.file", str(path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "snapshot reads one namespace" in r.stderr, r
+    r = subprocess.run([*cmd, "--netns", ns.name], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
