@@ -478,3 +478,39 @@ def test_snapshot_reads_one_namespace_and_says_so_for_a_sweep(tmp_path, netns_fa
     assert r.returncode == 2 and "snapshot reads one namespace" in r.stderr, r
     r = subprocess.run([*cmd, "--netns", ns.name], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+UDP_HOLDER = """
+import socket, sys, time
+held = []
+for i in range(int(sys.argv[1])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    held.append(s)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_udp_is_dumped_per_namespace_too(tmp_path, netns_factory):
+    spaces = [netns_factory() for _ in range(2)]
+    holders = []
+    for ns, n in zip(spaces, (3, 8)):
+        p = ns.popen([sys.executable, "-c", UDP_HOLDER, str(n)], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        holders.append(p)
+    config_text = "poll:\n  interval: 200ms\n  netns: [" + ", ".join(ns.name for ns in spaces) + "]\n"
+    daemon = start_daemon(tmp_path, config_text)
+    try:
+        s = daemon.wait_polls(2)
+        for ns in spaces:
+            ss = len(ns.run(["ss", "-uanH"], check=True).stdout.splitlines())
+            ours = sum(v for (name, labels), v in s.items()
+                       if name == "sockscope_udp_sockets" and dict(labels)["netns"] == ns.name)
+            assert ours == ss, (ns.name, ours, ss)
+            assert s[("sockscope_netns_source_up", (("netns", ns.name), ("source", "udp")))] == 1
+        assert [sum(v for (name, labels), v in s.items()
+                    if name == "sockscope_udp_sockets" and dict(labels)["netns"] == ns.name) for ns in spaces] == [3, 8]
+        assert s[("sockscope_poll_dumps", ())] == 4  # TCP + UDP in each
+    finally:
+        assert daemon.stop() == 0, daemon.log()
