@@ -514,3 +514,31 @@ def test_udp_is_dumped_per_namespace_too(tmp_path, netns_factory):
         assert s[("sockscope_poll_dumps", ())] == 4  # TCP + UDP in each
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+def test_reload_between_one_namespace_and_a_sweep(netns_factory):
+    from sockscope.service import Service
+
+    a, b = netns_factory(), netns_factory()
+    base = {"udp": {"enabled": False}}
+
+    def netns_labels(status) -> set:
+        metric = status.samples.metrics["sockscope_tcp_sockets"]
+        return {dict(zip(metric.labels, labels)).get("netns") for labels, _ in status.samples.get(metric.name)}
+
+    service = Service(config.from_mapping({**base, "poll": {"netns": a.name}}))
+    try:
+        assert netns_labels(_poll(service)) == {None}
+        service.reload(config.from_mapping({**base, "poll": {"netns": [a.name, b.name]}}))
+        status = _poll(service)
+        assert netns_labels(status) == {a.name, b.name} and service.poller.readers == {}
+        service.reload(config.from_mapping(base))
+        status = _poll(service)
+        assert netns_labels(status) == {None} and set(service.poller.readers) == {6}
+        assert "sockscope_netns_tracked" not in status.samples.metrics
+    finally:
+        service.poller.stop()
+        for f in service.poller.features:
+            f.close()
+        for r in service.poller.readers.values():
+            r.close()
