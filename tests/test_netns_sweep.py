@@ -542,3 +542,35 @@ def test_reload_between_one_namespace_and_a_sweep(netns_factory):
             f.close()
         for r in service.poller.readers.values():
             r.close()
+
+
+def test_a_namespace_recreated_under_its_name_is_a_new_one(tmp_path, netns_factory):
+    """`ip netns del X; ip netns add X` while sweeping: the old namespace's lane is dropped
+    (counted) at once, not fed the new namespace's table; the next discovery polls the new
+    one under the same label, with its own figures."""
+    keep, again = netns_factory(), netns_factory()
+    mix = subprocess.Popen(again.exec_argv([sys.executable, "-c", UDP_HOLDER, "0"]), stdout=subprocess.PIPE,
+                           text=True)  # a process in the old namespace (it outlives the name)
+    try:
+        assert mix.stdout.readline().strip() == "ready"
+        daemon = start_daemon(tmp_path, BASE + f"  netns: [{keep.name}, {again.name}]\n"
+                              "netns:\n  rediscover: 2s\n")
+        try:
+            daemon.wait_polls(2)
+            old = os.stat(again.path).st_ino
+            subprocess.run(["ip", "netns", "del", again.name], check=True, timeout=30)
+            subprocess.run(["ip", "netns", "add", again.name], check=True, timeout=30)
+            assert os.stat(again.path).st_ino != old
+            s = daemon.wait_polls(2)
+            assert s[("sockscope_netns_vanished_total", ())] == 1, daemon.log()
+            assert "names another namespace now" in daemon.log()
+            deadline = time.monotonic() + 10
+            while again.name not in _labels(s) and time.monotonic() < deadline:
+                s = daemon.wait_polls(1)
+            assert _labels(s) == {keep.name, again.name}, daemon.log()
+            # the new namespace's loopback is down: no listener, nothing; ss agrees
+            assert {k: v for k, v in _state_counts(s, again.name).items() if v} == _ss_counts(again)
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+    finally:
+        stop_process(mix)

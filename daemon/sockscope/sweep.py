@@ -135,14 +135,14 @@ class Sweep(Feature):
     def __init__(self, cfg: Config, make_reader: ReaderFactory, *, gate: DumpGate | None = None,
                  monotonic: Callable[[], float] = time.monotonic, clock: Callable[[], float] = time.time,
                  discover: Callable[..., discovery.Discovery] = discovery.discover,
-                 exists: Callable[[str], bool] = os.path.exists) -> None:
+                 stat: Callable[[str], os.stat_result] = os.stat) -> None:
         self.cfg = cfg
         self._make_reader = make_reader
         self._gate = gate
         self._monotonic = monotonic
         self._clock = clock
         self._discover = discover
-        self._exists = exists
+        self._stat = stat
         self.lanes: dict[discovery.NsKey, _Lane] = {}
         self._given: set[int] = set()  # ids of lanes handed to the sweep of a reload
         self._next_discovery: float | None = None
@@ -244,6 +244,21 @@ class Sweep(Feature):
                         monotonic=self._monotonic, name=f"netns {ns.label}")
         return _Lane(ns, cfg, poller)
 
+    def _gone(self, lane: _Lane, key: discovery.NsKey) -> str | None:
+        """Why the lane's namespace is no longer there (None: it is). A path that names
+        another namespace now (`ip netns del web; ip netns add web`, a reused pid) counts
+        as gone: the new one is a namespace of its own, found by the next discovery."""
+        path = lane.ns.path
+        if path is None:
+            return None
+        try:
+            st = self._stat(path)
+        except OSError as e:
+            return f"{path} is gone ({e.strerror or e})"
+        if (st.st_dev, st.st_ino) != key:
+            return f"{path} names another namespace now"
+        return None
+
     def _drop(self, key: discovery.NsKey, why: str | None) -> None:
         lane = self.lanes.pop(key)
         if why is not None:
@@ -261,14 +276,14 @@ class Sweep(Feature):
         listeners: list[Listener] = []
         families: dict[str, None] = {}
         for key, lane in list(self.lanes.items()):
-            path = lane.ns.path
-            if path is not None and not self._exists(path):
-                self._drop(key, f"{path} is gone")
+            gone = self._gone(lane, key)
+            if gone is not None:
+                self._drop(key, gone)
                 continue
             retries = lane.poller.status().dump_retries
             status = lane.poller.poll()
-            if status.last_error is not None and path is not None and not self._exists(path):
-                self._drop(key, f"{path} vanished during its poll")
+            if status.last_error is not None and (gone := self._gone(lane, key)) is not None:
+                self._drop(key, f"{gone} (during its poll)")
                 continue
             dumps += len(lane.poller.readers) + status.dump_retries - retries
             if status.last_error is not None:
