@@ -312,7 +312,9 @@ def test_reload_rebuilds_only_the_lanes_whose_namespace_changed(netns_factory):
     from sockscope.sweep import Sweep
 
     a, b, c = (netns_factory() for _ in range(3))
-    base = {"udp": {"enabled": False}, "poll": {"kernel_stats": False}, "tcp_info": {"enabled": True}}
+    # prometheus off: a reload of a Service that was never started would bind :9393
+    base = {"udp": {"enabled": False}, "poll": {"kernel_stats": False}, "tcp_info": {"enabled": True},
+            "prometheus": {"enabled": False}}
     cfg = config.from_mapping({**base, "poll": {"kernel_stats": False, "netns": [a.name, b.name]}})
     service = Service(cfg)
     try:
@@ -520,7 +522,7 @@ def test_reload_between_one_namespace_and_a_sweep(netns_factory):
     from sockscope.service import Service
 
     a, b = netns_factory(), netns_factory()
-    base = {"udp": {"enabled": False}}
+    base = {"udp": {"enabled": False}, "prometheus": {"enabled": False}}  # see above
 
     def netns_labels(status) -> set:
         metric = status.samples.metrics["sockscope_tcp_sockets"]
