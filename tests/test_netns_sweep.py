@@ -576,3 +576,26 @@ def test_a_namespace_recreated_under_its_name_is_a_new_one(tmp_path, netns_facto
             assert daemon.stop() == 0, daemon.log()
     finally:
         stop_process(mix)
+
+
+def test_a_sweep_longer_than_the_interval_is_logged_once(netns_factory, caplog):
+    from sockscope.features import PollContext
+    from sockscope.service import make_reader
+    from sockscope.sweep import Sweep
+
+    a = netns_factory()
+    clock = [0.0]
+
+    def monotonic() -> float:  # every reading 0.3 s later: a sweep "takes" longer than 0.2 s
+        clock[0] += 0.3
+        return clock[0]
+
+    cfg = config.from_mapping({"udp": {"enabled": False}, "poll": {"interval": "200ms", "netns": [a.name]}})
+    sweep = Sweep(cfg, make_reader, monotonic=monotonic)
+    try:
+        for _ in range(3):
+            result = sweep.read(PollContext(time.time(), clock[0]))
+            assert result.duration > 0.2 and [lane.label for lane in result.lanes] == [a.name]
+        assert caplog.text.count("a sweep took longer than poll.interval (0.2s)") == 1
+    finally:
+        sweep.close()

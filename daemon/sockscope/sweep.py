@@ -150,6 +150,7 @@ class Sweep(Feature):
         self._discovery_seconds = 0.0
         self._discovery_log = Problems(log, "netns discovery", recovery="netns discovery works again")
         self._build_log = Problems(log, "netns", recovery="netns: every namespace polled again")
+        self._slow_log = Problems(log, "netns", level=logging.WARNING, recovery="netns: sweeps fit poll.interval again")
         self._missing_log = Problems(log, "netns", level=logging.WARNING, recovery="netns: every listed namespace found")
         from .service import max_series  # service imports this module lazily
 
@@ -296,10 +297,18 @@ class Sweep(Feature):
                     states[k] = states.get(k, 0) + n
                 listeners.extend(snap.listeners)
                 families.update(dict.fromkeys(snap.families))
+        took = self._monotonic() - now
+        interval = self.cfg.poll.interval
+        if took > interval:
+            self._slow_log.failed("a sweep took longer than poll.interval "
+                                  f"({interval:g}s): polls are skipped; each namespace walks the host's whole "
+                                  "socket table (docs/performance.md): lower netns.max_tracked or raise poll.interval")
+        elif took < 0.8 * interval:
+            self._slow_log.ok()
         if lanes and failed == len(lanes):
             raise SweepFailed(f"the TCP dump failed in every namespace ({lanes[0].label}: "
                               f"{lanes[0].status.last_error})")
-        return SweepResult(ctx.timestamp, self._monotonic() - now, tuple(lanes), dumps, self._folded,
+        return SweepResult(ctx.timestamp, took, tuple(lanes), dumps, self._folded,
                            self._missing, self._vanished, self._discoveries, self._discovery_seconds,
                            tuple(families), states, tuple(listeners))
 
