@@ -599,3 +599,42 @@ def test_a_sweep_longer_than_the_interval_is_logged_once(netns_factory, caplog):
         assert caplog.text.count("a sweep took longer than poll.interval (0.2s)") == 1
     finally:
         sweep.close()
+
+
+def test_a_sweep_in_real_carbon_and_promtool(tmp_path, tmp_path_factory, sockmix_factory):
+    """The netns label as carbon stores it (a path component, sanitised) and as promtool
+    reads the exposition; values equal ss in each namespace."""
+    from support.carbon import Carbon, prerequisites_missing
+
+    require(prerequisites_missing() is None, prerequisites_missing() or "")
+    promtool = shutil.which("promtool")
+    require(promtool is not None, "needs promtool (Debian package prometheus)")
+    mixes = [sockmix_factory({"established": {"n": n}}) for n in (3, 7)]
+    carbon = Carbon.start(tmp_path_factory.mktemp("carbon"))
+    try:
+        text = ("udp:\n  enabled: false\npoll:\n  interval: 1s\n  kernel_stats: false\n"
+                "  netns: [" + ", ".join(m.ns.name for m in mixes) + "]\n"
+                f"graphite:\n  enabled: true\n  address: 127.0.0.1:{carbon.port}\n  prefix: sw\n")
+        daemon = start_daemon(tmp_path, text)
+        try:
+            lint = subprocess.run([promtool, "check", "metrics"], input=daemon.scrape().encode(),
+                                  capture_output=True, timeout=60)
+            assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint
+            want = {f"sw.netns.{m.ns.name}.tcp.states.ipv4.established": _ss_counts(m.ns)["ipv4/established"]
+                    for m in mixes}
+            assert sorted(want.values()) == [6, 14]
+            deadline = time.monotonic() + 20
+            got: dict = {}
+            while time.monotonic() < deadline:
+                points = carbon.points()
+                got = {k: points[k][max(points[k])] for k in want if points.get(k)}
+                if got == want:
+                    break
+                time.sleep(0.5)
+            assert got == want, (got, want, daemon.log())
+            assert any(k.startswith("sw.sockscope.netns.") and k.endswith(".dump_duration_seconds")
+                       for k in carbon.points())
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+    finally:
+        carbon.close()
