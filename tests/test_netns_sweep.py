@@ -297,6 +297,9 @@ def test_discover_with_fixture_roots(tmp_path):
     with_host = discovery.discover(["alpha", "missing"], kinds=[], host=True, proc=str(proc), run=str(run))
     assert [(n.label, n.path) for n in with_host.found] == [("host", None), ("alpha", str(run / "alpha"))]
     assert with_host.missing == ("missing",)
+    by_path = discovery.discover([str(proc / "1" / "ns" / "net"), str(proc / "20" / "ns" / "net")],
+                                 proc=str(proc), run=str(run))
+    assert [n.label for n in by_path.found] == ["host", "pid:21"]  # the daemon's own; b's oldest process
     assert STATES  # the state labels the daemon tests compare
 
 

@@ -8,7 +8,7 @@ A namespace is known by the identity (st_dev, st_ino) of its nsfs inode: `stat` 
 - else the container of its oldest process, when its /proc/PID/cgroup path names one
   (docker, containerd/cri, podman, kubepods): "<runtime>:<12 hex digits of the id>";
 - else "pid:<pid of its oldest process>" (oldest by start time, /proc/PID/stat field 22).
-A path given in poll.netns keeps a plain name as its label; an absolute path gets the
+A name given in poll.netns is its label; an absolute path gets the
 label above (the path itself when no process and no /run/netns entry has it).
 
 Pure parsers (container_label, start_time) are separate from the scans, whose roots are
@@ -171,6 +171,8 @@ def discover(configured: Sequence[str] = (), kinds: Iterable[str] = (), host: bo
             continue
         if not entry.startswith("/"):
             label = entry
+        elif key == own:  # /proc/1/ns/net on the host, /proc/self/ns/net
+            label = "host"
         elif key in run_names:
             label = run_names[key]
         else:
