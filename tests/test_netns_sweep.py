@@ -637,6 +637,7 @@ def test_a_sweep_in_real_carbon_and_promtool(tmp_path, tmp_path_factory, sockmix
             assert got == want, (got, want, daemon.log())
             assert any(k.startswith("sw.sockscope.netns.") and k.endswith(".dump_duration_seconds")
                        for k in carbon.points())
+            assert "graphite.buffer_lines: 0 sizes the buffer for 32 namespaces" in daemon.log()
         finally:
             assert daemon.stop() == 0, daemon.log()
     finally:
