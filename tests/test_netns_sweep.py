@@ -247,6 +247,10 @@ def test_labelled_metric_puts_netns_first_and_in_the_graphite_path():
      "k8s:" + "c" * 12),
     ("0::/kubepods.slice/kubepods-burstable.slice/cri-containerd-" + "d" * 64 + ".scope\n", "containerd:" + "d" * 12),
     ("0::/machine.slice/libpod-" + "e" * 64 + ".scope/container\n", "podman:" + "e" * 12),
+    ("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice/"
+     "cri-containerd-" + "d" * 64 + ".scope\n", "pod:0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
+    ("11:memory:/kubepods/besteffort/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789/" + "f" * 64 + "\n",
+     "pod:0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
     ("0::/user.slice/user-1000.slice/session-2.scope\n", None),
     ("", None),
 ])

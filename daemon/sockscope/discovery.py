@@ -6,7 +6,8 @@ A namespace is known by the identity (st_dev, st_ino) of its nsfs inode: `stat` 
 - the daemon's own namespace: "host";
 - a namespace with a /run/netns entry: that name (the first in sorted order);
 - else the container of its oldest process, when its /proc/PID/cgroup path names one
-  (docker, containerd/cri, podman, kubepods): "<runtime>:<12 hex digits of the id>";
+  (docker, containerd/cri, podman, kubepods): "<runtime>:<12 hex digits of the id>", or
+  "pod:<uid>" for a Kubernetes pod (its containers share the pod's namespace);
 - else "pid:<pid of its oldest process>" (oldest by start time, /proc/PID/stat field 22).
 A name given in poll.netns is its label; an absolute path gets the
 label above (the path itself when no process and no /run/netns entry has it).
@@ -54,11 +55,21 @@ _RUNTIMES = (
 )
 
 
+# A Kubernetes pod's uid in its cgroup path: kubepods/burstable/pod<uid>/... (cgroupfs) or
+# kubepods-burstable-pod<uid with _ for ->.slice (systemd driver). The pod owns the network
+# namespace (its containers share it), so the pod names it, not one of its containers.
+_POD = re.compile(r"kubepods.*?pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+
+
 def container_label(cgroup_text: str) -> str | None:
-    """"docker:3f2a9c1b0d4e" from a /proc/PID/cgroup text whose path names a container
-    (kept tiny on purpose: the units feature has the full rules); None otherwise."""
+    """"docker:3f2a9c1b0d4e" (or "pod:<uid>" for a Kubernetes pod) from a /proc/PID/cgroup
+    text whose path names a container (kept tiny on purpose: the units feature has the full
+    rules); None otherwise."""
     for line in cgroup_text.splitlines():
         path = line.split(":", 2)[-1]
+        pod = _POD.search(path)
+        if pod:
+            return "pod:" + pod.group(1).replace("_", "-")
         for runtime, pattern in _RUNTIMES:
             match = pattern.search(path)
             if match:
