@@ -621,10 +621,14 @@ def test_a_sweep_in_real_carbon_and_promtool(tmp_path, tmp_path_factory, sockmix
     try:
         text = ("udp:\n  enabled: false\npoll:\n  interval: 1s\n  kernel_stats: false\n"
                 "  netns: [" + ", ".join(m.ns.name for m in mixes) + "]\n"
-                f"graphite:\n  enabled: true\n  address: 127.0.0.1:{carbon.port}\n  prefix: sw\n")
+                f"graphite:\n  enabled: true\n  address: 127.0.0.1:{carbon.port}\n  prefix: sw\n"
+                "tcp_info:\n  enabled: true\nconnections:\n  enabled: true\n")  # their histograms too
         daemon = start_daemon(tmp_path, text)
         try:
-            lint = subprocess.run([promtool, "check", "metrics"], input=daemon.scrape().encode(),
+            scrape = daemon.wait_polls(2) and daemon.scrape()
+            buckets = [line for line in scrape.splitlines() if "_bucket{" in line]
+            assert buckets and all('netns="' in line for line in buckets)
+            lint = subprocess.run([promtool, "check", "metrics"], input=scrape.encode(),
                                   capture_output=True, timeout=60)
             assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint
             want = {f"sw.netns.{m.ns.name}.tcp.states.ipv4.established": _ss_counts(m.ns)["ipv4/established"]
