@@ -650,3 +650,20 @@ def test_a_sweep_in_real_carbon_and_promtool(tmp_path, tmp_path_factory, sockmix
             assert daemon.stop() == 0, daemon.log()
     finally:
         carbon.close()
+
+
+def test_a_sweep_result_serves_where_a_snapshot_did():
+    """PollStatus.snapshot in a sweep is the SweepResult: sd_notify's STATUS line, the
+    self-metrics and the Graphite cadence read its summary fields."""
+    from sockscope import sdnotify, selfmetrics
+    from sockscope.snapshot import PollStatus
+    from sockscope.sweep import SweepResult
+
+    result = SweepResult(1000.0, 0.25, (), 6, 1, 0, 0, 1, 0.01, ("ipv4",),
+                         {("ipv4", "established"): 40, ("ipv4", "listen"): 4}, ())
+    status = PollStatus(results={"netns": result}, last_success_monotonic=5.0, polls=1)
+    assert status.snapshot is result
+    assert sdnotify.status_text(status).startswith("44 TCP sockets (40 established, 4 listen)")
+    poll = selfmetrics.poll_samples(status, 5.0)
+    assert poll.value("sockscope_poll_sockets") == 44 and poll.value("sockscope_poll_duration_seconds") == 0.25
+    assert selfmetrics.scrape_samples(status, 15.0, 6.0).value("sockscope_up") == 1
