@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from sockscope import config, features, graphite, prometheus, selfmetrics
+from sockscope import config, features, graphite, prometheus, selfmetrics, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def catalogue() -> list:
                                                   "owners": {"enabled": True}}))
     assert {f.name for f in enabled} == {e.name for e in features.REGISTRY}  # every feature on
     return [*(m for f in enabled for m in f.metrics), *selfmetrics.SCRAPE_METRICS, *selfmetrics.POLL_METRICS,
-            *graphite.METRICS, *prometheus.HTTP_METRICS]
+            *graphite.METRICS, *prometheus.HTTP_METRICS, *sweep.METRICS]
 
 
 def test_every_metric_of_the_catalogue_is_documented():

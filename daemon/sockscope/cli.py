@@ -330,10 +330,15 @@ def snapshot(cfg: config.Config, args, *, environ: Mapping[str, str] | None = No
     """`sockscope snapshot`: one frame, or a frame every --watch seconds."""
     environ = os.environ if environ is None else environ
     out = sys.stdout if out is None else out
+    if config.sweeping(cfg):
+        print("sockscope: snapshot reads one namespace; poll.netns/netns configure a sweep: give --netns NAME "
+              "(or --netns /proc/1/ns/net for the host's)", file=sys.stderr)
+        return EXIT_CONFIG
+    netns = config.one_netns(cfg)
     flt = survey.Filter.of(ports=[p for group in args.ports for p in group],
                            states=[s for group in args.states for s in group])
     view = report.View(top=args.top, sort=args.sort, local=cfg.ports.local,
-                       remote=cfg.ports.remote, netns=cfg.poll.netns)
+                       remote=cfg.ports.remote, netns=netns)
     rules = Rules.from_config(cfg)
     colour = not args.json and watch.use_colour(args.color, out, environ)
     terminal = args.watch is not None and not args.json and watch.is_terminal(out)
@@ -346,7 +351,7 @@ def snapshot(cfg: config.Config, args, *, environ: Mapping[str, str] | None = No
         reader = stack.enter_context(make_reader(cfg, info.needs() if info else DumpNeed()))
         kernel = None
         if cfg.poll.kernel_stats:
-            kernel = stack.enter_context(KernelStatsReader(cfg.poll.netns))
+            kernel = stack.enter_context(KernelStatsReader(netns))
 
         last_scan: list = []  # [(OwnerScan, monotonic time it ended)]
 

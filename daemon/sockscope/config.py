@@ -87,10 +87,22 @@ class PollConfig:
     stale_after: float  # resolved: 3 * interval when configured as 0
     timeout: float
     families: tuple[str, ...]
-    netns: str | None  # None = the daemon's own namespace
+    # None = the daemon's own namespace; a tuple (a YAML list) = a sweep of those, each
+    # series labelled netns (docs/design.md "Many network namespaces"); see sweeping()
+    netns: str | tuple[str, ...] | None
     dump_retries: int
     peak_window: float  # 0 = no window peaks
     kernel_stats: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NetnsConfig:
+    """The sweep of many network namespaces (docs/configuration.md, section netns)."""
+
+    discover: tuple[str, ...]  # "run": every /run/netns entry; "processes": distinct /proc/*/ns/net
+    max_tracked: int  # namespaces polled at most; the rest counted in sockscope_netns_folded
+    host: bool  # the daemon's own namespace too, as netns="host"
+    rediscover: float  # seconds between two discoveries
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +187,7 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     poll: PollConfig
+    netns: NetnsConfig
     ports: PortsConfig
     listeners: ListenersConfig
     udp: UdpConfig
@@ -484,8 +497,25 @@ _NAME_MAX = 255  # bytes in one file name (limits.h NAME_MAX)
 _PATH_MAX = 4095  # bytes in a path, without the NUL that PATH_MAX (4096) counts
 
 
-def _netns(value: Any) -> str | None:
+def _netns(value: Any) -> str | tuple[str, ...] | None:
+    """One name or path (today's single namespace, no netns label), or a list of them
+    (a sweep: every series labelled netns)."""
+    if isinstance(value, list):
+        names = _list_of(_one_netns, nonempty=True)(value)
+        if len(names) > _MAX_NETNS_LIST:
+            raise ValueError(f"{len(names)} namespaces listed; at most {_MAX_NETNS_LIST}")
+        return names
+    _expect(value, str, "a string or a list of names/paths")
+    return _one_netns(value, empty_ok=True)
+
+
+_MAX_NETNS_LIST = 4096  # netns.max_tracked's upper bound
+
+
+def _one_netns(value: Any, empty_ok: bool = False) -> str | None:
     _expect(value, str, "a string")
+    if value == "" and not empty_ok:
+        raise ValueError("must not be empty (give a name from /run/netns or an absolute path)")
     if value == "":
         return None
     if "\0" in value:
@@ -586,6 +616,34 @@ def _derive_poll(values: dict[str, Any]) -> dict[str, Any]:
     return values | {"stale_after": values["stale_after"] or 3 * values["interval"]}
 
 
+def sweeping(cfg: Config) -> bool:
+    """True when the daemon sweeps namespaces (each series labelled netns): poll.netns is
+    a list, or netns.discover / netns.host ask for it. One poll.netns name (the file's or
+    --netns) reads that namespace alone, as before."""
+    netns = cfg.poll.netns
+    return isinstance(netns, tuple) or (netns is None and (bool(cfg.netns.discover) or cfg.netns.host))
+
+
+def one_netns(cfg: Config) -> str | None:
+    """poll.netns of a configuration that is not a sweep (a lane's, or a single one)."""
+    netns = cfg.poll.netns
+    if isinstance(netns, tuple):
+        raise ValueError("poll.netns lists namespaces: this reads one (a sweep's lane has one)")
+    return netns
+
+
+def _netns_problems(poll: PollConfig, netns: NetnsConfig) -> list[tuple[str, str]]:
+    """poll.netns against the netns section (two sections: checked after both are built)."""
+    problems = []
+    if isinstance(poll.netns, str) and (netns.discover or netns.host):
+        problems.append(("poll.netns", f"{_show(poll.netns)} names one namespace but netns.discover/netns.host ask "
+                         f"for a sweep: list the namespaces ([{poll.netns}]) or remove poll.netns"))
+    if isinstance(poll.netns, tuple) and len(poll.netns) + netns.host > netns.max_tracked:
+        problems.append(("poll.netns", f"{len(poll.netns)} namespaces listed{' plus host' if netns.host else ''} "
+                         f"but netns.max_tracked is {netns.max_tracked}"))
+    return problems
+
+
 def _derive_prometheus(values: dict[str, Any]) -> dict[str, Any]:
     host, port = parse_listen_address(values["listen_address"])
     return values | {"host": host, "port": port}
@@ -672,6 +730,18 @@ _SECTIONS: tuple[_Section, ...] = (
             _Check(("interval", "peak_window"), "peak_window", _peak_window_rule),
         ),
         derive=_derive_poll,
+    ),
+    _Section(
+        "netns",
+        NetnsConfig,
+        (
+            _Field("discover", _list_of(_choice("run", "processes")), []),
+            _Field("max_tracked", _integer(1, _MAX_NETNS_LIST), 32),
+            _Field("host", _boolean, False),
+            # Discovery stats every /proc/PID/ns/net: bounded rate, at least one poll apart.
+            _Field("rediscover", _duration(at_least=(1.0, "discovery stats every process's namespace"),
+                                           at_most=_MAX_DURATION), "30s"),
+        ),
     ),
     _Section(
         "ports",
@@ -857,6 +927,9 @@ def from_mapping(data: Any, source: str = "<config>") -> Config:
     built = {s.name: _walk_section(s, data.get(s.name), problems) for s in _SECTIONS}
     if built["poll"] is not None and built["graphite"] is not None:
         for path, message in _graphite_interval_problems(built["poll"], built["graphite"]):
+            problems.add(path, message)
+    if built["poll"] is not None and built["netns"] is not None:
+        for path, message in _netns_problems(built["poll"], built["netns"]):
             problems.add(path, message)
     if problems:
         raise ConfigError(problems, source)

@@ -219,7 +219,9 @@ class Poller:
         monotonic: Callable[[], float] = time.monotonic,
         on_poll: Callable[[PollStatus], None] | None = None,
         gate: DumpGate | None = None,
+        name: str = "",
     ):
+        self.name = name  # prefixes its log lines (a sweep's lane: "netns NAME")
         self.features = list(features)
         self.readers = dict(readers)
         self.gate = gate or DumpGate(0.0)  # the HTTP server defers to the dump through it
@@ -234,7 +236,7 @@ class Poller:
         self._pending_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         # Each distinct failure logged once, recovery once: the poll's, each source's.
-        self._problems = Problems(log, "", recovery="poll recovered after {n} failed polls")
+        self._problems = Problems(log, name, recovery=("{what}: " if name else "") + "poll recovered after {n} failed polls")
         self._sources: dict[str, Problems] = {}
 
     def status(self) -> PollStatus:
@@ -266,8 +268,15 @@ class Poller:
                     try:
                         result = feature.read(ctx)
                     except Exception as e:  # noqa: BLE001 - a source fails on its own
-                        results.pop(feature.name, None)
-                        source_failed(feature.name, e, self._monotonic() - started)
+                        took = self._monotonic() - started
+                        if not feature.sticky:
+                            results.pop(feature.name, None)
+                        if feature.primary:  # a sweep in which every namespace failed
+                            failure = e
+                            source_errors[feature.name] = source_errors.get(feature.name, 0) + 1
+                            sources[feature.name] = SourceHealth(False, took)
+                        else:
+                            source_failed(feature.name, e, took)
                         continue
                     if result is not None:
                         results[feature.name] = result
@@ -355,7 +364,7 @@ class Poller:
     def _source_failed(self, name: str, e: Exception) -> None:
         problems = self._sources.get(name)
         if problems is None:
-            problems = self._sources[name] = Problems(log, f"{name} source failed")
+            problems = self._sources[name] = Problems(log, f"{self.name + ': ' if self.name else ''}{name} source failed")
         problems.failed(e, traceback=None if isinstance(e, (NetlinkError, OSError)) else e)
 
     def _source_ok(self, name: str) -> None:

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import __version__, features
-from .config import Config, changed_keys
+from .config import Config, changed_keys, one_netns, sweeping
 from .features import DumpNeed, Feature
 from .netlink import Reader
 from .poller import ConsumerError, DumpGate, Poller, merge_needs
@@ -38,7 +38,7 @@ def make_reader(cfg: Config, need: DumpNeed = DumpNeed()) -> Reader:
     """The reader of one protocol's dump, asking for what the features need of it."""
     return Reader(
         cfg.poll.families,
-        netns=cfg.poll.netns,
+        netns=one_netns(cfg),
         timeout=cfg.poll.timeout,
         dump_retries=cfg.poll.dump_retries,
         protocol=need.protocol,
@@ -60,6 +60,16 @@ def max_series(enabled: list[Feature]) -> int:
     return total
 
 
+def _warn_sweep_buffer(cfg: Config, pusher: Pusher) -> None:
+    """The default Graphite buffer of a sweep is sized for every namespace's caps
+    (docs/graphite.md): say so once, with its worst case."""
+    if sweeping(cfg) and not cfg.graphite.buffer_lines:
+        lines = pusher.stats().capacity_lines
+        log.warning("graphite.buffer_lines: 0 sizes the buffer for %d namespaces with every cap full: %d lines, "
+                    "up to ~%d MB during a 30-minute carbon outage; set graphite.buffer_lines (docs/graphite.md)",
+                    cfg.netns.max_tracked, lines, lines * 75 // 10**6)
+
+
 def _consumer_name(callback: Callable) -> str:
     """"Pusher.on_poll" for a bound method, the function's name otherwise."""
     owner = getattr(callback, "__self__", None)
@@ -75,7 +85,8 @@ class Service:
         self.cfg = cfg
         self.web = web  # webconfig.WebConfig (TLS, basic auth) or None
         self._reader_factory = reader_factory
-        self.features = features.build(cfg)
+        self._gate = DumpGate()
+        self.features = self._build(cfg)
         # Replaced (never mutated) under _dispatch_lock; _dispatch holds the lock while it
         # calls them, so a swap waits for the poll being dispatched (callbacks are quick).
         self._subscribers: list[Callable[[PollStatus], object]] = []
@@ -83,7 +94,7 @@ class Service:
         self._needs = merge_needs(self.features)
         self.poller = Poller(
             self.features, self._readers(cfg, self._needs), cfg.poll.interval,
-            on_poll=self._dispatch, gate=DumpGate(),
+            on_poll=self._dispatch, gate=self._gate,
         )
         self.server: HTTPServer | None = None
         self.graphite: Pusher | None = None  # when graphite.enabled
@@ -93,7 +104,30 @@ class Service:
             from .graphite import Pusher
 
             self.graphite = Pusher.from_config(cfg, max_series(self.features), len(self.features))
+            _warn_sweep_buffer(cfg, self.graphite)
             self.on_poll(self.graphite.on_poll)
+
+    def _build(self, cfg: Config, keep: list[Feature] | None = None, changed: set[str] | None = None
+               ) -> list[Feature]:
+        """The features for `cfg`: features.build, or in a sweep of namespaces the one
+        `netns` feature running a lane per namespace (sweep.py). On a reload (`changed`
+        given) a sweep keeps what it can: the same Sweep when nothing it uses changed; its
+        lanes (with their state) when only the namespaces to poll changed."""
+        if not sweeping(cfg):
+            return features.build(cfg, keep=keep or [])
+        from .sweep import Sweep
+
+        old = next((f for f in self.features if isinstance(f, Sweep)), None) if changed is not None else None
+        lane_changed = changed is not None and (
+            bool(features.changed_features({k for k in changed if k != "poll.netns"}))
+            or any(k in changed for k in (*_READER_KEYS, "poll.interval") if k != "poll.netns"))
+        sweep_changed = changed is not None and any(k == "poll.netns" or k.startswith("netns.") for k in changed)
+        if old is not None and not lane_changed and not sweep_changed:
+            return [old]
+        new = Sweep(cfg, self._reader_factory, gate=self._gate)
+        if old is not None:
+            new.take_over(old, rebuild=lane_changed)
+        return [new]
 
     def _readers(self, cfg: Config, needs: dict[int, DumpNeed], keep: dict[int, Reader] | None = None
                  ) -> dict[int, Reader]:
@@ -126,7 +160,10 @@ class Service:
             self.server = self._metrics_server(cfg)
             self.server.start()
             self._log_serving(cfg, self.server)
-        where = f" in network namespace {cfg.poll.netns}" if cfg.poll.netns else ""
+        if sweeping(cfg):
+            where = f" in up to {cfg.netns.max_tracked} network namespaces (a sweep, labelled netns)"
+        else:
+            where = f" in network namespace {cfg.poll.netns}" if cfg.poll.netns else ""
         log.info(
             "sockscope %s polling %s sockets%s every %gs (pid %d)",
             __version__, "+".join(cfg.poll.families), where, cfg.poll.interval, os.getpid(),
@@ -195,7 +232,7 @@ class Service:
         old, old_web = self.cfg, self.web
         changed = changed_keys(old, cfg)
         rebuilt = features.changed_features(changed)
-        new_features = features.build(cfg, keep=[f for f in self.features if f.name not in rebuilt])
+        new_features = self._build(cfg, [f for f in self.features if f.name not in rebuilt], changed)
         graphite_changed = any(k.startswith("graphite.") or k == "poll.interval" for k in changed) and (
             old.graphite.enabled or cfg.graphite.enabled)
         new_pusher = None
@@ -204,6 +241,7 @@ class Service:
 
             # before anything changes (may raise ValueError)
             new_pusher = Pusher.from_config(cfg, max_series(new_features), len(new_features))
+            _warn_sweep_buffer(cfg, new_pusher)
         self.web = web
         previous = self.features
         self.features = new_features

@@ -122,8 +122,10 @@ class PollStatus:
 
     @property
     def snapshot(self) -> Snapshot | None:
-        """The TCP feature's last good Snapshot."""
-        return self.results.get("tcp")
+        """The TCP feature's last good Snapshot; in a sweep of namespaces, the sweep's
+        result (sweep.SweepResult: the same summary fields, summed over the namespaces)."""
+        snap = self.results.get("tcp")
+        return snap if snap is not None else self.results.get("netns")
 
     @property
     def kernel(self) -> KernelStats | None:
