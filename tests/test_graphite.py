@@ -8,6 +8,7 @@ regenerate with `SOCKSCOPE_UPDATE_GOLDEN=1 pytest tests/test_graphite.py` and re
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import socket
@@ -31,6 +32,7 @@ from sockscope.features.tcp_info import BUCKETS, PortFigures, TcpInfo, TcpInfoRe
 from sockscope.features.udp import UdpCounters, UdpSockets
 from sockscope.graphite import (
     COLLECTD_STATES,
+    MAX_DEFAULT_BUFFER_LINES,
     MAX_LINE_BYTES,
     METRICS,
     SELF_SERIES,
@@ -512,6 +514,21 @@ def test_default_buffer_is_30_minutes():
     pusher = Pusher.from_config(cfg, max_series(enabled), len(enabled), hostname=lambda: "h", fqdn=lambda: "h")
     assert pusher.stats().capacity_lines == 360 * per_push
     assert default_buffer_lines(7.0, 10) == 258 * 10  # rounds up: >= 30 minutes
+
+
+def test_default_buffer_has_a_ceiling(caplog):
+    """A large series bound (a namespace sweep, every feature at 1 s) would size the default
+    buffer in gigabytes: it stops at MAX_DEFAULT_BUFFER_LINES, with a warning that says so."""
+    assert default_buffer_lines(1.0, 10_000) == MAX_DEFAULT_BUFFER_LINES < 1800 * 10_000
+    cfg = _enabled(config.DEFAULTS)
+    with caplog.at_level(logging.WARNING):
+        pusher = Pusher.from_config(cfg, 10_000 * 32, 5, hostname=lambda: "h", fqdn=lambda: "h")
+    assert pusher.stats().capacity_lines == MAX_DEFAULT_BUFFER_LINES
+    assert caplog.text.count("graphite.buffer_lines: 0 is capped at 2000000 lines") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Pusher.from_config(cfg, 1000, 5, hostname=lambda: "h", fqdn=lambda: "h")
+    assert "capped" not in caplog.text
 
 
 def _enabled(cfg, **graphite):

@@ -331,13 +331,19 @@ def test_reload_rebuilds_only_the_lanes_whose_namespace_changed(netns_factory):
         lanes = {lane.ns.label: lane for lane in sweep.lanes.values()}
         assert set(lanes) == {a.name, b.name}
         tcp_info = {name: lane.poller.features for name, lane in lanes.items()}
-        # the series bound (Graphite buffer sizing) multiplies by the cap
+        # the series bound (Graphite buffer sizing) multiplies by the namespaces: a fixed list's
+        # (2 here), the cap's with discovery
         exported = sum(len(rows) for _, rows in status.samples)
         assert exported <= sweep.max_series()
         one = Service(config.from_mapping({**base, "poll": {"kernel_stats": False, "netns": a.name}}))
         try:
-            from sockscope.service import max_series
-            assert sweep.max_series() >= cfg.netns.max_tracked * max_series(one.features)
+            from sockscope.service import make_reader, max_series
+            assert 2 * max_series(one.features) <= sweep.max_series() < 3 * max_series(one.features)
+            found = Sweep(config.from_mapping({**base, "netns": {"discover": ["run"]}}), make_reader)
+            try:
+                assert found.max_series() >= cfg.netns.max_tracked * max_series(one.features)
+            finally:
+                found.close()
         finally:
             for f in one.features:
                 f.close()
@@ -645,7 +651,8 @@ def test_a_sweep_in_real_carbon_and_promtool(tmp_path, tmp_path_factory, sockmix
             assert got == want, (got, want, daemon.log())
             assert any(k.startswith("sw.sockscope.netns.") and k.endswith(".dump_duration_seconds")
                        for k in carbon.points())
-            assert "graphite.buffer_lines: 0 sizes the buffer for 32 namespaces" in daemon.log()
+            # two namespaces, every feature, 1 s pushes: the default buffer reaches its ceiling
+            assert "graphite.buffer_lines: 0 is capped at 2000000 lines" in daemon.log()
         finally:
             assert daemon.stop() == 0, daemon.log()
     finally:

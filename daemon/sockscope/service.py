@@ -60,16 +60,6 @@ def max_series(enabled: list[Feature]) -> int:
     return total
 
 
-def _warn_sweep_buffer(cfg: Config, pusher: Pusher) -> None:
-    """The default Graphite buffer of a sweep is sized for every namespace's caps
-    (docs/graphite.md): say so once, with its worst case."""
-    if sweeping(cfg) and not cfg.graphite.buffer_lines:
-        lines = pusher.stats().capacity_lines
-        log.warning("graphite.buffer_lines: 0 sizes the buffer for %d namespaces with every cap full: %d lines, "
-                    "up to ~%d MB during a 30-minute carbon outage; set graphite.buffer_lines (docs/graphite.md)",
-                    cfg.netns.max_tracked, lines, lines * 75 // 10**6)
-
-
 def _consumer_name(callback: Callable) -> str:
     """"Pusher.on_poll" for a bound method, the function's name otherwise."""
     owner = getattr(callback, "__self__", None)
@@ -104,7 +94,6 @@ class Service:
             from .graphite import Pusher
 
             self.graphite = Pusher.from_config(cfg, max_series(self.features), len(self.features))
-            _warn_sweep_buffer(cfg, self.graphite)
             self.on_poll(self.graphite.on_poll)
 
     def _build(self, cfg: Config, keep: list[Feature] | None = None, changed: set[str] | None = None
@@ -241,7 +230,6 @@ class Service:
 
             # before anything changes (may raise ValueError)
             new_pusher = Pusher.from_config(cfg, max_series(new_features), len(new_features))
-            _warn_sweep_buffer(cfg, new_pusher)
         self.web = web
         previous = self.features
         self.features = new_features

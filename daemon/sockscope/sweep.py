@@ -175,7 +175,10 @@ class Sweep(Feature):
         return configured, self.cfg.netns.discover, self.cfg.netns.host
 
     def max_series(self) -> int:
+        configured, kinds, host = self._targets()
         cap = self.cfg.netns.max_tracked
+        if not kinds:  # a fixed list: at most its namespaces
+            cap = min(cap, len(configured) + host)
         return cap * (self._lane_max + 1 + 8) + len(METRICS)  # + dump duration, source up per lane
 
     def max_peak_series(self) -> int:

@@ -30,6 +30,7 @@ from .lines import (
     tag_value,
 )
 from .pusher import (
+    MAX_DEFAULT_BUFFER_LINES,
     SELF_SERIES,
     SETTLE_AFTER,
     SOURCE_SERIES,
@@ -41,6 +42,7 @@ from .transport import TCP_CHUNK_BYTES, UDP_DATAGRAM_BYTES, Probe, Transport
 
 __all__ = [
     "COLLECTD_STATES",
+    "MAX_DEFAULT_BUFFER_LINES",
     "MAX_LINE_BYTES",
     "METRICS",
     "SELF_SERIES",

@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sockscope.graphite")
 
-__all__ = ["GraphiteStats", "Pusher", "SELF_SERIES", "SETTLE_AFTER", "SOURCE_SERIES", "default_buffer_lines"]
+__all__ = ["GraphiteStats", "MAX_DEFAULT_BUFFER_LINES", "Pusher", "SELF_SERIES", "SETTLE_AFTER", "SOURCE_SERIES",
+           "default_buffer_lines"]
 
 BACKOFF_INITIAL = 0.5  # seconds before the first reconnect
 BACKOFF_MAX = 30.0  # cap of the exponential backoff
@@ -108,9 +109,17 @@ class GraphiteStats:
     connected: bool = False
 
 
+# The default buffer's ceiling: ~120-180 MB of lines at 60-90 bytes, under the unit's
+# MemoryMax=256M. Only large bounds reach it (a namespace sweep multiplies the series bound by
+# netns.max_tracked; every feature on at a 1 s push): it then holds less than 30 minutes of a
+# push with every cap full, and more of what the namespaces really hold.
+MAX_DEFAULT_BUFFER_LINES = 2_000_000
+
+
 def default_buffer_lines(interval: float, per_push: int) -> int:
-    """Lines for OUTAGE_SECONDS of pushes every `interval` seconds at `per_push` lines."""
-    return math.ceil(OUTAGE_SECONDS / interval) * per_push
+    """Lines for OUTAGE_SECONDS of pushes every `interval` seconds at `per_push` lines, at
+    most MAX_DEFAULT_BUFFER_LINES."""
+    return min(math.ceil(OUTAGE_SECONDS / interval) * per_push, MAX_DEFAULT_BUFFER_LINES)
 
 
 class Pusher:
@@ -195,6 +204,11 @@ class Pusher:
         interval = g.interval or cfg.poll.interval
         per_push = series + SELF_SERIES + SOURCE_SERIES * sources
         capacity = g.buffer_lines or default_buffer_lines(interval, per_push)
+        if not g.buffer_lines and capacity == MAX_DEFAULT_BUFFER_LINES:
+            log.warning("graphite.buffer_lines: 0 is capped at %d lines (~%d MB at most): with every cap full "
+                        "(up to %d lines per push) it holds %.1f of the 30 minutes of outage it aims at; set "
+                        "graphite.buffer_lines to what memory allows (docs/graphite.md)", capacity,
+                        capacity * 90 // 10**6, per_push, capacity // per_push * interval / 60)
         if capacity < per_push:
             log.warning("graphite.buffer_lines (%d) is smaller than one push at the configured caps "
                         "(up to %d lines): any outage drops lines", capacity, per_push)
