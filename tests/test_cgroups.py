@@ -66,6 +66,9 @@ def test_proc_cgroup_path_takes_the_unified_line():
     ("/kubepods.slice/kubepods-pod0b8e6f3a_52c1_4d7e_9a1b_2f3c4d5e6f70.slice/"
      f"crio-{ID}.scope", "pod/0b8e6f3a-52c1-4d7e-9a1b-2f3c4d5e6f70"),
     (f"/kubepods/besteffort/pod0b8e6f3a-52c1-4d7e-9a1b-2f3c4d5e6f70/{ID}", "pod/0b8e6f3a-52c1-4d7e-9a1b-2f3c4d5e6f70"),
+    ("/system.slice/containerd.service/kubepods-besteffort-pod0b8e6f3a_52c1_4d7e_9a1b_2f3c4d5e6f70.slice"
+     f":cri-containerd:{ID}", "pod/0b8e6f3a-52c1-4d7e-9a1b-2f3c4d5e6f70"),  # containerd's cgroupfs form
+    (f"/system.slice/containerd.service/default.slice:cri-containerd:{ID}", "containerd/4f1c0a9e2b7d"),
     ("/kubepods.slice/kubepods-besteffort.slice", "kubepods-besteffort.slice"),
     ("/process_api/9f884f34", "/process_api/9f884f34"),  # no systemd names: the path
     ("/docker/not-an-id", "/docker/not-an-id"),

@@ -241,17 +241,18 @@ def test_labelled_metric_puts_netns_first_and_in_the_graphite_path():
 
 
 @pytest.mark.parametrize("line, want", [
-    ("0::/system.slice/docker-" + "a" * 64 + ".scope\n", "docker:" + "a" * 12),
-    ("12:pids:/docker/" + "b" * 64 + "\n", "docker:" + "b" * 12),
-    ("0::/system.slice/containerd.service/kubepods-besteffort-pod1234.slice:cri-containerd:" + "c" * 64 + "\n",
-     "k8s:" + "c" * 12),
-    ("0::/kubepods.slice/kubepods-burstable.slice/cri-containerd-" + "d" * 64 + ".scope\n", "containerd:" + "d" * 12),
-    ("0::/machine.slice/libpod-" + "e" * 64 + ".scope/container\n", "podman:" + "e" * 12),
+    ("0::/system.slice/docker-" + "a" * 64 + ".scope\n", "docker/" + "a" * 12),
+    ("12:pids:/docker/" + "b" * 64 + "\n", "docker/" + "b" * 12),  # a hybrid host's v1 line
+    ("0::/system.slice/containerd.service/kubepods-besteffort-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice"
+     ":cri-containerd:" + "c" * 64 + "\n", "pod/0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
+    ("0::/system.slice/containerd.service/besteffort.slice:cri-containerd:" + "c" * 64 + "\n", "containerd/" + "c" * 12),
+    ("0::/machine.slice/libpod-" + "e" * 64 + ".scope/container\n", "podman/" + "e" * 12),
     ("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice/"
-     "cri-containerd-" + "d" * 64 + ".scope\n", "pod:0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
+     "cri-containerd-" + "d" * 64 + ".scope\n", "pod/0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
     ("11:memory:/kubepods/besteffort/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789/" + "f" * 64 + "\n",
-     "pod:0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
+     "pod/0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
     ("0::/user.slice/user-1000.slice/session-2.scope\n", None),
+    ("0::/system.slice/docker.service\n", None),  # the runtime's daemon, not a container
     ("", None),
 ])
 def test_container_label(line, want):
@@ -296,7 +297,7 @@ def test_discover_with_fixture_roots(tmp_path):
     process(30, "c", 3, "0::/system.slice/docker-" + "f" * 64 + ".scope\n")
     got = discovery.discover(kinds=["run", "processes"], proc=str(proc), run=str(run))
     assert [(n.label, n.path) for n in got.found] == [
-        ("alpha", str(run / "alpha")), ("docker:ffffffffffff", str(proc / "30" / "ns" / "net")),
+        ("alpha", str(run / "alpha")), ("docker/ffffffffffff", str(proc / "30" / "ns" / "net")),
         ("pid:21", str(proc / "21" / "ns" / "net"))]
     with_host = discovery.discover(["alpha", "missing"], kinds=[], host=True, proc=str(proc), run=str(run))
     assert [(n.label, n.path) for n in with_host.found] == [("host", None), ("alpha", str(run / "alpha"))]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["cgroup2_mount", "proc_cgroup_path", "unit_label", "ROOT_LABEL"]
+__all__ = ["cgroup2_mount", "container_label", "proc_cgroup_path", "unit_label", "ROOT_LABEL"]
 
 ROOT_LABEL = "-.slice"  # the root cgroup, as systemd names it
 
@@ -25,6 +25,8 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # ".../kubepods/burstable/pod<uid>/<id>" (cgroupfs driver).
 _POD = re.compile(r"^(?:kubepods(?:-[a-z]+)*-)?pod([0-9a-fA-F_-]{36})(?:\.slice)?$")
 _USER_MANAGER = re.compile(r"^user@\d+\.service$")
+# containerd's cgroupfs layout under a systemd service: "<parent>.slice:<runtime>:<id>" in one component
+_COLON_FORM = re.compile(r"^(.+)\.slice:(docker|cri-containerd|crio):([0-9a-f]{64})$")
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -69,18 +71,9 @@ def unit_label(path: str) -> str:
     parts = [p for p in path.split("/") if p]
     if not parts:
         return ROOT_LABEL
-    if parts[0].startswith("kubepods"):
-        for part in parts[1:]:
-            pod = _POD.match(part)
-            if pod is not None:
-                return "pod/" + pod.group(1).replace("_", "-")
-    for i in range(len(parts) - 1, -1, -1):
-        part = parts[i]
-        container = _SCOPE_CONTAINER.match(part)
-        if container is not None:
-            return f"{_SCOPE_RUNTIMES[container.group(1)]}/{container.group(2)[:12]}"
-        if _HEX64.match(part) and i > 0 and parts[i - 1] in ("docker", "libpod"):
-            return f"{_SCOPE_RUNTIMES[parts[i - 1]]}/{part[:12]}"
+    container = container_label(path)
+    if container is not None:
+        return container
     manager = next((i for i, p in enumerate(parts) if _USER_MANAGER.match(p)), None)
     inner = next((p for p in reversed(parts) if p.endswith(_UNIT_SUFFIXES)), None)
     if manager is not None:
@@ -92,3 +85,29 @@ def unit_label(path: str) -> str:
     if slices:
         return slices[-1]
     return "/" + "/".join(parts)
+
+
+def container_label(path: str) -> str | None:
+    """`docker/<id12>`, `podman/<id12>`, `containerd/<id12>`, `crio/<id12>` or `pod/<uid>` when
+    the cgroup path belongs to a container or a Kubernetes pod (unit_label's first rule; the
+    namespace sweep labels a container's network namespace with it too); None otherwise."""
+    parts = [p for p in path.split("/") if p]
+    if parts and parts[0].startswith("kubepods"):
+        for part in parts[1:]:
+            pod = _POD.match(part)
+            if pod is not None:
+                return "pod/" + pod.group(1).replace("_", "-")
+    for i in range(len(parts) - 1, -1, -1):
+        part = parts[i]
+        container = _SCOPE_CONTAINER.match(part)
+        if container is not None:
+            return f"{_SCOPE_RUNTIMES[container.group(1)]}/{container.group(2)[:12]}"
+        if _HEX64.match(part) and i > 0 and parts[i - 1] in ("docker", "libpod"):
+            return f"{_SCOPE_RUNTIMES[parts[i - 1]]}/{part[:12]}"
+        colon = _COLON_FORM.match(part)
+        if colon is not None:
+            pod = _POD.match(colon.group(1))
+            if pod is not None:
+                return "pod/" + pod.group(1).replace("_", "-")
+            return f"{_SCOPE_RUNTIMES[colon.group(2)]}/{colon.group(3)[:12]}"
+    return None

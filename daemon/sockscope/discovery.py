@@ -6,8 +6,9 @@ A namespace is known by the identity (st_dev, st_ino) of its nsfs inode: `stat` 
 - the daemon's own namespace: "host";
 - a namespace with a /run/netns entry: that name (the first in sorted order);
 - else the container of its oldest process, when its /proc/PID/cgroup path names one
-  (docker, containerd/cri, podman, kubepods): "<runtime>:<12 hex digits of the id>", or
-  "pod:<uid>" for a Kubernetes pod (its containers share the pod's namespace);
+  (docker, containerd/cri, podman, kubepods): "<runtime>/<12 hex digits of the id>", or
+  "pod/<uid>" for a Kubernetes pod (its containers share the pod's namespace), the labels
+  the units feature gives them (cgroups.container_label);
 - else "pid:<pid of its oldest process>" (oldest by start time, /proc/PID/stat field 22).
 A name given in poll.netns is its label; an absolute path gets the
 label above (the path itself when no process and no /run/netns entry has it).
@@ -19,9 +20,10 @@ injected (tests point them at fixtures).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+from . import cgroups
 
 __all__ = ["Namespace", "Discovery", "container_label", "start_time", "discover", "choose"]
 
@@ -44,36 +46,15 @@ class Discovery:
     unreadable: int = 0  # of those, refused or gone (EACCES without CAP_SYS_PTRACE, exited)
 
 
-# /proc/PID/cgroup lines "hierarchy:controllers:path"; the cgroup2 line is "0::/path".
-# The id is the 64 hex digits every runtime uses; kubepods paths carry the pod uid too.
-_RUNTIMES = (
-    ("docker", re.compile(r"(?:/docker/|docker-)([0-9a-f]{64})")),
-    ("containerd", re.compile(r"cri-containerd-([0-9a-f]{64})")),
-    ("crio", re.compile(r"crio-([0-9a-f]{64})")),
-    ("podman", re.compile(r"libpod-(?:conmon-)?([0-9a-f]{64})")),
-    ("k8s", re.compile(r"kubepods.*[/:-]([0-9a-f]{64})")),
-)
-
-
-# A Kubernetes pod's uid in its cgroup path: kubepods/burstable/pod<uid>/... (cgroupfs) or
-# kubepods-burstable-pod<uid with _ for ->.slice (systemd driver). The pod owns the network
-# namespace (its containers share it), so the pod names it, not one of its containers.
-_POD = re.compile(r"kubepods.*?pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
-
-
 def container_label(cgroup_text: str) -> str | None:
-    """"docker:3f2a9c1b0d4e" (or "pod:<uid>" for a Kubernetes pod) from a /proc/PID/cgroup
-    text whose path names a container (kept tiny on purpose: the units feature has the full
-    rules); None otherwise."""
+    """The container ("docker/3f2a9c1b0d4e", ...) or Kubernetes pod ("pod/<uid>": its
+    containers share the pod's namespace) named by any line of a /proc/PID/cgroup text
+    ("hierarchy:controllers:path"; a hybrid host's v1 lines too), by the rules of
+    cgroups.container_label, the units feature's; None otherwise."""
     for line in cgroup_text.splitlines():
-        path = line.split(":", 2)[-1]
-        pod = _POD.search(path)
-        if pod:
-            return "pod:" + pod.group(1).replace("_", "-")
-        for runtime, pattern in _RUNTIMES:
-            match = pattern.search(path)
-            if match:
-                return f"{runtime}:{match.group(1)[:12]}"
+        label = cgroups.container_label(line.split(":", 2)[-1])
+        if label is not None:
+            return label
     return None
 
 
