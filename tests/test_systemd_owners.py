@@ -1,4 +1,4 @@
-"""systemd/sockscope-owners.conf, the drop-in for owners.enabled: the unit with it verifies
+"""systemd/sockscope.service.d/owners.conf, the drop-in for owners.enabled: the unit with it verifies
 clean and stays under the exposure bound, and exactly its capabilities, given to a non-root
 user (as DynamicUser gets them) under the unit's ProtectProc=invisible, let a /proc scan see
 another (root) process's socket; without them the scan is partial."""
@@ -20,7 +20,7 @@ from support.prereq import require, require_root
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "sockscope.service"
-DROP_IN = ROOT / "systemd" / "sockscope-owners.conf"
+DROP_IN = ROOT / "systemd" / "sockscope.service.d" / "owners.conf"
 MAX_EXPOSURE = 2.0
 CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19}  # include/uapi/linux/capability.h
 NOBODY = 65534
