@@ -675,3 +675,38 @@ def test_a_sweep_result_serves_where_a_snapshot_did():
     poll = selfmetrics.poll_samples(status, 5.0)
     assert poll.value("sockscope_poll_sockets") == 44 and poll.value("sockscope_poll_duration_seconds") == 0.25
     assert selfmetrics.scrape_samples(status, 15.0, 6.0).value("sockscope_up") == 1
+
+
+LISTENER = r"""
+import socket, sys, time
+s = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_owners_in_a_sweep_are_found_per_namespace(tmp_path, netns_factory):
+    """Socket inodes are unique across namespaces, and each lane's /proc scan (the host's
+    /proc: the sweep enters only the network namespace) finds its listener's process, under
+    its namespace's label."""
+    spaces = [netns_factory() for _ in range(2)]
+    holders = []
+    try:
+        for ns, port in zip(spaces, (18620, 18621)):
+            p = ns.popen([sys.executable, "-c", LISTENER, str(port)], stdout=subprocess.PIPE, text=True)
+            holders.append(p)
+            assert p.stdout.readline().strip() == "ready"
+        config_text = ("udp:\n  enabled: false\nowners:\n  enabled: true\n"
+                       "poll:\n  interval: 200ms\n  netns: [" + ", ".join(ns.name for ns in spaces) + "]\n")
+        daemon = start_daemon(tmp_path, config_text)
+        try:
+            s = daemon.wait_polls(2)
+            comm = os.path.basename(sys.executable)[:15]
+            owners = {(dict(labels)["netns"], dict(labels)["port"], dict(labels)["process"])
+                      for (name, labels), v in s.items() if name == "sockscope_tcp_listen_owner_info" and v == 1}
+            assert owners == {(spaces[0].name, "18620", comm), (spaces[1].name, "18621", comm)}, owners
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+    finally:
+        for p in holders:
+            stop_process(p)
