@@ -43,6 +43,8 @@ def test_build_follows_the_configuration_and_keeps_what_did_not_change():
     assert [f.name for f in on] == ["tcp", "peaks", "kernel", "udp", "udp_counters"]  # the registry's order
     off = features.build(cfg(poll={"peak_window": 0, "kernel_stats": False}, udp={"enabled": False}))
     assert [f.name for f in off] == ["tcp"]
+    units = features.build(cfg(units={"enabled": True}))
+    assert [f.name for f in units] == ["tcp", "units", "peaks", "kernel", "udp", "udp_counters"]
     # A reload that changed only ports: the peaks (with their buckets) and the kernel
     # counters (with their open files) are the same objects.
     keep = [f for f in on if f.name not in features.changed_features({"ports.local"})]

@@ -129,6 +129,12 @@ class ConnectionsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UnitsConfig:
+    enabled: bool  # TCP sockets per systemd unit / container, from each socket's cgroup id
+    max_tracked: int  # units with series (the most sockets first); the rest under unit="other"
+
+
+@dataclass(frozen=True, slots=True)
 class PrometheusConfig:
     enabled: bool
     listen_address: str
@@ -173,6 +179,7 @@ class Config:
     udp: UdpConfig
     tcp_info: TcpInfoConfig
     connections: ConnectionsConfig
+    units: UnitsConfig
     prometheus: PrometheusConfig
     graphite: GraphiteConfig
     log: LogConfig
@@ -700,6 +707,14 @@ _SECTIONS: tuple[_Section, ...] = (
             _Field("max_sockets", _integer(1, 16_000_000), 1_000_000),
             _Field("max_pending_events", _integer(1, 16_000_000), 100_000),
             _Field("receive_buffer", _integer(65_536, 1 << 30), 8 * 1024 * 1024),
+        ),
+    ),
+    _Section(
+        "units",
+        UnitsConfig,
+        (
+            _Field("enabled", _boolean, False),
+            _Field("max_tracked", _integer(0, 4096), 64),
         ),
     ),
     _Section(

@@ -19,6 +19,7 @@ from .peaks import WindowPeaks
 from .tcp import TcpSockets
 from .tcp_info import TcpInfo
 from .udp import UdpCounters, UdpSockets
+from .units import TcpUnits
 
 __all__ = ["DumpNeed", "DumpStats", "Feature", "Fold", "PollContext", "REGISTRY", "Entry", "build",
            "changed_features"]
@@ -38,6 +39,8 @@ REGISTRY: tuple[Entry, ...] = (
           lambda cfg, built: TcpInfo.from_config(cfg) if cfg.tcp_info.enabled else None),
     Entry("connections", ("connections", "ports", "poll.netns", "poll.families"),
           lambda cfg, built: Connections.from_config(cfg) if cfg.connections.enabled else None),
+    Entry("units", ("units", "listeners"),
+          lambda cfg, built: TcpUnits.from_config(cfg) if cfg.units.enabled else None),
     Entry("peaks", ("poll.peak_window",),
           lambda cfg, built: WindowPeaks(cfg.poll.peak_window, [m for f in built for m in f.metrics])
           if cfg.poll.peak_window else None, build_last=True),

@@ -1,0 +1,224 @@
+"""TCP sockets per systemd unit / container, from each socket's cgroup id.
+
+Every full socket's message carries INET_DIAG_CGROUP_ID (attribute 21, a u64) unasked,
+with no privilege: the inode number of the socket's cgroup2 directory, i.e. the cgroup of
+the process that CREATED the socket (an accepted socket: the listener's, whoever holds its
+fd later). TIME-WAIT and request sockets (SYN-RECV) carry none: they count under
+unit="none". `ss -tan --cgroup` prints the same cgroup as a path.
+
+Per poll: the dump's batches are folded by cgroup id (a sorted table of the ids met this
+poll, one searchsorted per batch, bincounts into per-id rows: no Python per socket), then
+finish() maps the ids to labels (cgroupmap.CgroupMap: a walk of the cgroup2 tree on a
+miss, rate-bounded; cgroups.unit_label's rules) and folds ids of one label together (a
+service's sub-cgroups, a pod's containers). The `max_tracked` labels with the most
+sockets get series; the rest are summed under unit="other", so the sum over units equals
+the per-state totals. Listening sockets name their unit in one info series each (the
+listeners of sockscope_tcp_listen_*, same cap and order).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..batch import Batch, format_address
+from ..catalogue import GraphitePath, Metric, Samples
+from ..cgroupmap import UNKNOWN, CgroupMap
+from ..states import NSTATES, SLOT, STATES
+from .base import DumpNeed, DumpStats, Feature, Fold, PollContext
+
+__all__ = ["TcpUnits", "METRICS", "INET_DIAG_CGROUP_ID", "NONE", "OTHER", "UnitRow", "UnitsResult", "cgroup_ids"]
+
+INET_DIAG_CGROUP_ID = 21  # include/uapi/linux/inet_diag.h (Linux 5.9+): u64, sent for every full socket
+LISTEN = 10  # include/net/tcp_states.h
+NONE = "none"  # sockets without a cgroup id: TIME-WAIT and request sockets
+OTHER = "other"  # units past units.max_tracked
+_LITTLE = sys.byteorder == "little"
+_WIDTH = 16  # state slots per row (states.UNKNOWN_SLOT = 15 is dropped, as in the TCP fold)
+_WHERE = ("tcp", "unit", "{unit}")
+
+SOCKETS = Metric("sockscope_tcp_unit_sockets", "gauge",
+                 "TCP sockets per systemd unit or container (from the socket's cgroup: that of the process that "
+                 'created it; accepted sockets are the listener\'s) and state; unit="none": TIME-WAIT and request '
+                 'sockets (no cgroup), unit="other": units past units.max_tracked.', ("unit", "state"),
+                 GraphitePath((*_WHERE, "{state}")), peak=True)
+RECEIVE = Metric("sockscope_tcp_unit_receive_queue_bytes", "gauge",
+                 "Sum of Recv-Q (bytes not yet read by the application) over the unit's non-LISTEN sockets.",
+                 ("unit",), GraphitePath((*_WHERE, "receive_queue_bytes")))
+SEND = Metric("sockscope_tcp_unit_send_queue_bytes", "gauge",
+              "Sum of Send-Q (bytes not yet acknowledged by the peer) over the unit's non-LISTEN sockets.",
+              ("unit",), GraphitePath((*_WHERE, "send_queue_bytes")))
+LISTEN_UNIT = Metric("sockscope_tcp_listen_unit_info", "gauge",
+                     "1 for each unit with a listening socket on the address (the listeners of "
+                     "sockscope_tcp_listen_sockets, at most listeners.max_tracked series).",
+                     ("address", "port", "unit"), GraphitePath(("tcp", "listen", "{address}_{port}", "unit", "{unit}")))
+FOLDED = Metric("sockscope_folded_units", "gauge",
+                'Units past units.max_tracked, counted under unit="other".', (), GraphitePath(("tcp", "folded_units")))
+METRICS = (SOCKETS, RECEIVE, SEND, LISTEN_UNIT, FOLDED)
+
+
+def cgroup_ids(batch: Batch) -> np.ndarray:
+    """The cgroup id of every message of `batch` (uint64); 0 where it has none."""
+    attr = batch.attribute(INET_DIAG_CGROUP_ID)
+    ids = np.zeros(len(batch), np.uint64)
+    rows = np.flatnonzero(attr.length >= 8)
+    if len(rows):
+        at = attr.offset[rows] >> 2  # payloads are 4-aligned (NLA_ALIGNTO)
+        u32 = batch._u32
+        lo = u32[at].astype(np.uint64)
+        hi = u32[at + 1].astype(np.uint64)
+        ids[rows] = lo | (hi << np.uint64(32)) if _LITTLE else (lo << np.uint64(32)) | hi  # host order
+    return ids
+
+
+@dataclass(frozen=True, slots=True)
+class UnitRow:
+    unit: str
+    counts: tuple[int, ...]  # per STATES
+    receive_bytes: int
+    send_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnitsResult:
+    units: tuple[UnitRow, ...]  # the tracked units by label, then none, then other
+    listeners: tuple[tuple[str, int, str], ...]  # (address, port, unit), ordered like the listen series
+    folded: int
+    cgroup_walks: int
+
+
+class _UnitsFold(Fold):
+    """Per-id rows for one dump attempt. Row 0 is id 0 (no cgroup id)."""
+
+    def __init__(self, feature: TcpUnits) -> None:
+        self.f = feature
+        self.keys = np.zeros(1, np.uint64)  # sorted ids
+        self.key_row = np.zeros(1, np.intp)  # row of each key
+        self.counts = np.zeros(_WIDTH, np.int64)  # rows x _WIDTH
+        self.queues = np.zeros(2, np.int64)  # rows x (recv, send)
+        self.listen: list[tuple[np.ndarray, ...]] = []  # family, src (n,16), sport, id
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        pos = np.minimum(np.searchsorted(self.keys, ids), len(self.keys) - 1)
+        hit = self.keys[pos] == ids
+        if not hit.all():
+            new = np.unique(ids[~hit])
+            first = len(self.key_row)
+            keys = np.concatenate((self.keys, new))
+            rows = np.concatenate((self.key_row, np.arange(first, first + len(new))))
+            order = np.argsort(keys, kind="stable")
+            self.keys, self.key_row = keys[order], rows[order]
+            self.counts = np.concatenate((self.counts, np.zeros(len(new) * _WIDTH, np.int64)))
+            self.queues = np.concatenate((self.queues, np.zeros(len(new) * 2, np.int64)))
+            pos = np.searchsorted(self.keys, ids)
+        return self.key_row[pos]
+
+    def add(self, batch: Batch) -> None:
+        if not len(batch):
+            return
+        ids = cgroup_ids(batch)
+        row = self._rows(ids)
+        state = batch.state
+        slot = SLOT[state].astype(np.intp)
+        nrows = len(self.key_row)
+        self.counts += np.bincount(row * _WIDTH + slot, minlength=nrows * _WIDTH)
+        queued = np.flatnonzero(state != LISTEN)
+        if len(queued):
+            r = row[queued]
+            # float64 weights: exact while a unit's queued bytes stay below 2**53
+            self.queues[0::2] += np.bincount(r, weights=batch.rqueue[queued], minlength=nrows).astype(np.int64)
+            self.queues[1::2] += np.bincount(r, weights=batch.wqueue[queued], minlength=nrows).astype(np.int64)
+        listen = np.flatnonzero(state == LISTEN)
+        if len(listen):
+            self.listen.append((batch.family[listen], batch.addresses("src", listen), batch.sport[listen],
+                                ids[listen]))
+
+    def finish(self, stats: DumpStats) -> UnitsResult:
+        return self.f.result(self.keys, self.key_row, self.counts.reshape(-1, _WIDTH), self.queues.reshape(-1, 2),
+                             self.listen)
+
+
+class TcpUnits(Feature):
+    name = "units"
+    metrics = METRICS
+
+    def __init__(self, max_tracked: int = 64, max_listeners: int = 256, cgroups: CgroupMap | None = None) -> None:
+        self.max_tracked = max_tracked
+        self.max_listeners = max_listeners
+        self.cgroups = cgroups if cgroups is not None else CgroupMap()
+
+    @classmethod
+    def from_config(cls, cfg) -> TcpUnits:
+        return cls(cfg.units.max_tracked, cfg.listeners.max_tracked)
+
+    def needs(self) -> DumpNeed:
+        # No extension bit: the kernel sends INET_DIAG_CGROUP_ID with every full socket
+        # (net/ipv4/inet_diag.c inet_diag_msg_attrs_fill, CONFIG_SOCK_CGROUP_DATA).
+        return DumpNeed(socket.IPPROTO_TCP, attributes=(INET_DIAG_CGROUP_ID,))
+
+    def fold(self, ctx: PollContext) -> Fold:
+        return _UnitsFold(self)
+
+    def result(self, keys: np.ndarray, key_row: np.ndarray, counts: np.ndarray, queues: np.ndarray,
+               listen: list[tuple[np.ndarray, ...]]) -> UnitsResult:
+        ids = np.zeros(len(key_row), np.uint64)
+        ids[key_row] = keys  # id of each row
+        names = self.cgroups.labels(ids[ids != 0].tolist())
+        label_of = [NONE if i == 0 else names[i] for i in ids.tolist()]
+        per: dict[str, np.ndarray] = {}  # label -> counts (NSTATES) + recv + send
+        for row, label in enumerate(label_of):
+            figures = np.concatenate((counts[row, :NSTATES], queues[row]))
+            have = per.get(label)
+            per[label] = figures if have is None else have + figures
+        none = per.pop(NONE, np.zeros(NSTATES + 2, np.int64))
+        ranked = sorted(per, key=lambda u: (-int(per[u][:NSTATES].sum()), u))
+        tracked = sorted(ranked[:self.max_tracked])
+        rest = np.zeros(NSTATES + 2, np.int64)
+        for u in ranked[self.max_tracked:]:
+            rest += per[u]
+        units = tuple(_row(u, per[u]) for u in tracked) + (_row(NONE, none), _row(OTHER, rest))
+        return UnitsResult(units, self._listeners(listen, ids, key_row, names),
+                           max(0, len(ranked) - self.max_tracked), self.cgroups.walks)
+
+    def _listeners(self, listen: list[tuple[np.ndarray, ...]], ids: np.ndarray, key_row: np.ndarray,
+                   names: dict[int, str]) -> tuple[tuple[str, int, str], ...]:
+        if not listen:
+            return ()
+        family, src, port, cg = (np.concatenate(c) for c in zip(*listen))
+        groups: dict[tuple[int, int, bytes], set[str]] = {}
+        for fam, raw, p, i in zip(family.tolist(), src, port.tolist(), cg.tolist()):
+            groups.setdefault((p, fam, raw.tobytes()), set()).add(NONE if i == 0 else names.get(i, UNKNOWN))
+        out: list[tuple[str, int, str]] = []
+        for (p, fam, raw) in sorted(groups)[:self.max_listeners]:  # the TCP feature's listener order and cap
+            address = format_address(fam, raw)
+            out.extend((address, p, u) for u in sorted(groups[(p, fam, raw)]))
+        return tuple(out[:self.max_listeners])  # one series per (listener, unit): at most the cap
+
+    def samples(self, result: UnitsResult, out: Samples) -> None:
+        out.declare(SOCKETS)
+        for row in result.units:
+            for state, n in zip(STATES, row.counts):
+                out.add(SOCKETS, (row.unit, state), n)
+        out.declare(RECEIVE)
+        for row in result.units:
+            out.add(RECEIVE, (row.unit,), row.receive_bytes)
+        out.declare(SEND)
+        for row in result.units:
+            out.add(SEND, (row.unit,), row.send_bytes)
+        out.declare(LISTEN_UNIT)
+        for address, port, unit in result.listeners:
+            out.add(LISTEN_UNIT, (address, str(port), unit), 1)
+        out.add(FOLDED, (), result.folded)
+
+    def max_series(self) -> int:
+        return (self.max_tracked + 2) * (NSTATES + 2) + self.max_listeners + 1  # + none, other
+
+    def max_peak_series(self) -> int:
+        return (self.max_tracked + 2) * NSTATES
+
+
+def _row(unit: str, figures: np.ndarray) -> UnitRow:
+    return UnitRow(unit, tuple(int(x) for x in figures[:NSTATES]), int(figures[NSTATES]), int(figures[NSTATES + 1]))
