@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sockscope import config, features, selfmetrics
 from sockscope.aggregate import Rules
 from sockscope.catalogue import Metric, Samples
+from sockscope.cgroupmap import CgroupMap
 from sockscope.features import PollContext
 from sockscope.features import tcp as tcp_feature
 from sockscope.features.kernel import KernelCounters
@@ -29,6 +30,7 @@ from sockscope.features.peaks import WindowPeaks
 from sockscope.features.tcp import TcpSockets
 from sockscope.features.tcp_info import BUCKETS, PortFigures, TcpInfo, TcpInfoResult
 from sockscope.features.udp import UdpCounters, UdpSockets
+from sockscope.features.units import TcpUnits
 from sockscope.graphite import (
     COLLECTD_STATES,
     MAX_LINE_BYTES,
@@ -68,7 +70,7 @@ from sockscope.snapshot import (
     Snapshot,
     SourceHealth,
 )
-from support.recorded import fixed_kernel, fixed_udp, fixed_udp_counts
+from support.recorded import fixed_kernel, fixed_udp, fixed_udp_counts, fixed_units
 from support.sink import Sink
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -145,18 +147,21 @@ def spike_snapshot(snap: Snapshot) -> Snapshot:
 def full_status(snap: Snapshot | None = None) -> PollStatus:
     """A PollStatus as the poller publishes it with every feature on: the TCP table of
     `snap` (fixed_snapshot()), window peaks (an earlier poll saw spike_snapshot()), the
-    kernel counters of fixed_kernel(), the UDP table and counters of support.recorded;
+    kernel counters of fixed_kernel(), the units, UDP table and counters of support.recorded;
     every source healthy, one earlier kernel failure."""
     snap = snap or fixed_snapshot()
     tcp, kernel = TcpSockets(Rules()), KernelCounters(reader=object())
-    feats = [tcp, WindowPeaks(60.0, [*tcp.metrics, *kernel.metrics]), kernel, UdpSockets(), UdpCounters()]
-    results = {"tcp": snap, "kernel": fixed_kernel(), "udp": fixed_udp(), "udp_counters": fixed_udp_counts()}
+    units = TcpUnits(cgroups=CgroupMap("/nonexistent"))
+    feats = [tcp, units, WindowPeaks(60.0, [*tcp.metrics, *units.metrics, *kernel.metrics]), kernel, UdpSockets(),
+             UdpCounters()]
+    results = {"tcp": snap, "units": fixed_units(), "kernel": fixed_kernel(), "udp": fixed_udp(),
+               "udp_counters": fixed_udp_counts()}
     samples_of(feats, {**results, "tcp": spike_snapshot(snap)}, PollContext(STAMP - 1.0, 100.0), True)
     samples, _ = samples_of(feats, results, PollContext(STAMP, 101.0), True)
     return PollStatus(results=results, samples=samples, polls=5, errors=1, source_errors={"kernel": 1},
                       sources={"tcp": SourceHealth(True, 0.125), "kernel": SourceHealth(True, 0.0025),
                                "peaks": SourceHealth(True, 0.0004), "udp": SourceHealth(True, 0.0041),
-                               "udp_counters": SourceHealth(True, 0.0005)})
+                               "udp_counters": SourceHealth(True, 0.0005), "units": SourceHealth(True, 0.0003)})
 
 
 def golden_text(b: LineBuilder) -> str:
@@ -491,10 +496,11 @@ def test_builder_refuses_tags_with_collectd_and_empty_components():
 
 def test_series_bound_holds_for_a_full_snapshot():
     # fixed_snapshot fills caps of 2 local ports, 1 remote port and 3 listeners exactly,
-    # fixed_udp a cap of 2 UDP ports; full_status has every feature on: every line of the
+    # fixed_udp a cap of 2 UDP ports, fixed_units 3 units and 3 listeners; full_status has every feature on: every line of the
     # push is in the bound, which sizes the default buffer (Pusher.from_config).
     tcp = TcpSockets(Rules(max_local=2, max_remote=1, max_listeners=3))
-    feats = [tcp, WindowPeaks(60.0, list(tcp.metrics)), KernelCounters(reader=object()),
+    feats = [tcp, TcpUnits(max_tracked=3, max_listeners=3, cgroups=CgroupMap("/nonexistent")),
+             WindowPeaks(60.0, list(tcp.metrics)), KernelCounters(reader=object()),
              UdpSockets(max_local_ports=2), UdpCounters()]
     bound = max_series(feats) + SELF_SERIES + SOURCE_SERIES * len(feats)
     for naming in ("sockscope", "collectd"):  # collectd: state totals, no `other` tcpconns rows: fewer

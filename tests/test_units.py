@@ -137,7 +137,7 @@ def test_the_need_is_the_attribute_without_an_extension_bit():
 
 
 def test_config_defaults_and_bounds():
-    assert config.DEFAULTS.units.enabled is False and config.DEFAULTS.units.max_tracked == 64
+    assert config.DEFAULTS.units.enabled is True and config.DEFAULTS.units.max_tracked == 64
     with pytest.raises(config.ConfigError, match="units.max_tracked"):
         config.from_mapping({"units": {"max_tracked": 5000}})
     f = TcpUnits.from_config(config.from_mapping({"units": {"enabled": True, "max_tracked": 3},

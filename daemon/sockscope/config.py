@@ -713,7 +713,7 @@ _SECTIONS: tuple[_Section, ...] = (
         "units",
         UnitsConfig,
         (
-            _Field("enabled", _boolean, False),
+            _Field("enabled", _boolean, True),
             _Field("max_tracked", _integer(0, 4096), 64),
         ),
     ),

@@ -63,14 +63,15 @@ METRICS = (SOCKETS, RECEIVE, SEND, LISTEN_UNIT, FOLDED)
 def cgroup_ids(batch: Batch) -> np.ndarray:
     """The cgroup id of every message of `batch` (uint64); 0 where it has none."""
     attr = batch.attribute(INET_DIAG_CGROUP_ID)
-    ids = np.zeros(len(batch), np.uint64)
-    rows = np.flatnonzero(attr.length >= 8)
-    if len(rows):
-        at = attr.offset[rows] >> 2  # payloads are 4-aligned (NLA_ALIGNTO)
-        u32 = batch._u32
-        lo = u32[at].astype(np.uint64)
-        hi = u32[at + 1].astype(np.uint64)
-        ids[rows] = lo | (hi << np.uint64(32)) if _LITTLE else (lo << np.uint64(32)) | hi  # host order
+    has = attr.length >= 8
+    # where absent, offset -1 reads word 0 (the first message's length): masked out below
+    at = np.maximum(attr.offset, 0) >> 2  # payloads are 4-aligned (NLA_ALIGNTO)
+    u32 = batch._u32
+    lo = u32[at].astype(np.uint64)
+    hi = u32[at + 1].astype(np.uint64)
+    ids = lo | (hi << np.uint64(32)) if _LITTLE else (lo << np.uint64(32)) | hi  # host order
+    if not has.all():
+        ids[~has] = 0
     return ids
 
 
@@ -125,12 +126,13 @@ class _UnitsFold(Fold):
         slot = SLOT[state].astype(np.intp)
         nrows = len(self.key_row)
         self.counts += np.bincount(row * _WIDTH + slot, minlength=nrows * _WIDTH)
-        queued = np.flatnonzero(state != LISTEN)
+        rq, wq = batch.rqueue, batch.wqueue
+        queued = np.flatnonzero(((rq | wq) != 0) & (state != LISTEN))  # most sockets have empty queues
         if len(queued):
             r = row[queued]
             # float64 weights: exact while a unit's queued bytes stay below 2**53
-            self.queues[0::2] += np.bincount(r, weights=batch.rqueue[queued], minlength=nrows).astype(np.int64)
-            self.queues[1::2] += np.bincount(r, weights=batch.wqueue[queued], minlength=nrows).astype(np.int64)
+            self.queues[0::2] += np.bincount(r, weights=rq[queued], minlength=nrows).astype(np.int64)
+            self.queues[1::2] += np.bincount(r, weights=wq[queued], minlength=nrows).astype(np.int64)
         listen = np.flatnonzero(state == LISTEN)
         if len(listen):
             self.listen.append((batch.family[listen], batch.addresses("src", listen), batch.sport[listen],
