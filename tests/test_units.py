@@ -143,3 +143,25 @@ def test_config_defaults_and_bounds():
     f = TcpUnits.from_config(config.from_mapping({"units": {"enabled": True, "max_tracked": 3},
                                                   "listeners": {"max_tracked": 7}}))
     assert (f.max_tracked, f.max_listeners) == (3, 7)
+
+
+def test_the_snapshot_fold_names_listeners_and_close_wait_units(tree):
+    from sockscope.features.units import SnapshotUnits
+    from sockscope.report import _close_wait_units
+
+    root, ino = tree
+    f = SnapshotUnits(cgroups=CgroupMap(str(root)))
+    rows = ([(rec(LISTEN, 80), ino["nginx.service"]), (rec(LISTEN, 6379), ino["redis.service"])]
+            + [(rec(CLOSE_WAIT, 80, 5000 + i), ino["worker"]) for i in range(3)]
+            + [(rec(CLOSE_WAIT, 80, 6000), ino["db.service"])]
+            + [(rec(CLOSE_WAIT, 6379, 7000 + i), ino["redis.service"]) for i in range(2)]
+            + [(rec(ESTABLISHED, 80, 8000), ino["nginx.service"]), (rec(TIME_WAIT, 80, 8001), None)])
+    fold = f.fold(PollContext(0.0, 0.0))
+    fold.add(batch(rows))
+    tables = fold.finish(DumpStats(("ipv4",), len(rows), 0, 0))
+    assert tables.listeners == {("127.0.0.1", 80): ("nginx.service",), ("127.0.0.1", 6379): ("redis.service",)}
+    assert tables.close_wait == {80: (("nginx.service", 3), ("db.service", 1)), 6379: (("redis.service", 2),)}
+    shown, other = _close_wait_units(None, tables, top=1)  # type: ignore[arg-type]
+    assert shown == [{"port": 80, "units": [{"unit": "nginx.service", "sockets": 3},
+                                            {"unit": "db.service", "sockets": 1}]}]
+    assert other == {"ports": 1, "sockets": 2}

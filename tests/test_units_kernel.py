@@ -13,6 +13,7 @@ Accepted sockets are the listener's cgroup's even though no client-side process 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -234,3 +235,26 @@ def test_the_cap_keeps_the_biggest_units_and_a_removed_cgroup_disappears(world):
     finally:
         capped.close()
         p.close()
+
+
+def test_snapshot_names_the_unit_of_each_listener_and_close_wait_socket(world):
+    """`sockscope snapshot` (units on by default) as an unprivileged user: the units come
+    from the dump's cgroup ids, no /proc scan."""
+    ns, groups, _ = world
+    settled(ns, 5)
+    web, db = groups["web"], groups["db"]
+    # entering the namespace needs CAP_SYS_ADMIN: nsenter does it, then drops to nobody
+    argv = ["nsenter", f"--net={ns.path}", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "--inh-caps=-all", sys.executable, "-m", "sockscope", "snapshot"]
+    r = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["owners"]["collected"] is False or report["owners"]["complete"] is False  # no privilege
+    units = {(lst["port"]): lst["units"] for lst in report["listeners"]}
+    assert units == {WEB_PORT: [web.label], DB_PORT: [db.label]}
+    assert report["close_wait_units"] == [{"port": WEB_PORT, "units": [{"unit": web.label, "sockets": 5}]}]
+    text = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+    block = text.split("CLOSE-WAIT BY UNIT", 1)[1].splitlines()
+    assert block[1].split() == ["PORT", "UNIT", "SOCKETS"] and block[2].split() == [str(WEB_PORT), web.label, "5"]
+    assert any(db.label in line.split() for line in text.split("LISTENERS", 1)[1].splitlines()
+               if f":{DB_PORT}" in line)

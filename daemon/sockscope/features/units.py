@@ -30,7 +30,8 @@ from ..cgroupmap import UNKNOWN, CgroupMap
 from ..states import NSTATES, SLOT, STATES
 from .base import DumpNeed, DumpStats, Feature, Fold, PollContext
 
-__all__ = ["TcpUnits", "METRICS", "INET_DIAG_CGROUP_ID", "NONE", "OTHER", "UnitRow", "UnitsResult", "cgroup_ids"]
+__all__ = ["TcpUnits", "METRICS", "INET_DIAG_CGROUP_ID", "NONE", "OTHER", "UnitRow", "UnitsResult", "cgroup_ids",
+           "SnapshotUnits", "UnitTables"]
 
 INET_DIAG_CGROUP_ID = 21  # include/uapi/linux/inet_diag.h (Linux 5.9+): u64, sent for every full socket
 LISTEN = 10  # include/net/tcp_states.h
@@ -224,3 +225,79 @@ class TcpUnits(Feature):
 
 def _row(unit: str, figures: np.ndarray) -> UnitRow:
     return UnitRow(unit, tuple(int(x) for x in figures[:NSTATES]), int(figures[NSTATES]), int(figures[NSTATES + 1]))
+
+
+# --- `sockscope snapshot`: the unit of each listener and of each port's CLOSE-WAIT sockets ---
+
+CLOSE_WAIT = 8  # include/net/tcp_states.h
+
+
+@dataclass(frozen=True, slots=True)
+class UnitTables:
+    """One dump's units for a person: every listener's (address, port) -> its units (sorted),
+    and every local port with CLOSE-WAIT sockets -> (unit, sockets), most first."""
+
+    listeners: dict[tuple[str, int], tuple[str, ...]]
+    close_wait: dict[int, tuple[tuple[str, int], ...]]
+
+
+class _SnapshotFold(Fold):
+    def __init__(self, feature: SnapshotUnits) -> None:
+        self.f = feature
+        self.listen: list[tuple[np.ndarray, ...]] = []  # family, src, sport, id
+        self.waits: list[tuple[np.ndarray, np.ndarray]] = []  # sport, id of CLOSE-WAIT sockets
+
+    def add(self, batch: Batch) -> None:
+        if not len(batch):
+            return
+        state = batch.state
+        listen = np.flatnonzero(state == LISTEN)
+        waits = np.flatnonzero(state == CLOSE_WAIT)
+        if not len(listen) and not len(waits):
+            return
+        ids = cgroup_ids(batch)
+        if len(listen):
+            self.listen.append((batch.family[listen], batch.addresses("src", listen), batch.sport[listen],
+                                ids[listen]))
+        if len(waits):
+            self.waits.append((batch.sport[waits], ids[waits]))
+
+    def finish(self, stats: DumpStats) -> UnitTables:
+        known = [i for part in self.listen for i in part[3].tolist()]
+        known += [i for part in self.waits for i in part[1].tolist()]
+        names = self.f.cgroups.labels(i for i in set(known) if i)
+
+        def label(i: int) -> str:
+            return NONE if i == 0 else names.get(i, UNKNOWN)
+
+        listeners: dict[tuple[str, int], set[str]] = {}
+        for family, src, port, ids in self.listen:
+            for fam, raw, p, i in zip(family.tolist(), src, port.tolist(), ids.tolist()):
+                listeners.setdefault((format_address(fam, raw.tobytes()), p), set()).add(label(i))
+        close_wait: dict[int, dict[str, int]] = {}
+        if self.waits:
+            port = np.concatenate([p for p, _ in self.waits])
+            ids = np.concatenate([i for _, i in self.waits])
+            pairs, counts = np.unique(np.stack((port.astype(np.uint64), ids)), axis=1, return_counts=True)
+            for (p, i), n in zip(pairs.T.tolist(), counts.tolist()):
+                per = close_wait.setdefault(int(p), {})
+                per[label(i)] = per.get(label(i), 0) + n
+        return UnitTables({k: tuple(sorted(v)) for k, v in listeners.items()},
+                          {p: tuple(sorted(per.items(), key=lambda kv: (-kv[1], kv[0])))
+                           for p, per in close_wait.items()})
+
+
+class SnapshotUnits(Feature):
+    """The units fold for `sockscope snapshot` (Survey.results["units"]): no privilege
+    needed, the cgroup id comes with every full socket of the snapshot's one dump."""
+
+    name = "units"
+
+    def __init__(self, cgroups: CgroupMap | None = None) -> None:
+        self.cgroups = cgroups if cgroups is not None else CgroupMap()
+
+    def needs(self) -> DumpNeed:
+        return DumpNeed(socket.IPPROTO_TCP, attributes=(INET_DIAG_CGROUP_ID,))
+
+    def fold(self, ctx: PollContext) -> Fold:
+        return _SnapshotFold(self)
