@@ -31,7 +31,7 @@ def test_changed_keys_names_exactly_the_keys_that_differ():
 def test_features_rebuilt_are_those_whose_keys_changed():
     # all three track the same ports
     assert features.changed_features({"ports.local"}) == {"tcp", "tcp_info", "connections"}
-    assert features.changed_features({"tcp_info.enabled"}) == {"tcp_info"}
+    assert features.changed_features({"tcp_info.enabled"}) == {"tcp_info", "units"}  # units' CLOSE-WAIT age
     assert features.changed_features({"poll.peak_window"}) == {"peaks"}
     # connections: its receiver thread listens in the namespace
     assert features.changed_features({"poll.netns"}) == {"kernel", "udp_counters", "connections"}

@@ -33,6 +33,7 @@ from sockscope.features.udp import (
     UdpSockets,
     UdpTable,
 )
+from sockscope.features.units import CLOSE_WAIT_AGE as UNIT_CLOSE_WAIT_AGE
 from sockscope.features.units import TcpUnits, UnitsResult
 from sockscope.httpserver import Request, _dual_stack_available
 from sockscope.kernelstats import KernelStats
@@ -51,8 +52,8 @@ from sockscope.snapshot import (
 from support.prereq import require
 from support.recorded import fixed_kernel, fixed_udp, fixed_udp_counts, fixed_units
 
-ALL_METRICS = [*TcpSockets.metrics, *TcpUnits.metrics, WINDOW,
-               *(peak_metric(m) for m in (*TcpSockets.metrics, *TcpUnits.metrics) if m.peak),
+UNITS = [m for m in TcpUnits.metrics if m is not UNIT_CLOSE_WAIT_AGE]  # that one needs tcp_info
+ALL_METRICS = [*TcpSockets.metrics, *UNITS, WINDOW, *(peak_metric(m) for m in (*TcpSockets.metrics, *UNITS) if m.peak),
                *KernelCounters.metrics, *UdpSockets.metrics, *UdpCounters.metrics]
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.prom"

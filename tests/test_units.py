@@ -165,3 +165,36 @@ def test_the_snapshot_fold_names_listeners_and_close_wait_units(tree):
     assert shown == [{"port": 80, "units": [{"unit": "nginx.service", "sockets": 3},
                                             {"unit": "db.service", "sockets": 1}]}]
     assert other == {"ports": 1, "sockets": 2}
+
+
+def test_with_tcp_info_the_oldest_close_wait_per_unit(tree):
+    from sockscope import tcpinfo
+
+    root, ino = tree
+
+    def info(last_ack_ms: int) -> bytes:
+        raw = bytearray(232)  # a 4.10+ struct tcp_info's length is more than this field needs
+        off = tcpinfo.FIELDS["last_ack_recv"].offset
+        raw[off:off + 4] = struct.pack("=I", last_ack_ms)
+        return bytes(raw)
+
+    recs, attrs = [], []
+    for state, sport, cgroup, age in ((CLOSE_WAIT, 80, ino["nginx.service"], 1500),
+                                      (CLOSE_WAIT, 80, ino["worker"], 42_000),
+                                      (ESTABLISHED, 80, ino["nginx.service"], 99_000),  # not CLOSE-WAIT
+                                      (CLOSE_WAIT, 6379, ino["redis.service"], 700),
+                                      (CLOSE_WAIT, 5432, ino["db.service"], 9000)):
+        recs.append(rec(state, sport, 5000 + len(recs)))
+        attrs.append([(tcpinfo.INET_DIAG_INFO, info(age)), *cg(cgroup)])
+    f = TcpUnits(max_tracked=2, cgroups=CgroupMap(str(root)), close_wait_age=True)
+    assert f.needs().ext == tcpinfo.INFO_EXT
+    b = Batch.from_records(recs, attributes=attrs)
+    b.attributes((INET_DIAG_CGROUP_ID, tcpinfo.INET_DIAG_INFO))
+    _, out = run(f, b)
+    ages = dict((labels[0], v) for labels, v in out.get("sockscope_tcp_unit_oldest_close_wait_seconds"))
+    # nginx (3 sockets) and db/redis tie at 1: db.service sorts first; redis is folded into other
+    assert ages == {"nginx.service": 42.0, "db.service": 9.0, NONE: 0.0, OTHER: 0.7}
+    assert sum(len(r) for _, r in out) <= f.max_series()
+    # without tcp_info: no such series
+    _, plain = run(TcpUnits(cgroups=CgroupMap(str(root))), Batch.from_records(recs, attributes=attrs))
+    assert plain.get("sockscope_tcp_unit_oldest_close_wait_seconds") == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -129,9 +130,9 @@ def series(samples, name: str = "sockscope_tcp_unit_sockets") -> dict[str, Count
 
 
 class UnitPoller:
-    def __init__(self, ns, max_tracked: int) -> None:
+    def __init__(self, ns, max_tracked: int, tcp_info: bool = False) -> None:
         cfg = config.from_mapping({"poll": {"netns": ns.name, "kernel_stats": False, "peak_window": 0},
-                                   "udp": {"enabled": False},
+                                   "udp": {"enabled": False}, "tcp_info": {"enabled": tcp_info},
                                    "units": {"enabled": True, "max_tracked": max_tracked}})
         feats = features.build(cfg)
         self.readers = {p: Reader(cfg.poll.families, netns=ns.name, ext=need.ext, states=need.states)
@@ -258,3 +259,23 @@ def test_snapshot_names_the_unit_of_each_listener_and_close_wait_socket(world):
     assert block[1].split() == ["PORT", "UNIT", "SOCKETS"] and block[2].split() == [str(WEB_PORT), web.label, "5"]
     assert any(db.label in line.split() for line in text.split("LISTENERS", 1)[1].splitlines()
                if f":{DB_PORT}" in line)
+
+
+def test_with_tcp_info_the_units_oldest_close_wait_agrees_with_ss_lastack(world):
+    ns, groups, _ = world
+    settled(ns, 5)
+    web, db = groups["web"], groups["db"]
+    time.sleep(0.3)  # ages well above ss's millisecond rounding
+    p = UnitPoller(ns, max_tracked=64, tcp_info=True)
+    try:
+        start = time.monotonic()
+        out = subprocess.run(["nsenter", f"--net={ns.path}", "ss", "-tinH", "state", "close-wait", "cgroup",
+                              web.rel], capture_output=True, text=True, check=True, timeout=30).stdout
+        samples = p.poll()
+        took = time.monotonic() - start  # ss, then the poll: the ages grew by at most this
+    finally:
+        p.close()
+    before = max(int(m) for m in re.findall(r"lastack:(\d+)", out)) / 1000
+    age = samples.value("sockscope_tcp_unit_oldest_close_wait_seconds", web.label)
+    assert before - 0.002 <= age <= before + took + 0.002, (before, age, took)
+    assert samples.value("sockscope_tcp_unit_oldest_close_wait_seconds", db.label) == 0

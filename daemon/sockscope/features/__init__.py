@@ -39,7 +39,7 @@ REGISTRY: tuple[Entry, ...] = (
           lambda cfg, built: TcpInfo.from_config(cfg) if cfg.tcp_info.enabled else None),
     Entry("connections", ("connections", "ports", "poll.netns", "poll.families"),
           lambda cfg, built: Connections.from_config(cfg) if cfg.connections.enabled else None),
-    Entry("units", ("units", "listeners"),
+    Entry("units", ("units", "listeners", "tcp_info.enabled"),
           lambda cfg, built: TcpUnits.from_config(cfg) if cfg.units.enabled else None),
     Entry("peaks", ("poll.peak_window",),
           lambda cfg, built: WindowPeaks(cfg.poll.peak_window, [m for f in built for m in f.metrics])

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import tcpinfo
 from ..batch import Batch, format_address
 from ..catalogue import GraphitePath, Metric, Samples
 from ..cgroupmap import UNKNOWN, CgroupMap
@@ -34,7 +35,7 @@ __all__ = ["TcpUnits", "METRICS", "INET_DIAG_CGROUP_ID", "NONE", "OTHER", "UnitR
            "SnapshotUnits", "UnitTables"]
 
 INET_DIAG_CGROUP_ID = 21  # include/uapi/linux/inet_diag.h (Linux 5.9+): u64, sent for every full socket
-LISTEN = 10  # include/net/tcp_states.h
+CLOSE_WAIT, LISTEN = 8, 10  # include/net/tcp_states.h
 NONE = "none"  # sockets without a cgroup id: TIME-WAIT and request sockets
 OTHER = "other"  # units past units.max_tracked
 _LITTLE = sys.byteorder == "little"
@@ -56,9 +57,14 @@ LISTEN_UNIT = Metric("sockscope_tcp_listen_unit_info", "gauge",
                      "1 for each unit with a listening socket on the address (the listeners of "
                      "sockscope_tcp_listen_sockets, at most listeners.max_tracked series).",
                      ("address", "port", "unit"), GraphitePath(("tcp", "listen", "{address}_{port}", "unit", "{unit}")))
+CLOSE_WAIT_AGE = Metric("sockscope_tcp_unit_oldest_close_wait_seconds", "gauge",
+                        "Max ss -ti lastack over the unit's CLOSE-WAIT sockets: time since the peer's FIN arrived "
+                        "and the application has not closed; 0 if none (with tcp_info.enabled).", ("unit",),
+                        GraphitePath((*_WHERE, "oldest_close_wait_seconds")), peak=True)
 FOLDED = Metric("sockscope_folded_units", "gauge",
                 'Units past units.max_tracked, counted under unit="other".', (), GraphitePath(("tcp", "folded_units")))
-METRICS = (SOCKETS, RECEIVE, SEND, LISTEN_UNIT, FOLDED)
+METRICS = (SOCKETS, RECEIVE, SEND, CLOSE_WAIT_AGE, LISTEN_UNIT, FOLDED)
+_LAST_ACK_WORD, _LAST_ACK_LEN = tcpinfo.word_index(("last_ack_recv",))
 
 
 def cgroup_ids(batch: Batch) -> np.ndarray:
@@ -82,6 +88,7 @@ class UnitRow:
     counts: tuple[int, ...]  # per STATES
     receive_bytes: int
     send_bytes: int
+    oldest_close_wait: float | None = None  # seconds; None without tcp_info
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +108,7 @@ class _UnitsFold(Fold):
         self.key_row = np.zeros(1, np.intp)  # row of each key
         self.counts = np.zeros(_WIDTH, np.int64)  # rows x _WIDTH
         self.queues = np.zeros(2, np.int64)  # rows x (recv, send)
+        self.ages = np.zeros(1, np.int64)  # per row: max tcpi_last_ack_recv (ms) of its CLOSE-WAIT sockets
         self.listen: list[tuple[np.ndarray, ...]] = []  # family, src (n,16), sport, id
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
@@ -115,6 +123,7 @@ class _UnitsFold(Fold):
             self.keys, self.key_row = keys[order], rows[order]
             self.counts = np.concatenate((self.counts, np.zeros(len(new) * _WIDTH, np.int64)))
             self.queues = np.concatenate((self.queues, np.zeros(len(new) * 2, np.int64)))
+            self.ages = np.concatenate((self.ages, np.zeros(len(new), np.int64)))
             pos = np.searchsorted(self.keys, ids)
         return self.key_row[pos]
 
@@ -138,51 +147,74 @@ class _UnitsFold(Fold):
         if len(listen):
             self.listen.append((batch.family[listen], batch.addresses("src", listen), batch.sport[listen],
                                 ids[listen]))
+        if self.f.close_wait_age:
+            waits = np.flatnonzero(state == CLOSE_WAIT)
+            if len(waits):
+                waits = waits[batch.attribute(tcpinfo.INET_DIAG_INFO).length[waits] >= _LAST_ACK_LEN]
+                if len(waits):
+                    age = tcpinfo.words(batch, waits, _LAST_ACK_WORD)[:, 0].astype(np.int64)
+                    np.maximum.at(self.ages, row[waits], age)
 
     def finish(self, stats: DumpStats) -> UnitsResult:
         return self.f.result(self.keys, self.key_row, self.counts.reshape(-1, _WIDTH), self.queues.reshape(-1, 2),
-                             self.listen)
+                             self.listen, self.ages if self.f.close_wait_age else None)
 
 
 class TcpUnits(Feature):
     name = "units"
     metrics = METRICS
 
-    def __init__(self, max_tracked: int = 64, max_listeners: int = 256, cgroups: CgroupMap | None = None) -> None:
+    def __init__(self, max_tracked: int = 64, max_listeners: int = 256, cgroups: CgroupMap | None = None,
+                 close_wait_age: bool = False) -> None:
         self.max_tracked = max_tracked
         self.max_listeners = max_listeners
         self.cgroups = cgroups if cgroups is not None else CgroupMap()
+        self.close_wait_age = close_wait_age  # tcp_info.enabled: the dump carries INET_DIAG_INFO
 
     @classmethod
     def from_config(cls, cfg) -> TcpUnits:
-        return cls(cfg.units.max_tracked, cfg.listeners.max_tracked)
+        return cls(cfg.units.max_tracked, cfg.listeners.max_tracked, close_wait_age=cfg.tcp_info.enabled)
 
     def needs(self) -> DumpNeed:
-        # No extension bit: the kernel sends INET_DIAG_CGROUP_ID with every full socket
-        # (net/ipv4/inet_diag.c inet_diag_msg_attrs_fill, CONFIG_SOCK_CGROUP_DATA).
+        # No extension bit for the id: the kernel sends INET_DIAG_CGROUP_ID with every full
+        # socket (net/ipv4/inet_diag.c inet_diag_msg_attrs_fill, CONFIG_SOCK_CGROUP_DATA).
+        if self.close_wait_age:  # the tcp_info feature asks for the same extension
+            return DumpNeed(socket.IPPROTO_TCP, ext=tcpinfo.INFO_EXT,
+                            attributes=(INET_DIAG_CGROUP_ID, tcpinfo.INET_DIAG_INFO))
         return DumpNeed(socket.IPPROTO_TCP, attributes=(INET_DIAG_CGROUP_ID,))
 
     def fold(self, ctx: PollContext) -> Fold:
         return _UnitsFold(self)
 
     def result(self, keys: np.ndarray, key_row: np.ndarray, counts: np.ndarray, queues: np.ndarray,
-               listen: list[tuple[np.ndarray, ...]]) -> UnitsResult:
+               listen: list[tuple[np.ndarray, ...]], ages: np.ndarray | None = None) -> UnitsResult:
         ids = np.zeros(len(key_row), np.uint64)
         ids[key_row] = keys  # id of each row
         names = self.cgroups.labels(ids[ids != 0].tolist())
         label_of = [NONE if i == 0 else names[i] for i in ids.tolist()]
         per: dict[str, np.ndarray] = {}  # label -> counts (NSTATES) + recv + send
+        age: dict[str, int] = {}  # label -> oldest CLOSE-WAIT (ms)
         for row, label in enumerate(label_of):
             figures = np.concatenate((counts[row, :NSTATES], queues[row]))
             have = per.get(label)
             per[label] = figures if have is None else have + figures
+            if ages is not None:
+                age[label] = max(age.get(label, 0), int(ages[row]))
         none = per.pop(NONE, np.zeros(NSTATES + 2, np.int64))
         ranked = sorted(per, key=lambda u: (-int(per[u][:NSTATES].sum()), u))
         tracked = sorted(ranked[:self.max_tracked])
         rest = np.zeros(NSTATES + 2, np.int64)
         for u in ranked[self.max_tracked:]:
             rest += per[u]
-        units = tuple(_row(u, per[u]) for u in tracked) + (_row(NONE, none), _row(OTHER, rest))
+        oldest = None
+        if ages is not None:
+            age[OTHER] = max((age.get(u, 0) for u in ranked[self.max_tracked:]), default=0)
+
+            def oldest(u: str) -> float:
+                return age.get(u, 0) / 1000
+
+        units = tuple(_row(u, f, oldest) for u, f in ((u, per[u]) for u in tracked)) + (
+            _row(NONE, none, oldest), _row(OTHER, rest, oldest))
         return UnitsResult(units, self._listeners(listen, ids, key_row, names),
                            max(0, len(ranked) - self.max_tracked), self.cgroups.walks)
 
@@ -211,26 +243,29 @@ class TcpUnits(Feature):
         out.declare(SEND)
         for row in result.units:
             out.add(SEND, (row.unit,), row.send_bytes)
+        if result.units and result.units[0].oldest_close_wait is not None:
+            out.declare(CLOSE_WAIT_AGE)
+            for row in result.units:
+                out.add(CLOSE_WAIT_AGE, (row.unit,), row.oldest_close_wait or 0.0)
         out.declare(LISTEN_UNIT)
         for address, port, unit in result.listeners:
             out.add(LISTEN_UNIT, (address, str(port), unit), 1)
         out.add(FOLDED, (), result.folded)
 
     def max_series(self) -> int:
-        return (self.max_tracked + 2) * (NSTATES + 2) + self.max_listeners + 1  # + none, other
+        per_unit = NSTATES + 2 + (1 if self.close_wait_age else 0)
+        return (self.max_tracked + 2) * per_unit + self.max_listeners + 1  # + none, other
 
     def max_peak_series(self) -> int:
-        return (self.max_tracked + 2) * NSTATES
+        return (self.max_tracked + 2) * (NSTATES + (1 if self.close_wait_age else 0))
 
 
-def _row(unit: str, figures: np.ndarray) -> UnitRow:
-    return UnitRow(unit, tuple(int(x) for x in figures[:NSTATES]), int(figures[NSTATES]), int(figures[NSTATES + 1]))
+def _row(unit: str, figures: np.ndarray, oldest=None) -> UnitRow:
+    return UnitRow(unit, tuple(int(x) for x in figures[:NSTATES]), int(figures[NSTATES]), int(figures[NSTATES + 1]),
+                   None if oldest is None else oldest(unit))
 
 
 # --- `sockscope snapshot`: the unit of each listener and of each port's CLOSE-WAIT sockets ---
-
-CLOSE_WAIT = 8  # include/net/tcp_states.h
-
 
 @dataclass(frozen=True, slots=True)
 class UnitTables:
