@@ -144,3 +144,37 @@ def test_the_real_mount_resolves_this_process_cgroup():
     cg = CgroupMap()
     cg.labels([own])
     assert cg.path(own) == rel
+
+
+def test_an_unreadable_subtree_leaves_the_rest_resolved_and_its_ids_retried(tree, monkeypatch):
+    root, ino = tree
+    real = os.scandir
+    locked = str(root / "user.slice")
+
+    def scandir(path):
+        if str(path).startswith(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr("sockscope.cgroupmap.os.scandir", scandir)
+    clock = Clock()
+    cg = CgroupMap(str(root), monotonic=clock)
+    deep = ino["/user.slice/user-1000.slice/user@1000.service/app.slice/app-x.service"]
+    nginx = ino["/system.slice/nginx.service"]
+    assert cg.labels([deep, nginx]) == {deep: UNKNOWN, nginx: "nginx.service"}
+    monkeypatch.setattr("sockscope.cgroupmap.os.scandir", real)
+    clock.now += 1
+    assert cg.labels([deep]) == {deep: "user@1000.service/app-x.service"}  # not cached as unknown for good
+
+
+def test_an_unexpected_error_in_a_walk_is_logged_and_leaves_ids_unknown(tree, monkeypatch, caplog):
+    root, ino = tree
+    cg = CgroupMap(str(root), monotonic=Clock())
+
+    def broken(*args):
+        raise ValueError("surprise")
+
+    monkeypatch.setattr(cg, "_scan", broken)
+    with caplog.at_level(logging.WARNING):
+        assert cg.labels([ino["/system.slice/nginx.service"]]) == {ino["/system.slice/nginx.service"]: UNKNOWN}
+    assert cg.walk_errors == 1 and "surprise" in caplog.text

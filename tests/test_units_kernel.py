@@ -153,6 +153,8 @@ class UnitPoller:
 def world(netns_factory):
     mount = find_mount()
     require(mount is not None, "needs a cgroup2 mount (cgroup v2 or a hybrid layout)")
+    assert mount is not None
+    require(os.access(mount, os.W_OK), f"needs a writable cgroup2 mount at {mount} (to make test cgroups)")
     require(shutil.which("nsenter") is not None, "needs nsenter (util-linux)")
     ns = netns_factory()
     tag = f"sockscope-test-{os.getpid()}-{ns.name.rsplit('-', 1)[-1]}"

@@ -80,11 +80,17 @@ class CgroupMap:
 
     def labels(self, ids: Iterable[int]) -> dict[int, str]:
         """The label of every id (0, "no cgroup id", is not asked here: callers keep it
-        apart). Ids the cache lacks trigger one walk when the rate allows."""
+        apart). Ids the cache lacks trigger one walk when the rate allows. Never raises for
+        the walk: it runs inside the TCP dump's fold, whose failure is a failed poll."""
         want = list(dict.fromkeys(int(i) for i in ids))
         missing = [i for i in want if i not in self._cache]
         if missing and self._monotonic() >= self._next_walk:
-            self._walk(set(missing))
+            try:
+                self._walk(set(missing))
+            except Exception as e:  # noqa: BLE001 - a bug here must not fail the poll
+                self.walk_errors += 1
+                self._next_walk = self._monotonic() + max(self.min_interval, 1.0)
+                self._problems.failed(e, traceback=e)
         out: dict[int, str] = {}
         cache = self._cache
         for i in want:
@@ -105,7 +111,9 @@ class CgroupMap:
             if self.root is None:
                 self.root = find_mount(self._mountinfo)
                 if self.root is None:
-                    raise OSError("no cgroup2 mount in /proc/self/mountinfo (a cgroup v1-only host?)")
+                    raise OSError("no cgroup2 mount in /proc/self/mountinfo (a cgroup v1-only host, or started "
+                                  "with `ip netns exec`, which remounts /sys: use --netns instead); every "
+                                  'socket counts under unit="unknown"')
             found, complete = self._scan(self.root, wanted)
         except OSError as e:
             self.walk_errors += 1
@@ -134,11 +142,15 @@ class CgroupMap:
             left.discard(root_ino)
         stack = [""]
         dirs = 0
+        complete = True
         while stack and left:
             rel = stack.pop()
             try:
                 it = os.scandir(root + rel)
             except FileNotFoundError:  # removed while we walked: it holds nothing now
+                continue
+            except PermissionError:  # a subtree we may not list: the rest of the walk stands
+                complete = False
                 continue
             with it:
                 for entry in it:
@@ -158,4 +170,4 @@ class CgroupMap:
                 self.last_walk_dirs = dirs
                 return found, not left
         self.last_walk_dirs = dirs
-        return found, True
+        return found, complete or not left
