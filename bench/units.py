@@ -30,7 +30,7 @@ from pathlib import Path
 from . import ns as netns
 from .loader import Table
 from .run import machine
-from .tools import REPO
+from .tools import REPO, ConfigDaemon
 
 RESULTS = REPO / "bench" / "results"
 
@@ -119,6 +119,34 @@ def walk_cost(n: int, reps: int = 7) -> dict:
             os.rmdir(d)
 
 
+def daemons(table: Table, rounds: int, window: int, interval: float) -> dict:
+    """Two `sockscope run` daemons on the table, `units.enabled: false` and `true` (UDP and
+    the kernel counters off in both: only the TCP dump and its folds differ), each measured
+    alone (the other SIGSTOPped) over `window` polls, `rounds` times in alternating order
+    (bench.tools.ConfigDaemon, as bench.udp does)."""
+    out: dict[str, list] = {"off": [], "on": []}
+    made: dict[str, ConfigDaemon] = {}
+    try:
+        for flag, port in (("off", 19411), ("on", 19412)):
+            made[flag] = ConfigDaemon(
+                f"units-{flag}", f"poll:\n  interval: {interval}s\n  kernel_stats: false\nudp:\n  enabled: false\n"
+                f"units:\n  enabled: {str(flag == 'on').lower()}\n", port, interval)
+        round_seconds = 2 * (window + 2) * interval
+        for r in range(rounds):
+            if table.tw_age() + round_seconds > 58:
+                table.refresh_time_wait()
+            for flag in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                w = made[flag].window(window)
+                w.pop("metrics")
+                out[flag].append(w)
+                print(f"round {r} units {flag}: {w['cpu'] * 1000:.1f} ms/poll (user {w['user'] * 1000:.1f}, "
+                      f"sys {w['sys'] * 1000:.1f})", flush=True)
+    finally:
+        for d in made.values():
+            d.close()
+    return out
+
+
 def markdown(r: dict) -> str:
     p = r["in_process"]
     per = 1e6 / p["messages"]
@@ -139,13 +167,30 @@ def markdown(r: dict) -> str:
         "",
         *(f"complete walk of the cgroup2 tree with {w['cgroups']} cgroups added ({w['dirs']} directories): "
           f"{w['seconds'] * 1000:.1f} ms (median of 7)" for w in r.get("walks", [])),
+        *_daemon_lines(r.get("daemons")),
     ])
+
+
+def _daemon_lines(rounds: dict | None) -> list[str]:
+    if not rounds or not rounds["on"]:
+        return []
+    med = {k: {f: statistics.median(w[f] for w in v) for f in ("cpu", "user", "sys")} for k, v in rounds.items()}
+    diff = statistics.median(a["cpu"] - b["cpu"] for a, b in zip(rounds["on"], rounds["off"]))
+    return ["", f"whole daemon, CPU per poll, median of {len(rounds['on'])} windows each (alternating):",
+            "", "| daemon | CPU/poll | user | system |", "|---|---|---|---|",
+            *(f"| units {k} | {m['cpu'] * 1000:.1f} ms | {m['user'] * 1000:.1f} ms | {m['sys'] * 1000:.1f} ms |"
+              for k, m in med.items()),
+            "", f"median of the per-round differences: {diff * 1000:+.1f} ms; windows: "
+            + "; ".join(f"{k} " + ", ".join(f"{w['cpu'] * 1000:.0f}" for w in v) for k, v in rounds.items())]
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.units", description=__doc__.split("\n\n")[0])
     p.add_argument("--tcp", type=int, default=100_000, help="TCP sockets in the table")
     p.add_argument("--reps", type=int, default=15, help="polls of each kind")
+    p.add_argument("--rounds", type=int, default=0, help="whole-daemon windows per daemon (0: none)")
+    p.add_argument("--window", type=int, default=10, help="polls per window")
+    p.add_argument("--interval", type=float, default=1.0, help="poll.interval of both daemons, seconds")
     p.add_argument("--out", default=str(RESULTS), help="result directory")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -161,6 +206,8 @@ def main(argv=None) -> int:
         table.build()
         result = {"machine": machine(), "tcp": args.tcp, "reps": args.reps, "in_process": in_process(args.reps),
                   "walks": [w for n in (100, 1000, 5000) if (w := walk_cost(n))]}
+        if args.rounds:
+            result["daemons"] = daemons(table, args.rounds, args.window, args.interval)
     finally:
         table.close()
     out = Path(args.out)
