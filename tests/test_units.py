@@ -198,3 +198,13 @@ def test_with_tcp_info_the_oldest_close_wait_per_unit(tree):
     # without tcp_info: no such series
     _, plain = run(TcpUnits(cgroups=CgroupMap(str(root))), Batch.from_records(recs, attributes=attrs))
     assert plain.get("sockscope_tcp_unit_oldest_close_wait_seconds") == []
+
+
+def test_walks_and_failed_walks_are_counted(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text("25 30 0:23 / /sys rw - sysfs sysfs rw\n")  # no cgroup2 mount
+    f = TcpUnits(cgroups=CgroupMap(mountinfo=str(info)))
+    _, out = run(f, batch([(rec(ESTABLISHED, 80, 5000), 4242)]))
+    assert counts(out, "unknown") == {"established": 1}
+    assert out.value("sockscope_tcp_unit_cgroup_walks") == 1
+    assert out.value("sockscope_tcp_unit_cgroup_walk_errors") == 1

@@ -63,7 +63,13 @@ CLOSE_WAIT_AGE = Metric("sockscope_tcp_unit_oldest_close_wait_seconds", "gauge",
                         GraphitePath((*_WHERE, "oldest_close_wait_seconds")), peak=True)
 FOLDED = Metric("sockscope_folded_units", "gauge",
                 'Units past units.max_tracked, counted under unit="other".', (), GraphitePath(("tcp", "folded_units")))
-METRICS = (SOCKETS, RECEIVE, SEND, CLOSE_WAIT_AGE, LISTEN_UNIT, FOLDED)
+WALKS = Metric("sockscope_tcp_unit_cgroup_walks", "counter",
+               "Walks of the cgroup2 tree to map new cgroup ids to units (on a miss, rate-bounded), complete or not.",
+               (), GraphitePath(("tcp", "unit_cgroup", "walks")))
+WALK_ERRORS = Metric("sockscope_tcp_unit_cgroup_walk_errors", "counter",
+                     "Walks of the cgroup2 tree that failed (no cgroup2 mount, unreadable): their ids count under "
+                     'unit="unknown"; the error is logged once.', (), GraphitePath(("tcp", "unit_cgroup", "walk_errors")))
+METRICS = (SOCKETS, RECEIVE, SEND, CLOSE_WAIT_AGE, LISTEN_UNIT, FOLDED, WALKS, WALK_ERRORS)
 _LAST_ACK_WORD, _LAST_ACK_LEN = tcpinfo.word_index(("last_ack_recv",))
 
 
@@ -97,6 +103,7 @@ class UnitsResult:
     listeners: tuple[tuple[str, int, str], ...]  # (address, port, unit), ordered like the listen series
     folded: int
     cgroup_walks: int
+    cgroup_walk_errors: int = 0
 
 
 class _UnitsFold(Fold):
@@ -216,7 +223,7 @@ class TcpUnits(Feature):
         units = tuple(_row(u, f, oldest) for u, f in ((u, per[u]) for u in tracked)) + (
             _row(NONE, none, oldest), _row(OTHER, rest, oldest))
         return UnitsResult(units, self._listeners(listen, ids, key_row, names),
-                           max(0, len(ranked) - self.max_tracked), self.cgroups.walks)
+                           max(0, len(ranked) - self.max_tracked), self.cgroups.walks, self.cgroups.walk_errors)
 
     def _listeners(self, listen: list[tuple[np.ndarray, ...]], ids: np.ndarray, key_row: np.ndarray,
                    names: dict[int, str]) -> tuple[tuple[str, int, str], ...]:
@@ -251,10 +258,12 @@ class TcpUnits(Feature):
         for address, port, unit in result.listeners:
             out.add(LISTEN_UNIT, (address, str(port), unit), 1)
         out.add(FOLDED, (), result.folded)
+        out.add(WALKS, (), result.cgroup_walks)
+        out.add(WALK_ERRORS, (), result.cgroup_walk_errors)
 
     def max_series(self) -> int:
         per_unit = NSTATES + 2 + (1 if self.close_wait_age else 0)
-        return (self.max_tracked + 2) * per_unit + self.max_listeners + 1  # + none, other
+        return (self.max_tracked + 2) * per_unit + self.max_listeners + 3  # + none, other; folded, walks, errors
 
     def max_peak_series(self) -> int:
         return (self.max_tracked + 2) * (NSTATES + (1 if self.close_wait_age else 0))
