@@ -61,6 +61,9 @@ def test_proc_cgroup_path_takes_the_unified_line():
     (f"/machine.slice/libpod-{ID}.scope/container", "podman/4f1c0a9e2b7d"),
     (f"/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope", "podman/4f1c0a9e2b7d"),
     (f"/system.slice/cri-containerd-{ID}.scope", "containerd/4f1c0a9e2b7d"),
+    (f"/libpod_parent/libpod-{ID}", "podman/4f1c0a9e2b7d"),  # podman's cgroupfs manager
+    (f"/libpod_parent/libpod-{ID}/ctr", "podman/4f1c0a9e2b7d"),
+    ("/system.slice/docker.service", "docker.service"),  # the daemon itself, not a container
     ("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0b8e6f3a_52c1_4d7e_9a1b_2f3c4d5e6f70.slice/"
      f"cri-containerd-{ID}.scope", "pod/0b8e6f3a-52c1-4d7e-9a1b-2f3c4d5e6f70"),
     ("/kubepods.slice/kubepods-pod0b8e6f3a_52c1_4d7e_9a1b_2f3c4d5e6f70.slice/"

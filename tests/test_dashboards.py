@@ -167,7 +167,9 @@ def test_prometheus_dashboard_variables_and_coverage():
                    "local_port_connections_closed_total", "remote_port_connections_closed_total",
                    "local_port_retransmitted_segments_total", "remote_port_retransmitted_segments_total",
                    "remote_port_connection_duration_seconds_bucket",
-                   "connections_accounted_retransmitted_segments_total", "connections_accounted_closed_total"):
+                   "connections_accounted_retransmitted_segments_total", "connections_accounted_closed_total",
+                   # issue 14, units: CLOSE-WAIT per unit with its window peak, sockets per unit
+                   "tcp_unit_sockets_peak", "tcp_unit_sockets{"):
         assert needed in joined, needed
 
 

@@ -27,7 +27,8 @@ def test_every_snapshot_metric_is_documented():
 def catalogue() -> list:
     enabled = features.build(config.from_mapping({"tcp_info": {"enabled": True},  # off by default
                                                   "connections": {"enabled": True},
-                                                  "owners": {"enabled": True}}))
+                                                  "owners": {"enabled": True},
+                                                  "units": {"enabled": True}}))
     assert {f.name for f in enabled} == {e.name for e in features.REGISTRY}  # every feature on
     return [*(m for f in enabled for m in f.metrics), *selfmetrics.SCRAPE_METRICS, *selfmetrics.POLL_METRICS,
             *graphite.METRICS, *prometheus.HTTP_METRICS, *sweep.METRICS]

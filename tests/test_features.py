@@ -31,7 +31,7 @@ def test_changed_keys_names_exactly_the_keys_that_differ():
 def test_features_rebuilt_are_those_whose_keys_changed():
     # all three track the same ports
     assert features.changed_features({"ports.local"}) == {"tcp", "tcp_info", "connections", "owners"}
-    assert features.changed_features({"tcp_info.enabled"}) == {"tcp_info"}
+    assert features.changed_features({"tcp_info.enabled"}) == {"tcp_info", "units"}  # units' CLOSE-WAIT age
     assert features.changed_features({"poll.peak_window"}) == {"peaks"}
     # connections: its receiver thread listens in the namespace
     assert features.changed_features({"poll.netns"}) == {"kernel", "udp_counters", "connections"}
@@ -40,15 +40,16 @@ def test_features_rebuilt_are_those_whose_keys_changed():
 
 def test_build_follows_the_configuration_and_keeps_what_did_not_change():
     on = features.build(config.DEFAULTS)
-    assert [f.name for f in on] == ["tcp", "peaks", "kernel", "udp", "udp_counters"]  # the registry's order
-    off = features.build(cfg(poll={"peak_window": 0, "kernel_stats": False}, udp={"enabled": False}))
+    assert [f.name for f in on] == ["tcp", "units", "peaks", "kernel", "udp", "udp_counters"]  # the registry's order
+    off = features.build(cfg(poll={"peak_window": 0, "kernel_stats": False}, udp={"enabled": False},
+                             units={"enabled": False}))
     assert [f.name for f in off] == ["tcp"]
     # A reload that changed only ports: the peaks (with their buckets) and the kernel
     # counters (with their open files) are the same objects.
     keep = [f for f in on if f.name not in features.changed_features({"ports.local"})]
     again = features.build(cfg(ports={"local": [9999]}), keep=keep)
     by = {f.name: f for f in again}
-    assert by["peaks"] is on[1] and by["kernel"] is on[2] and by["tcp"] is not on[0]
+    assert by["peaks"] is on[2] and by["kernel"] is on[3] and by["tcp"] is not on[0] and by["units"] is on[1]
     assert by["tcp"].rules.local == (9999,)
     # The kept peaks track the rebuilt feature's metrics.
     assert set(by["peaks"]._twins) >= {m.name for m in by["tcp"].metrics if m.peak}

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sockscope import config, features, selfmetrics
 from sockscope.aggregate import Rules
 from sockscope.catalogue import Metric, Samples
+from sockscope.cgroupmap import CgroupMap
 from sockscope.features import PollContext
 from sockscope.features import tcp as tcp_feature
 from sockscope.features.kernel import KernelCounters
@@ -30,6 +31,7 @@ from sockscope.features.peaks import WindowPeaks
 from sockscope.features.tcp import TcpSockets
 from sockscope.features.tcp_info import BUCKETS, PortFigures, TcpInfo, TcpInfoResult
 from sockscope.features.udp import UdpCounters, UdpSockets
+from sockscope.features.units import TcpUnits
 from sockscope.graphite import (
     COLLECTD_STATES,
     MAX_DEFAULT_BUFFER_LINES,
@@ -70,7 +72,7 @@ from sockscope.snapshot import (
     Snapshot,
     SourceHealth,
 )
-from support.recorded import fixed_kernel, fixed_udp, fixed_udp_counts
+from support.recorded import fixed_kernel, fixed_udp, fixed_udp_counts, fixed_units
 from support.sink import Sink
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -147,18 +149,21 @@ def spike_snapshot(snap: Snapshot) -> Snapshot:
 def full_status(snap: Snapshot | None = None) -> PollStatus:
     """A PollStatus as the poller publishes it with every feature on: the TCP table of
     `snap` (fixed_snapshot()), window peaks (an earlier poll saw spike_snapshot()), the
-    kernel counters of fixed_kernel(), the UDP table and counters of support.recorded;
+    kernel counters of fixed_kernel(), the units, UDP table and counters of support.recorded;
     every source healthy, one earlier kernel failure."""
     snap = snap or fixed_snapshot()
     tcp, kernel = TcpSockets(Rules()), KernelCounters(reader=object())
-    feats = [tcp, WindowPeaks(60.0, [*tcp.metrics, *kernel.metrics]), kernel, UdpSockets(), UdpCounters()]
-    results = {"tcp": snap, "kernel": fixed_kernel(), "udp": fixed_udp(), "udp_counters": fixed_udp_counts()}
+    units = TcpUnits(cgroups=CgroupMap("/nonexistent"))
+    feats = [tcp, units, WindowPeaks(60.0, [*tcp.metrics, *units.metrics, *kernel.metrics]), kernel, UdpSockets(),
+             UdpCounters()]
+    results = {"tcp": snap, "units": fixed_units(), "kernel": fixed_kernel(), "udp": fixed_udp(),
+               "udp_counters": fixed_udp_counts()}
     samples_of(feats, {**results, "tcp": spike_snapshot(snap)}, PollContext(STAMP - 1.0, 100.0), True)
     samples, _ = samples_of(feats, results, PollContext(STAMP, 101.0), True)
     return PollStatus(results=results, samples=samples, polls=5, errors=1, source_errors={"kernel": 1},
                       sources={"tcp": SourceHealth(True, 0.125), "kernel": SourceHealth(True, 0.0025),
                                "peaks": SourceHealth(True, 0.0004), "udp": SourceHealth(True, 0.0041),
-                               "udp_counters": SourceHealth(True, 0.0005)})
+                               "udp_counters": SourceHealth(True, 0.0005), "units": SourceHealth(True, 0.0003)})
 
 
 def golden_text(b: LineBuilder) -> str:
@@ -493,10 +498,11 @@ def test_builder_refuses_tags_with_collectd_and_empty_components():
 
 def test_series_bound_holds_for_a_full_snapshot():
     # fixed_snapshot fills caps of 2 local ports, 1 remote port and 3 listeners exactly,
-    # fixed_udp a cap of 2 UDP ports; full_status has every feature on: every line of the
+    # fixed_udp a cap of 2 UDP ports, fixed_units 3 units and 3 listeners; full_status has every feature on: every line of the
     # push is in the bound, which sizes the default buffer (Pusher.from_config).
     tcp = TcpSockets(Rules(max_local=2, max_remote=1, max_listeners=3))
-    feats = [tcp, WindowPeaks(60.0, list(tcp.metrics)), KernelCounters(reader=object()),
+    feats = [tcp, TcpUnits(max_tracked=3, max_listeners=3, cgroups=CgroupMap("/nonexistent")),
+             WindowPeaks(60.0, list(tcp.metrics)), KernelCounters(reader=object()),
              UdpSockets(max_local_ports=2), UdpCounters()]
     bound = max_series(feats) + SELF_SERIES + SOURCE_SERIES * len(feats)
     for naming in ("sockscope", "collectd"):  # collectd: state totals, no `other` tcpconns rows: fewer
@@ -510,23 +516,25 @@ def test_default_buffer_is_30_minutes():
     enabled = features.build(cfg)
     per_push = max_series(enabled) + SELF_SERIES + SOURCE_SERIES * len(enabled)
     assert per_push > 22 + 65 * 13 + 65 * 11 + 512  # states, ports, listeners at the default caps
-    assert default_buffer_lines(5.0, per_push) == 360 * per_push
+    assert default_buffer_lines(5.0, per_push) == min(360 * per_push, MAX_DEFAULT_BUFFER_LINES)
     pusher = Pusher.from_config(cfg, max_series(enabled), len(enabled), hostname=lambda: "h", fqdn=lambda: "h")
-    assert pusher.stats().capacity_lines == 360 * per_push
+    assert pusher.stats().capacity_lines == min(360 * per_push, MAX_DEFAULT_BUFFER_LINES)
+    assert default_buffer_lines(5.0, 100) == 360 * 100
     assert default_buffer_lines(7.0, 10) == 258 * 10  # rounds up: >= 30 minutes
 
 
 def test_default_buffer_has_a_ceiling(caplog):
     """A large series bound (a namespace sweep, every feature at 1 s) would size the default
-    buffer in gigabytes: it stops at MAX_DEFAULT_BUFFER_LINES, with a warning that says so."""
+    buffer in gigabytes: it stops at MAX_DEFAULT_BUFFER_LINES and says so once (at info: the
+    default caps, units on, reach it already; the buffer fills only during an outage)."""
     assert default_buffer_lines(1.0, 10_000) == MAX_DEFAULT_BUFFER_LINES < 1800 * 10_000
     cfg = _enabled(config.DEFAULTS)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         pusher = Pusher.from_config(cfg, 10_000 * 32, 5, hostname=lambda: "h", fqdn=lambda: "h")
     assert pusher.stats().capacity_lines == MAX_DEFAULT_BUFFER_LINES
     assert caplog.text.count("graphite.buffer_lines: 0 is capped at 2000000 lines") == 1
     caplog.clear()
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         Pusher.from_config(cfg, 1000, 5, hostname=lambda: "h", fqdn=lambda: "h")
     assert "capped" not in caplog.text
 

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import sockscope
 from sockscope.aggregate import Rules
 from sockscope.catalogue import peak_metric
+from sockscope.cgroupmap import CgroupMap
 from sockscope.features import PollContext
 from sockscope.features.kernel import KernelCounters
 from sockscope.features.peaks import WINDOW, WindowPeaks
@@ -32,6 +33,8 @@ from sockscope.features.udp import (
     UdpSockets,
     UdpTable,
 )
+from sockscope.features.units import CLOSE_WAIT_AGE as UNIT_CLOSE_WAIT_AGE
+from sockscope.features.units import TcpUnits, UnitsResult
 from sockscope.httpserver import Request, _dual_stack_available
 from sockscope.kernelstats import KernelStats
 from sockscope.poller import samples_of
@@ -47,9 +50,10 @@ from sockscope.snapshot import (
     SourceHealth,
 )
 from support.prereq import require
-from support.recorded import fixed_kernel, fixed_udp, fixed_udp_counts
+from support.recorded import fixed_kernel, fixed_udp, fixed_udp_counts, fixed_units
 
-ALL_METRICS = [*TcpSockets.metrics, WINDOW, *(peak_metric(m) for m in TcpSockets.metrics if m.peak),
+UNITS = [m for m in TcpUnits.metrics if m is not UNIT_CLOSE_WAIT_AGE]  # that one needs tcp_info
+ALL_METRICS = [*TcpSockets.metrics, *UNITS, WINDOW, *(peak_metric(m) for m in (*TcpSockets.metrics, *UNITS) if m.peak),
                *KernelCounters.metrics, *UdpSockets.metrics, *UdpCounters.metrics]
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.prom"
@@ -132,15 +136,16 @@ def spike_snapshot(snap: Snapshot) -> Snapshot:
 
 def status_of(snapshot: Snapshot | None, kernel: KernelStats | None = None, *, peaks: bool = True,
               spike: bool = True, udp: UdpTable | None = None, udp_counts: UdpCounts | None = None,
-              **counters) -> PollStatus:
+              units: UnitsResult | None = None, **counters) -> PollStatus:
     """A PollStatus as the poller publishes it, its samples made by the real features: the
-    TCP table, window peaks (60 s; with `spike` an earlier poll saw spike_snapshot()), the
-    kernel counters, the UDP table and counters."""
-    features: list = [TcpSockets(Rules())]
+    TCP table, the units, window peaks (60 s; with `spike` an earlier poll saw
+    spike_snapshot()), the kernel counters, the UDP table and counters."""
+    features: list = [TcpSockets(Rules()), TcpUnits(cgroups=CgroupMap("/nonexistent"))]
     if peaks:
-        features.append(WindowPeaks(60.0, list(TcpSockets.metrics) + list(KernelCounters.metrics)))
+        features.append(WindowPeaks(60.0, list(TcpSockets.metrics) + list(TcpUnits.metrics)
+                                    + list(KernelCounters.metrics)))
     features += [KernelCounters(reader=object()), UdpSockets(), UdpCounters()]
-    results = {name: r for name, r in (("tcp", snapshot), ("kernel", kernel), ("udp", udp),
+    results = {name: r for name, r in (("tcp", snapshot), ("units", units), ("kernel", kernel), ("udp", udp),
                                        ("udp_counters", udp_counts)) if r is not None}
     if peaks and spike and snapshot is not None:
         samples_of(features, {**results, "tcp": spike_snapshot(snapshot)}, PollContext(0.0, LAST_SUCCESS - 1), True)
@@ -150,6 +155,7 @@ def status_of(snapshot: Snapshot | None, kernel: KernelStats | None = None, *, p
 
 def fixed_status(snapshot: Snapshot | None = None) -> PollStatus:
     return status_of(snapshot or fixed_snapshot(), fixed_kernel(), udp=fixed_udp(), udp_counts=fixed_udp_counts(),
+                     units=fixed_units(),
                      last_success_monotonic=LAST_SUCCESS,
                      polls=42, errors=2, dump_retries=5, dump_interrupted=1, last_error="EPERM",
                      sources={"kernel": SourceHealth(True, 0.0025), "udp_counters": SourceHealth(True, 0.0005),

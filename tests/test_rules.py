@@ -229,8 +229,20 @@ CONNECTION_CHANGES = [
 ]
 
 
+# The per-unit CLOSE-WAIT alerts (issue 14): sockscope-units.test.yml must fail for each.
+UNIT_CHANGES = [
+    ("SockscopeUnitCloseWaitSpike", ">= 50", ">= 51"),
+    ("SockscopeUnitCloseWaitSpike", ">= 50", ">= 45"),
+    ("SockscopeUnitCloseWaitGrowing", ">= 20", ">= 31"),
+    ("SockscopeUnitCloseWaitGrowing", ">= 20", ">= 18"),
+    ("SockscopeUnitCloseWaitGrowing", "for", "14m"),
+    ("SockscopeUnitCloseWaitGrowing", "for", "31m"),
+]
+
+
 THRESHOLD_CHANGES = [("sockscope-waits.test.yml", *c) for c in WAIT_CHANGES] + \
-    [("sockscope-connections.test.yml", *c) for c in CONNECTION_CHANGES]
+    [("sockscope-connections.test.yml", *c) for c in CONNECTION_CHANGES] + \
+    [("sockscope-units.test.yml", *c) for c in UNIT_CHANGES]
 
 
 @pytest.mark.parametrize("tests,alert,old,new", THRESHOLD_CHANGES,

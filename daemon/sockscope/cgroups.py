@@ -17,9 +17,10 @@ ROOT_LABEL = "-.slice"  # the root cgroup, as systemd names it
 
 _UNIT_SUFFIXES = (".service", ".scope")
 # Container runtimes' leaf cgroups: systemd driver ("docker-<id>.scope") and cgroupfs driver
-# ("/docker/<id>"). The id is 64 hex digits; labels carry its first 12, as `docker ps` shows.
+# ("/docker/<id>"; podman's "/libpod_parent/libpod-<id>"). The id is 64 hex digits; labels
+# carry its first 12, as `docker ps` shows.
 _SCOPE_RUNTIMES = {"docker": "docker", "libpod": "podman", "cri-containerd": "containerd", "crio": "crio"}
-_SCOPE_CONTAINER = re.compile(r"^(docker|libpod|cri-containerd|crio)-([0-9a-f]{64})\.scope$")
+_SCOPE_CONTAINER = re.compile(r"^(docker|libpod|cri-containerd|crio)-([0-9a-f]{64})(?:\.scope)?$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # kubepods: ".../kubepods-burstable-pod<uid with _>.slice/..." (systemd driver) or
 # ".../kubepods/burstable/pod<uid>/<id>" (cgroupfs driver).

@@ -19,6 +19,7 @@ from . import __version__, config, report, survey, watch
 from .aggregate import Rules
 from .features import DumpNeed, PollContext
 from .features.tcp_info import SnapshotInfo
+from .features.units import SnapshotUnits
 from .kernelstats import KernelStatsReader
 from .netlink import NetlinkError, Reader
 from .owners import port_owners
@@ -345,7 +346,10 @@ def snapshot(cfg: config.Config, args, *, environ: Mapping[str, str] | None = No
     # tcp_info.enabled: the same dump asks for INET_DIAG_INFO and the tcp_info fold runs on
     # it for every port (SnapshotInfo); its cookie state lives across dumps for the busy split.
     info = SnapshotInfo(rules) if cfg.tcp_info.enabled else None
-    also = (info,) if info is not None else ()
+    # units.enabled: the unit of each listener and of each port's CLOSE-WAIT sockets, from
+    # the cgroup id every full socket's message carries (no privilege, nothing more asked).
+    units = SnapshotUnits() if cfg.units.enabled else None
+    also = tuple(f for f in (info, units) if f is not None)
     primed: list[bool] = []
     with contextlib.ExitStack() as stack:
         reader = stack.enter_context(make_reader(cfg, info.needs() if info else DumpNeed()))

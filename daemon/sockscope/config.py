@@ -148,6 +148,12 @@ class OwnersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UnitsConfig:
+    enabled: bool  # TCP sockets per systemd unit / container, from each socket's cgroup id
+    max_tracked: int  # units with series (the most sockets first); the rest under unit="other"
+
+
+@dataclass(frozen=True, slots=True)
 class PrometheusConfig:
     enabled: bool
     listen_address: str
@@ -194,6 +200,7 @@ class Config:
     tcp_info: TcpInfoConfig
     connections: ConnectionsConfig
     owners: OwnersConfig
+    units: UnitsConfig
     prometheus: PrometheusConfig
     graphite: GraphiteConfig
     log: LogConfig
@@ -787,6 +794,14 @@ _SECTIONS: tuple[_Section, ...] = (
             _Field("enabled", _boolean, False),
             _Field("interval", _integer(1, 100_000), 12),
             _Field("max_per_listener", _integer(1, 64), 4),
+        ),
+    ),
+    _Section(
+        "units",
+        UnitsConfig,
+        (
+            _Field("enabled", _boolean, True),
+            _Field("max_tracked", _integer(0, 4096), 64),
         ),
     ),
     _Section(

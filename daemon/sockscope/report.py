@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from .features.tcp_info import BUCKETS, LIMITS, PortInfo, PortTables
+from .features.units import UnitTables
 from .kernelstats import KernelStats
 from .owners import Owner, PortOwners
 from .snapshot import FAMILIES, STATES
@@ -276,6 +277,17 @@ def _listeners(survey: Survey, owners: PortOwners | None,
     return out
 
 
+def _close_wait_units(survey: Survey, units: UnitTables, top: int) -> tuple[list[dict], dict]:
+    """Local ports with CLOSE-WAIT sockets, most first (the top N), with the units holding
+    them (a socket's unit: the cgroup of the process that created it, the listener's for an
+    accepted one)."""
+    ports = sorted(units.close_wait, key=lambda p: (-sum(n for _, n in units.close_wait[p]), p))
+    out = [{"port": p, "units": [{"unit": u, "sockets": n} for u, n in units.close_wait[p]]}
+           for p in ports[:top]]
+    rest = ports[top:]
+    return out, {"ports": len(rest), "sockets": sum(n for p in rest for _, n in units.close_wait[p])}
+
+
 def _close_wait_owners(survey: Survey, owners: PortOwners, top: int) -> tuple[list[dict], dict]:
     """Local ports with CLOSE-WAIT sockets, most first, with their holders."""
     rows = survey.local
@@ -333,6 +345,10 @@ def build_report(frame: Frame, view: View = View(), *, last: Frame | None = None
     if info is not None:
         _info_side(info.local, local, local_other, local=True, interval=info.interval)
         _info_side(info.remote, remote, remote_other, local=False, interval=info.interval)
+    units: UnitTables | None = survey.results.get("units")
+    if units is not None:
+        for entry in listeners:
+            entry["units"] = list(units.listeners.get((entry["address"], entry["port"]), ()))
 
     report = {
         "timestamp": _iso_utc(survey.timestamp),
@@ -371,6 +387,8 @@ def build_report(frame: Frame, view: View = View(), *, last: Frame | None = None
             if owners is not None and owners.scanned_at is not None else None,
         },
     }
+    if units is not None:  # only with units.enabled, like tcp_info below
+        report["close_wait_units"], report["close_wait_units_other"] = _close_wait_units(survey, units, view.top)
     if info is not None:  # only then: without tcp_info the report is what it always was
         report["tcp_info"] = {"busy_interval_seconds": None if info.interval is None
                               else round(info.interval, 3)}
@@ -726,6 +744,10 @@ def render_text(report: dict, *, colour: bool = False) -> str:
                           colour))
         headers = ["", "ADDRESS:PORT", "QUEUE", "FILL", "MEMBERS"]
         align = "llrrr"
+        with_units = "units" in report["listeners"][0]
+        if with_units:
+            headers.append("UNIT")
+            align += "l"
         if show_owners:
             headers.append("PROCESS")
             align += "l"
@@ -741,6 +763,8 @@ def render_text(report: dict, *, colour: bool = False) -> str:
                 _cell(f"{lst['fill_percent']:.0f}%", "alert" if full else None),
                 str(lst["members"]),
             ]
+            if with_units:
+                row.append(",".join(lst["units"]) or "-")
             if show_owners:
                 row.append(_process_groups(lst["owners"]))
             rows.append(row)
@@ -752,6 +776,18 @@ def render_text(report: dict, *, colour: bool = False) -> str:
                        ("TIME-WAIT BY PEER", "time_wait_peers")):
         out.append("")
         out += _peer_table(title, report[key], report[key + "_other"], colour)
+    if "close_wait_units" in report:
+        out.append("")
+        if not report["close_wait_units"]:
+            out.append("CLOSE-WAIT BY UNIT: none")
+        else:
+            out.append(_title("CLOSE-WAIT BY UNIT", colour))
+            rows = [[str(entry["port"]), u["unit"], str(u["sockets"])]
+                    for entry in report["close_wait_units"] for u in entry["units"]]
+            other = report["close_wait_units_other"]
+            if other["ports"]:
+                rows.append([_cell("other", "dim"), f"({other['ports']} more ports)", str(other["sockets"])])
+            out += _table(["PORT", "UNIT", "SOCKETS"], rows, "rlr", colour)
 
     out.append("")
     if owner_note:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sockscope.features.udp import UdpCounts, UdpPort, UdpTable, counts_from
+from sockscope.features.units import UnitRow, UnitsResult
 from sockscope.kernelstats import KernelStats
 from sockscope.kernelstats import build as build_kernel_stats
 from sockscope.snapshot import OTHER
@@ -43,3 +44,17 @@ def fixed_udp_counts() -> UdpCounts:
     """Parsed from the recorded tests/fixtures/proc_net_udp_snmp{,6}."""
     return counts_from({"snmp": (FIXTURES / "proc_net_udp_snmp").read_text(),
                         "snmp6": (FIXTURES / "proc_net_udp_snmp6").read_text()}, ("ipv4", "ipv6"))
+
+
+def fixed_units() -> UnitsResult:
+    """Units of a host like fixed_snapshot()'s, counts per STATES (established, syn_sent,
+    syn_recv, fin_wait1, fin_wait2, time_wait, close, close_wait, last_ack, listen, closing):
+    nginx.service leaking CLOSE-WAIT, a container, sshd, TIME-WAIT under none, one unit folded."""
+    return UnitsResult(
+        units=(UnitRow("docker/4f1c0a9e2b7d", (3, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0), 0, 0),
+               UnitRow("nginx.service", (45, 0, 0, 0, 1, 0, 0, 9, 0, 4, 0), 131589, 2896),
+               UnitRow("ssh.service", (2, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0), 0, 36),
+               UnitRow("none", (0, 0, 1, 0, 0, 13, 0, 0, 0, 0, 0), 0, 0),
+               UnitRow("other", (4, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0), 8192, 0)),
+        listeners=(("0.0.0.0", 22, "ssh.service"), ("127.0.0.1", 631, "cups.service"), ("::", 8080, "nginx.service")),
+        folded=1, cgroup_walks=3)

@@ -20,6 +20,7 @@ from .peaks import WindowPeaks
 from .tcp import TcpSockets
 from .tcp_info import TcpInfo
 from .udp import UdpCounters, UdpSockets
+from .units import TcpUnits
 
 __all__ = ["DumpNeed", "DumpStats", "Feature", "Fold", "PollContext", "REGISTRY", "Entry", "build",
            "changed_features"]
@@ -41,6 +42,8 @@ REGISTRY: tuple[Entry, ...] = (
           lambda cfg, built: Connections.from_config(cfg) if cfg.connections.enabled else None),
     Entry("owners", ("owners", "ports", "listeners"),
           lambda cfg, built: ProcessOwners.from_config(cfg) if cfg.owners.enabled else None),
+    Entry("units", ("units", "listeners", "tcp_info.enabled"),
+          lambda cfg, built: TcpUnits.from_config(cfg) if cfg.units.enabled else None),
     Entry("peaks", ("poll.peak_window",),
           lambda cfg, built: WindowPeaks(cfg.poll.peak_window, [m for f in built for m in f.metrics])
           if cfg.poll.peak_window else None, build_last=True),

@@ -110,9 +110,10 @@ class GraphiteStats:
 
 
 # The default buffer's ceiling: ~120-180 MB of lines at 60-90 bytes, under the unit's
-# MemoryMax=256M. Only large bounds reach it (a namespace sweep multiplies the series bound by
-# netns.max_tracked; every feature on at a 1 s push): it then holds less than 30 minutes of a
-# push with every cap full, and more of what the namespaces really hold.
+# MemoryMax=256M. The default caps reach it at a 5 s push (6,965 lines, units on); a namespace
+# sweep multiplies the bound by netns.max_tracked. It then holds less than 30 minutes of a
+# push with every cap full, and more of what is really exported (a few hundred lines on most
+# hosts).
 MAX_DEFAULT_BUFFER_LINES = 2_000_000
 
 
@@ -205,10 +206,10 @@ class Pusher:
         per_push = series + SELF_SERIES + SOURCE_SERIES * sources
         capacity = g.buffer_lines or default_buffer_lines(interval, per_push)
         if not g.buffer_lines and capacity == MAX_DEFAULT_BUFFER_LINES:
-            log.warning("graphite.buffer_lines: 0 is capped at %d lines (~%d MB at most): with every cap full "
-                        "(up to %d lines per push) it holds %.1f of the 30 minutes of outage it aims at; set "
-                        "graphite.buffer_lines to what memory allows (docs/graphite.md)", capacity,
-                        capacity * 90 // 10**6, per_push, capacity // per_push * interval / 60)
+            log.info("graphite.buffer_lines: 0 is capped at %d lines (~%d MB at most): with every cap full "
+                     "(up to %d lines per push) it holds %.1f of the 30 minutes of outage it aims at; set "
+                     "graphite.buffer_lines to what memory allows (docs/graphite.md)", capacity,
+                     capacity * 90 // 10**6, per_push, capacity // per_push * interval / 60)
         if capacity < per_push:
             log.warning("graphite.buffer_lines (%d) is smaller than one push at the configured caps "
                         "(up to %d lines): any outage drops lines", capacity, per_push)
