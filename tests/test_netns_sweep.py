@@ -710,3 +710,43 @@ def test_owners_in_a_sweep_are_found_per_namespace(tmp_path, netns_factory):
     finally:
         for p in holders:
             stop_process(p)
+
+
+def test_one_proc_scan_per_sweep_serves_every_lane(netns_factory):
+    """Socket inodes are unique across namespaces: the first lane of a sweep scans /proc for
+    every socket inode, the others are answered from that scan (owners.interval 1: a scan
+    each poll, one per sweep however many lanes)."""
+    from sockscope.features.owners import ProcessOwners
+    from sockscope.service import Service
+
+    spaces = [netns_factory() for _ in range(3)]
+    holders = []
+    try:
+        for ns, port in zip(spaces, (18630, 18631, 18632)):
+            p = ns.popen([sys.executable, "-c", LISTENER, str(port)], stdout=subprocess.PIPE, text=True)
+            holders.append(p)
+            assert p.stdout.readline().strip() == "ready"
+        cfg = config.from_mapping({"udp": {"enabled": False}, "prometheus": {"enabled": False},
+                                   "owners": {"enabled": True, "interval": 1},
+                                   "poll": {"kernel_stats": False, "netns": [ns.name for ns in spaces]}})
+        service = Service(cfg)
+        try:
+            sweep = service.features[0]
+            for _ in range(2):
+                status = _poll(service)
+            assert sweep._owner_scan.scans == 2  # one per sweep, not one per lane
+            owners = [f for lane in sweep.lanes.values() for f in lane.poller.features
+                      if isinstance(f, ProcessOwners)]
+            assert len(owners) == 3 and all(f.scans == 2 for f in owners)
+            comm = os.path.basename(sys.executable)[:15]
+            metric = status.samples.metrics["sockscope_tcp_listen_owner_info"]
+            rows = [dict(zip(metric.labels, labels)) for labels, v in status.samples.get(metric.name) if v == 1]
+            got = {(r["netns"], r["port"], r["process"]) for r in rows}
+            assert got == {(ns.name, str(port), comm) for ns, port in zip(spaces, (18630, 18631, 18632))}, got
+        finally:
+            service.poller.stop()
+            for f in service.poller.features:
+                f.close()
+    finally:
+        for p in holders:
+            stop_process(p)

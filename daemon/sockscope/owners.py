@@ -138,7 +138,7 @@ def _read_owner(pid_dir: str, pid: int, users: dict[int, str]) -> Owner | None:
 
 
 def find_owners(
-    inodes: Iterable[int] | np.ndarray,
+    inodes: Iterable[int] | np.ndarray | None,
     proc_root: str = "/proc",
     *,
     caps: int | None = None,
@@ -147,7 +147,7 @@ def find_owners(
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> OwnerScan:
-    """Processes holding each wanted socket inode.
+    """Processes holding each wanted socket inode (`inodes` None: every socket inode).
 
     Every process is scanned (an inode can be held by several). A process's socket inodes
     are collected in a compact array and matched against the wanted ones with numpy, so
@@ -155,11 +155,13 @@ def find_owners(
     (read from /proc/self/status, not from proc_root); `listdir`/`readlink` are seams for
     tests.
     """
-    wanted = np.unique(np.fromiter(inodes, np.int64) if not isinstance(inodes, np.ndarray)
-                       else inodes.astype(np.int64))
-    wanted = wanted[wanted != 0]
+    wanted: np.ndarray | None = None
+    if inodes is not None:
+        wanted = np.unique(np.fromiter(inodes, np.int64) if not isinstance(inodes, np.ndarray)
+                           else inodes.astype(np.int64))
+        wanted = wanted[wanted != 0]
     scanned_at, started = clock(), monotonic()
-    if not len(wanted):
+    if wanted is not None and not len(wanted):
         return OwnerScan({}, True, None, scanned_at)
     holders: dict[int, np.ndarray] = {}  # pid -> wanted inodes it holds
     denied = 0
@@ -199,7 +201,7 @@ def find_owners(
                     found.append(inode)
         if found:
             mine = np.frombuffer(found, np.int64)
-            mine = np.unique(mine[np.isin(mine, wanted)])
+            mine = np.unique(mine if wanted is None else mine[np.isin(mine, wanted)])
             if len(mine):
                 holders[int(entry)] = mine
 

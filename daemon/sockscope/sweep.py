@@ -23,6 +23,7 @@ from . import discovery, features
 from .catalogue import GraphitePath, Metric, Samples
 from .config import Config
 from .features import DumpNeed, Feature, PollContext
+from .features.owners import ProcessOwners, SharedScan
 from .health import Problems
 from .netlink import Reader
 from .poller import DumpGate, Poller, merge_needs
@@ -144,6 +145,7 @@ class Sweep(Feature):
         self._discover = discover
         self._stat = stat
         self.lanes: dict[discovery.NsKey, _Lane] = {}
+        self._owner_scan = SharedScan()  # the owners features of every lane (owners.enabled)
         self._given: set[int] = set()  # ids of lanes handed to the sweep of a reload
         self._next_discovery: float | None = None
         self._folded = self._missing = self._vanished = self._discoveries = 0
@@ -243,6 +245,9 @@ class Sweep(Feature):
     def _lane(self, ns: discovery.Namespace) -> _Lane:
         cfg = self._lane_config(ns.path)
         built = features.build(cfg)
+        for f in built:
+            if isinstance(f, ProcessOwners):  # one /proc scan per sweep serves every lane
+                f.share_scan(self._owner_scan)
         readers = {p: self._make_reader(cfg, need) for p, need in merge_needs(built).items()}
         poller = Poller(built, readers, cfg.poll.interval, gate=self._gate, clock=self._clock,
                         monotonic=self._monotonic, name=f"netns {ns.label}")
@@ -271,6 +276,7 @@ class Sweep(Feature):
         lane.close()
 
     def read(self, ctx: PollContext) -> SweepResult:
+        self._owner_scan.next_round()
         now = self._monotonic()
         if self._next_discovery is None or now >= self._next_discovery:
             self._rediscover(now)

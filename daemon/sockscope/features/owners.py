@@ -33,7 +33,7 @@ from ..owners import OwnerScan, find_owners
 from ..states import TcpState
 from .base import DumpNeed, DumpStats, Feature, Fold, PollContext
 
-__all__ = ["ProcessOwners", "Wanted", "Known", "METRICS", "UNKNOWN_UNIT"]
+__all__ = ["ProcessOwners", "SharedScan", "Wanted", "Known", "METRICS", "UNKNOWN_UNIT"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,36 @@ def known_from_scan(scan: OwnerScan, unit_of: Callable[[int], str]) -> Known:
     # inodes are u32 (sock_diag's idiag_inode); labels are fewer than 2**20 (one per process at most)
     return Known(pairs >> 20, pairs & 0xFFFFF, tuple(index), tuple(tuple(pids[k]) for k in range(len(index))),
                  scan.complete, scan.note, scan.seconds)
+
+
+class SharedScan:
+    """One /proc scan per round for every caller: a sweep's lanes (one owners feature per
+    namespace) each ask for their own inodes, and socket inodes are unique across network
+    namespaces, so the first caller of a round scans for every socket inode of the host
+    (the same walk: a readlink per fd whatever is wanted) and the others are answered from
+    it. `next_round()` (the sweep, before its lanes) drops the last round's answer: ~8
+    bytes per socket fd of the host, held only during a sweep."""
+
+    def __init__(self, scan: Callable[..., OwnerScan] = find_owners) -> None:
+        self._scan = scan
+        self._have: tuple[str, OwnerScan] | None = None
+        self.scans = 0
+
+    def next_round(self) -> None:
+        self._have = None
+
+    def __call__(self, inodes: np.ndarray, proc_root: str = "/proc", *, caps: int | None = None) -> OwnerScan:
+        if self._have is None or self._have[0] != proc_root:
+            self._have = (proc_root, self._scan(None, proc_root, caps=caps))
+            self.scans += 1
+        full = self._have[1]
+        wanted = np.asarray(inodes, np.int64)
+        held = {}
+        for owner, mine in full.held.items():
+            mine = mine[np.isin(mine, wanted)]
+            if len(mine):
+                held[owner] = mine
+        return replace(full, held=held)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +274,10 @@ class ProcessOwners(Feature):
 
     def fold(self, ctx: PollContext) -> Fold:
         return _OwnersFold(self.rules)
+
+    def share_scan(self, shared: SharedScan) -> None:
+        """Scan through `shared` (a sweep: one /proc walk per round for all its lanes)."""
+        self._scan = shared
 
     def known(self, wanted: Wanted) -> Known:
         """The scan's answer for this poll: a new scan every `interval` polls, else the last."""
