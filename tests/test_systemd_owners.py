@@ -9,46 +9,18 @@ import ctypes
 import json
 import os
 import re
-import shutil
 import socket
-import subprocess
 import traceback
 from pathlib import Path
 
 from sockscope.owners import find_owners
-from support.prereq import require, require_root
+from support.prereq import require_root
+from support.systemd import DROPINS, install, security, settings, verify
 
-ROOT = Path(__file__).resolve().parent.parent
-UNIT = ROOT / "systemd" / "sockscope.service"
-DROP_IN = ROOT / "systemd" / "sockscope.service.d" / "owners.conf"
+DROP_IN = DROPINS / "owners.conf"
 MAX_EXPOSURE = 2.0
 CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19}  # include/uapi/linux/capability.h
 NOBODY = 65534
-
-
-def settings(path: Path) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line[0] in "#;[":
-            continue
-        key, _, value = line.partition("=")
-        out.setdefault(key, []).append(value)
-    return out
-
-
-def analyze() -> str:
-    tool = shutil.which("systemd-analyze")
-    require(tool is not None, "needs systemd-analyze (Debian systemd; make system-deps installs it)")
-    return tool
-
-
-def unit_dir(tmp_path: Path) -> Path:
-    """The unit and the drop-in where systemd-analyze finds both: the unit's directory."""
-    shutil.copy(UNIT, tmp_path / "sockscope.service")
-    (tmp_path / "sockscope.service.d").mkdir()
-    shutil.copy(DROP_IN, tmp_path / "sockscope.service.d" / "owners.conf")
-    return tmp_path / "sockscope.service"
 
 
 def test_drop_in_grants_exactly_the_two_capabilities():
@@ -61,27 +33,13 @@ def test_drop_in_grants_exactly_the_two_capabilities():
 
 
 def test_unit_with_the_drop_in_verifies_clean_and_its_exposure_is_bounded(tmp_path):
-    tool = analyze()
-    unit = unit_dir(tmp_path)
-    exe = settings(UNIT)["ExecStart"][0].split()[0]
-    if os.access(exe, os.X_OK):
-        cmd = [tool, "verify", str(unit)]
-    else:
-        require_root()
-        require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
-        top = "/" + exe.strip("/").split("/")[0]
-        script = (f'mount -t tmpfs tmpfs {top} && mkdir -p "$(dirname {exe})" && '
-                  f'printf "#!/bin/sh\\n" > {exe} && chmod +x {exe} && exec "$0" verify "$1"')
-        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, tool, str(unit)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    unit = install(tmp_path, DROP_IN)
+    r = verify(unit)
     assert (r.returncode, r.stdout + r.stderr) == (0, "")
-    r = subprocess.run([tool, "security", "--offline=true", "--no-pager", str(unit)],
-                       capture_output=True, text=True, timeout=60)
-    m = re.search(r"Overall exposure level for sockscope\.service: ([\d.]+)", r.stdout)
-    assert m, r.stdout + r.stderr
-    assert float(m[1]) <= MAX_EXPOSURE, r.stdout
+    level, report = security(unit)
+    assert level <= MAX_EXPOSURE, report
     # the drop-in was read: systemd-analyze counts the capability against the unit
-    assert re.search(r"✗ CapabilityBoundingSet=~CAP_SYS_PTRACE", r.stdout), r.stdout
+    assert re.search(r"✗ CapabilityBoundingSet=~CAP_SYS_PTRACE", report), report
 
 
 class CapHeader(ctypes.Structure):

@@ -4,30 +4,13 @@ break it are not). systemd need not be PID 1 for either command."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 from sockscope.config import DEFAULTS
 from sockscope.service import STOP_POLLER_WAIT
-from support.prereq import require, require_root
+from support.systemd import ROOT, install, security, settings, verify
 
-ROOT = Path(__file__).resolve().parent.parent
-UNIT = ROOT / "systemd" / "sockscope.service"
 MAX_EXPOSURE = 2.0
-
-
-def settings() -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
-        line = line.strip()
-        if not line or line[0] in "#;[":
-            continue
-        key, _, value = line.partition("=")
-        out.setdefault(key, []).append(value)
-    return out
 
 
 def seconds(value: str) -> float:
@@ -36,41 +19,18 @@ def seconds(value: str) -> float:
     return int(m[1]) * (60 if m[2] == "min" else 1)
 
 
-def analyze() -> str:
-    tool = shutil.which("systemd-analyze")
-    require(tool is not None, "needs systemd-analyze (Debian systemd; make system-deps installs it)")
-    return tool
-
-
-def test_verify_prints_nothing():
+def test_verify_prints_nothing(tmp_path):
     """verify exits 0 even when it drops a setting (e.g. a comment after a value): any
-    output is a failure. ExecStart must exist, so unless sockscope is installed the check
-    runs in a private mount namespace with a stand-in executable on a tmpfs over /opt."""
-    tool = analyze()
-    exe = settings()["ExecStart"][0].split()[0]
-    if os.access(exe, os.X_OK):
-        cmd = [tool, "verify", str(UNIT)]
-    else:
-        require_root()
-        require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
-        top = "/" + exe.strip("/").split("/")[0]
-        script = (f'mount -t tmpfs tmpfs {top} && mkdir -p "$(dirname {exe})" && '
-                  f'printf "#!/bin/sh\\n" > {exe} && chmod +x {exe} && exec "$0" verify "$1"')
-        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, tool, str(UNIT)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    output is a failure."""
+    r = verify(install(tmp_path))
     assert (r.returncode, r.stdout + r.stderr) == (0, "")
 
 
 def test_security_exposure_at_most_2(tmp_path):
     # The unit alone: systemd-analyze also reads drop-ins beside the file
     # (systemd/sockscope.service.d/, opt-in relaxations tested in test_systemd_dropins.py).
-    alone = tmp_path / UNIT.name
-    shutil.copy(UNIT, alone)
-    r = subprocess.run([analyze(), "security", "--offline=true", "--no-pager", str(alone)],
-                       capture_output=True, text=True, timeout=60)
-    m = re.search(r"Overall exposure level for sockscope\.service: ([\d.]+)", r.stdout)
-    assert m, r.stdout + r.stderr
-    assert float(m[1]) <= MAX_EXPOSURE, r.stdout
+    level, report = security(install(tmp_path))
+    assert level <= MAX_EXPOSURE, report
 
 
 def test_settings_the_daemon_needs():
