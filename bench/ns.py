@@ -35,16 +35,19 @@ def delete(name: str) -> None:
         subprocess.run(["ip", "netns", "del", name], timeout=60)
 
 
-def rerun_inside(module: str, argv: list[str], cwd: Path) -> int:
+def rerun_inside(module: str, argv: list[str], cwd: Path, *, only_net: bool = False) -> int:
     """Root check, then `python -m module --inner *argv` inside a namespace of its own
-    (created with SYSCTLS, deleted afterwards whatever happens); its exit status."""
+    (created with SYSCTLS, deleted afterwards whatever happens); its exit status.
+    `only_net`: enter only the network namespace (`nsenter --net`), keeping the host's
+    /sys, which `ip netns exec` remounts (the cgroup2 tree is then not there)."""
     if os.geteuid() != 0:
         print(f"{module}: needs root (network namespaces)", file=sys.stderr)
         return 2
     name = f"sockscope-{module.replace('.', '-')}-{os.getpid()}"
     create(name)
     try:
-        cmd = ["ip", "netns", "exec", name, sys.executable, "-m", module, "--inner", *argv]
+        enter = ["nsenter", f"--net=/run/netns/{name}"] if only_net else ["ip", "netns", "exec", name]
+        cmd = [*enter, sys.executable, "-m", module, "--inner", *argv]
         return subprocess.run(cmd, cwd=cwd).returncode
     finally:
         delete(name)

@@ -35,20 +35,6 @@ from .tools import REPO, ConfigDaemon
 RESULTS = REPO / "bench" / "results"
 
 
-def rerun_inside(argv: list[str]) -> int:
-    """bench.ns.rerun_inside, entering only the network namespace."""
-    if os.geteuid() != 0:
-        print("bench.units: needs root (network namespaces)", file=sys.stderr)
-        return 2
-    name = f"sockscope-bench-units-{os.getpid()}"
-    netns.create(name)
-    try:
-        cmd = ["nsenter", f"--net=/run/netns/{name}", sys.executable, "-m", "bench.units", "--inner", *argv]
-        return subprocess.run(cmd, cwd=REPO).returncode
-    finally:
-        netns.delete(name)
-
-
 def in_process(reps: int) -> dict:
     from sockscope.aggregate import Rules
     from sockscope.cgroupmap import CgroupMap
@@ -200,7 +186,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if not args.inner:
-        return rerun_inside(argv)
+        return netns.rerun_inside("bench.units", argv, REPO, only_net=True)
     table = Table(args.tcp)
     try:
         table.build()
