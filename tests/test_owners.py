@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import pwd
 import re
 import socket
-import traceback
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ from sockscope.owners import (
 )
 from sockscope.snapshot import STATES
 from sockscope.survey import SocketIndex
+from support.forked import in_child
 from support.prereq import require
 
 ALL_CAPS = (1 << 41) - 1
@@ -94,39 +93,25 @@ def test_real_listening_socket_maps_to_this_process(comm_name):
 def test_real_scan_without_privileges_is_partial_and_says_so():
     """Drop to nobody in a forked child: its own socket is found, root's fds are refused."""
     require(os.geteuid() == 0, "needs root to drop privileges to an unprivileged user")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                s.listen()
-                inode = os.fstat(s.fileno()).st_ino
-                scan = find_owners({inode})
-            result = {
-                "pid": os.getpid(),
-                "caps_ok": has_owner_privileges(),
-                "complete": scan.complete,
-                "note": scan.note,
-                "owners": [[o.pid, o.user] for o in scan.owners.get(inode, ())],
-            }
-            os.write(write_end, json.dumps(result).encode())
-            code = 0
-        except BaseException:  # noqa: BLE001 - the forked child reports anything, then _exit
-            os.write(write_end, traceback.format_exc().encode())
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, data.decode()
-    result = json.loads(data)
+
+    def as_nobody() -> dict:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            inode = os.fstat(s.fileno()).st_ino
+            scan = find_owners({inode})
+        return {
+            "pid": os.getpid(),
+            "caps_ok": has_owner_privileges(),
+            "complete": scan.complete,
+            "note": scan.note,
+            "owners": [[o.pid, o.user] for o in scan.owners.get(inode, ())],
+        }
+
+    result = in_child(as_nobody)
     assert result["caps_ok"] is False
     assert result["complete"] is False
     assert re.fullmatch(

@@ -6,14 +6,13 @@ another (root) process's socket; without them the scan is partial."""
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import re
 import socket
-import traceback
 from pathlib import Path
 
 from sockscope.owners import find_owners
+from support.forked import in_child
 from support.prereq import require_root
 from support.systemd import DROPINS, install, security, settings, verify
 
@@ -55,41 +54,27 @@ def scan_as_nobody(inode: int, caps: int, fd: int) -> dict:
     (ProtectProc=invisible), uid nobody with only `caps` (a bit mask below 32), then
     find_owners({inode})."""
     libc = ctypes.CDLL(None, use_errno=True)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            os.close(fd)  # the socket's holder is the parent only
-            assert libc.unshare(0x00020000) == 0, os.strerror(ctypes.get_errno())  # CLONE_NEWNS
-            assert libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None) == 0  # MS_REC|MS_PRIVATE
-            assert libc.mount(b"proc", b"/proc", b"proc", 0, b"hidepid=invisible") == 0, \
-                os.strerror(ctypes.get_errno())
-            assert libc.prctl(8, 1, 0, 0, 0) == 0  # PR_SET_KEEPCAPS: keep permitted across setuid
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            data = (CapData * 2)(CapData(caps, caps, 0), CapData(0, 0, 0))
-            assert libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), data) == 0, \
-                os.strerror(ctypes.get_errno())  # _LINUX_CAPABILITY_VERSION_3
-            scan = find_owners({inode})
-            status = Path("/proc/self/status").read_text()
-            result = {"complete": scan.complete, "note": scan.note,
-                      "owners": [o.pid for o in scan.owners.get(inode, ())],
-                      "uid": os.getuid(), "cap_eff": int(re.search(r"CapEff:\s*(\w+)", status)[1], 16)}
-            os.write(write_end, json.dumps(result).encode())
-            code = 0
-        except BaseException:  # noqa: BLE001 - the forked child reports anything, then _exit
-            os.write(write_end, traceback.format_exc().encode())
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, data.decode()
-    return json.loads(data)
+
+    def scan() -> dict:
+        os.close(fd)  # the socket's holder is the parent only
+        assert libc.unshare(0x00020000) == 0, os.strerror(ctypes.get_errno())  # CLONE_NEWNS
+        assert libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None) == 0  # MS_REC|MS_PRIVATE
+        assert libc.mount(b"proc", b"/proc", b"proc", 0, b"hidepid=invisible") == 0, \
+            os.strerror(ctypes.get_errno())
+        assert libc.prctl(8, 1, 0, 0, 0) == 0  # PR_SET_KEEPCAPS: keep permitted across setuid
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        data = (CapData * 2)(CapData(caps, caps, 0), CapData(0, 0, 0))
+        assert libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), data) == 0, \
+            os.strerror(ctypes.get_errno())  # _LINUX_CAPABILITY_VERSION_3
+        found = find_owners({inode})
+        status = Path("/proc/self/status").read_text()
+        return {"complete": found.complete, "note": found.note,
+                "owners": [o.pid for o in found.owners.get(inode, ())],
+                "uid": os.getuid(), "cap_eff": int(re.search(r"CapEff:\s*(\w+)", status)[1], 16)}
+
+    return in_child(scan)
 
 
 def test_the_drop_ins_capabilities_let_a_non_root_scan_see_root_processes():
