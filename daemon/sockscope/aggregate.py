@@ -105,6 +105,16 @@ def port_lookup(ports: Iterable[int], dtype=np.intp) -> tuple[tuple[int, ...], n
     return kept, lut
 
 
+def port_rows(ports: Iterable[int] | None, dtype=np.intp) -> tuple[tuple[int, ...] | None, np.ndarray | None, int]:
+    """(ports, lut, rows) of one side's per-port table: `ports` None = dense, one row per
+    port number (no lookup table); else port_lookup's sorted ports and table, and one row
+    for every other port after them."""
+    if ports is None:
+        return None, None, _PORTS
+    kept, lut = port_lookup(ports, dtype)
+    return kept, lut, len(kept) + 1
+
+
 class _Side:
     """The rows of one side (local or remote port): ports (dense), or, given `ports`, the
     sorted ports then one row for every other port. `first` is its first row in the
@@ -113,13 +123,7 @@ class _Side:
     __slots__ = ("ports", "lut", "rows", "first", "counts", "lo", "hi")
 
     def __init__(self, ports: Iterable[int] | None, first: int) -> None:
-        if ports is None:
-            self.ports = None
-            self.lut = None
-            self.rows = _PORTS
-        else:
-            self.ports, self.lut = port_lookup(ports, np.uint32)
-            self.rows = len(self.ports) + 1
+        self.ports, self.lut, self.rows = port_rows(ports, np.uint32)
         self.first = first
         self.counts = np.zeros(self.rows * _WIDTH, np.int32)
         self.lo, self.hi = self.rows, -1

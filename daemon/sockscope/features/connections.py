@@ -44,7 +44,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from .. import tcpinfo
-from ..aggregate import Rules, port_lookup
+from ..aggregate import Rules, port_rows
 from ..batch import Batch
 from ..catalogue import GraphitePath, Metric, Samples
 from ..closeevents import FAILED, OUTCOMES, Closed, CloseEvents, decode
@@ -299,12 +299,8 @@ class _PortSums:
     zeroes only the rows it touched."""
 
     def __init__(self, remote_ports: tuple[int, ...] | None) -> None:
-        if remote_ports is None:
-            self.lut = None
-            rows = _PORTS
-        else:
-            self.ports, self.lut = port_lookup(remote_ports)
-            rows = len(self.ports) + 1
+        ports, self.lut, rows = port_rows(remote_ports)
+        self.ports = ports or ()  # () when dense
         self.counts = np.zeros((rows, 3 + _NO), np.int64)
         self.mark = np.zeros(rows, bool)
 

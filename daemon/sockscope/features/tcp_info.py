@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import tcpinfo
-from ..aggregate import Rules, port_lookup
+from ..aggregate import Rules, port_rows
 from ..batch import Batch
 from ..catalogue import GraphitePath, Metric, Samples
 from ..snapshot import OTHER
@@ -137,12 +137,8 @@ class _Side:
     one row for every other port."""
 
     def __init__(self, remote_ports: tuple[int, ...] | None) -> None:
-        if remote_ports is None:
-            self.lut = None
-            rows = _PORTS
-        else:
-            self.ports, self.lut = port_lookup(remote_ports)
-            rows = len(self.ports) + 1
+        ports, self.lut, rows = port_rows(remote_ports)
+        self.ports = ports or ()  # () when dense
         self._alloc(rows, waits=remote_ports is None)
         # the sums over all rows, kept as the rows are added to: `other` is the sum minus
         # the tracked rows (summing the touched rows, one per ephemeral port, cost ~2 ms)
