@@ -276,7 +276,12 @@ class Sweep(Feature):
         lane.close()
 
     def read(self, ctx: PollContext) -> SweepResult:
-        self._owner_scan.next_round()
+        try:
+            return self._sweep(ctx)
+        finally:
+            self._owner_scan.next_round()  # its host-wide /proc answer lives for one sweep only
+
+    def _sweep(self, ctx: PollContext) -> SweepResult:
         now = self._monotonic()
         if self._next_discovery is None or now >= self._next_discovery:
             self._rediscover(now)

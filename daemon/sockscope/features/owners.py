@@ -144,8 +144,8 @@ class SharedScan:
     namespace) each ask for their own inodes, and socket inodes are unique across network
     namespaces, so the first caller of a round scans for every socket inode of the host
     (the same walk: a readlink per fd whatever is wanted) and the others are answered from
-    it. `next_round()` (the sweep, before its lanes) drops the last round's answer: ~8
-    bytes per socket fd of the host, held only during a sweep."""
+    it. `next_round()` (the sweep, once its lanes are polled) drops the answer: ~8 bytes
+    per socket fd of the host, held only during a sweep."""
 
     def __init__(self, scan: Callable[..., OwnerScan] = find_owners) -> None:
         self._scan = scan
