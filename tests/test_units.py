@@ -126,6 +126,10 @@ def test_a_unit_without_sockets_disappears_from_the_next_poll(tree):
     _, second = run(f, batch([(rec(ESTABLISHED, 80, 5000), ino["nginx.service"])]))
     assert "redis.service" in {labels[0] for labels, _ in first.get("sockscope_tcp_unit_sockets")}
     assert "redis.service" not in {labels[0] for labels, _ in second.get("sockscope_tcp_unit_sockets")}
+    assert f.seen.tolist() == [0, ino["nginx.service"]]  # the next poll's id table starts with these only
+    _, third = run(f, batch([(rec(ESTABLISHED, 6379, 5001), ino["redis.service"])]))
+    assert counts(third, "redis.service") == {"established": 1}
+    assert "nginx.service" not in {labels[0] for labels, _ in third.get("sockscope_tcp_unit_sockets")}
 
 
 def test_the_need_is_the_attribute_without_an_extension_bit():

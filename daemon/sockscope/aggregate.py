@@ -17,10 +17,11 @@ page faults per poll, ~15 ms of CPU at 100k sockets (docs/performance.md). Foldi
 tracked ports + `other` happens once, in finish(), so the series count depends only on
 the rules.
 
-The fold reads the four words of inet_diag_msg it needs straight from Batch.data at
-Batch.words (batch.py has the layout): word 4 = family, state, timer, retrans; word 5 =
-sport, dport (big-endian); words 18, 19 = rqueue, wqueue. One gather per word for every
-column it holds: each gather of a ~1 MiB batch misses the cache once per message.
+The fold reads the words of inet_diag_msg it needs as the Batch's shared columns (batch.py
+has the layout): word 4 = family, state, timer, retrans; word 5 = sport, dport; words
+18, 19 = rqueue, wqueue. One gather per word for every column it holds
+(each gather of a ~1 MiB batch misses the cache once per message), shared with the other
+features' folds of the same batch.
 """
 
 from __future__ import annotations
@@ -42,8 +43,6 @@ from .states import UNKNOWN_SLOT as _UNKNOWN
 _FAMILY_NAME: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 _PORTS = 65536
 _WIDTH = 16  # count slots per row: a row is port << 4 | state slot (UNKNOWN_SLOT 15 ignored)
-_HEAD, _PORT_WORD, _RQUEUE = 4, 5, 18  # words of a socket message (wqueue follows rqueue)
-_SWAP = sys.byteorder == "little"  # ports are big-endian on the wire
 # Queue sums per row (_qsums, row-major) and maxima (_qmax, one block of rows per figure).
 _RSUM, _SSUM, _RN, _SN = range(4)
 _RMAX, _SMAX = range(2)
@@ -199,17 +198,12 @@ class Accumulator:
         n = len(batch)
         if not n:
             return
-        u32 = np.frombuffer(batch.data, np.uint32, len(batch.data) >> 2)
-        words = batch.words
-        head = u32[words + _HEAD]
+        head = batch.head
         famslot = _FAMILY_SLOT[head.view(np.uint16)[0::2]]
         per = np.bincount(famslot, minlength=48)
         self._totals += per
         slot = famslot & 15
-        ports = u32[words + _PORT_WORD].view(np.uint16)
-        if _SWAP:
-            ports = ports.byteswap()
-        sport, dport = ports[0::2], ports[1::2]
+        sport, dport = batch.sport, batch.dport
         if len(self._ones) < n:
             self._ones = np.ones(n, np.int32)
         ones = self._ones[:n]
@@ -227,8 +221,7 @@ class Accumulator:
             key |= slot
             np.add.at(remote.counts, key, ones)
             remote.touch(rows)
-        rq = u32[words + _RQUEUE]
-        wq = u32[words + _RQUEUE + 1]
+        rq, wq = batch.rqueue, batch.wqueue
         if per[LISTEN_INDEX::16].any():
             family = head.view(np.uint8)[0::4]
             for i in np.flatnonzero(slot == LISTEN_INDEX).tolist():

@@ -81,8 +81,32 @@ _LEGACY_REFUSED = (errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP, errno.EPROTONOS
 # The kernel sends at most ~32 KiB per dump datagram (netlink_dump caps its skb at
 # 32 KiB whatever the receive buffer). Datagrams are received back to back into one
 # buffer of RECV_BUFFER bytes and decoded as a batch when less than RECV_ROOM is left.
-RECV_BUFFER = 1024 * 1024
+# 2 MiB: the folds' numpy calls cost per batch, and messages with tcp_info are 408 bytes;
+# on recorded 100k dumps 2 MiB batches cost 10-25 % less than 1 MiB ones (docs/performance.md).
+RECV_BUFFER = 2 * 1024 * 1024
 RECV_ROOM = 64 * 1024
+
+
+class _Holder:
+    __slots__ = ("buf",)
+    buf: bytearray
+
+
+def _free_refs() -> int:
+    """sys.getrefcount of a receive buffer that no Batch holds, as Reader._dump sees it: an
+    attribute of its owner, a local, the memoryview received through, the call's argument.
+    Batches wrap the buffer without a copy, each through a memoryview of its own, which
+    counts once as long as anything (a Batch, a numpy view of its bytes) refers to it."""
+    holder = _Holder()
+    holder.buf = bytearray(8)
+    buf = holder.buf
+    view = memoryview(buf)
+    n = sys.getrefcount(buf)
+    view.release()
+    return n
+
+
+_FREE_REFS = _free_refs()
 LEGACY = "ipv4+ipv6"  # the label of a legacy dump in errors
 
 
@@ -113,8 +137,9 @@ def build_legacy_request(seq: int, states: int = ALL_STATES, ext: int = 0) -> by
     )
 
 
-def scan_batch(data: bytes, bounds: list[int], seq: int, msg_type: int) -> np.ndarray | None:
-    """Header word offsets of every message in `data`, or None if the batch is not plain.
+def scan_batch(data: bytes | memoryview, bounds: list[int], seq: int, msg_type: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Header word offsets and lengths (nlmsg_len) of every message in `data`, or None if
+    the batch is not plain.
 
     Plain: datagrams (ending at `bounds`) holding only socket messages of type `msg_type`,
     sequence `seq`, flags NLM_F_MULTI, each at least an inet_diag_msg long. Candidates
@@ -147,7 +172,7 @@ def scan_batch(data: bytes, bounds: list[int], seq: int, msg_type: int) -> np.nd
         at = np.searchsorted(cand, starts)
         if (at >= len(cand)).any() or not np.array_equal(cand[np.minimum(at, len(cand) - 1)], starts):
             return None
-    return cand
+    return cand, lens
 
 
 @dataclass(slots=True)
@@ -303,6 +328,7 @@ class Reader:
         self._ns = NamespaceWatch(netns)
         self._seq = itertools.count(int.from_bytes(os.urandom(2), "little") + 1)
         self._buf = bytearray(RECV_BUFFER)
+        self.buffers = 1  # receive buffers allocated: one more each time a sink kept a batch
         self._unavailable: set[str] = set()  # families the kernel said it cannot dump
         if "ipv6" in self.families and not ipv6_in_kernel():
             # A legacy dump would just return no IPv6 sockets: say so, drop the series.
@@ -367,6 +393,14 @@ class Reader:
         buf = self._buf
         view = memoryview(buf)
         size = len(buf)
+        # Batches wrap this buffer, not a copy of it: one still referenced after its sink
+        # returned (a Batch or a view of its bytes kept) keeps the buffer, and the dump
+        # goes on in a new one (_free_refs).
+        if sys.getrefcount(buf) != _FREE_REFS:
+            view.release()
+            buf = self._buf = bytearray(size)
+            self.buffers += 1
+            view = memoryview(buf)
         pos = 0  # bytes of plain datagrams held in buf, decoded together when it fills
         bounds: list[int] = []  # where each held datagram ends
         messages = 0
@@ -398,7 +432,7 @@ class Reader:
                         continue
                     n = 0
                 if pos:
-                    m, intr, done = self._decode_batch(view, bounds, seq, msg_type, label, sink)
+                    m, intr, done = self._decode_batch(buf, bounds, seq, msg_type, label, sink)
                     messages += m
                     interrupted |= intr
                     if done:
@@ -414,6 +448,11 @@ class Reader:
                     interrupted |= res.interrupted
                     if res.done:
                         return messages, interrupted
+                if sys.getrefcount(buf) != _FREE_REFS:  # a batch of it is kept: see above
+                    view.release()
+                    buf = self._buf = bytearray(size)
+                    self.buffers += 1
+                    view = memoryview(buf)
                 pos = 0
                 bounds = []
         except NetlinkError:
@@ -434,13 +473,16 @@ class Reader:
 
     @staticmethod
     def _decode_batch(
-        view: memoryview, bounds: list[int], seq: int, msg_type: int, label: str, sink: Callable
+        buf: bytearray, bounds: list[int], seq: int, msg_type: int, label: str, sink: Callable
     ) -> tuple[int, bool, bool]:
-        """Decode the datagrams held in view[:bounds[-1]]: (messages, interrupted, done)."""
-        data = bytes(view[:bounds[-1]])  # a copy: the batch may outlive the next recv
-        words = scan_batch(data, bounds, seq, msg_type)
-        if words is not None:
-            sink(Batch(data, words))
+        """Decode the datagrams held in buf[:bounds[-1]]: (messages, interrupted, done).
+        The batch is a view of `buf` through a memoryview of its own, so the caller can
+        tell from buf's reference count whether anything kept it."""
+        data = view = memoryview(buf)[:bounds[-1]]
+        found = scan_batch(data, bounds, seq, msg_type)
+        if found is not None:
+            words, sizes = found
+            sink(Batch(data, words, sizes))
             return len(words), False, False
         offsets: list[int] = []
         interrupted = done = False

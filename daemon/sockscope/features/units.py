@@ -19,7 +19,6 @@ listeners of sockscope_tcp_listen_*, same cap and order).
 from __future__ import annotations
 
 import socket
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +37,6 @@ INET_DIAG_CGROUP_ID = 21  # include/uapi/linux/inet_diag.h (Linux 5.9+): u64, se
 CLOSE_WAIT, LISTEN = 8, 10  # include/net/tcp_states.h
 NONE = "none"  # sockets without a cgroup id: TIME-WAIT and request sockets
 OTHER = "other"  # units past units.max_tracked
-_LITTLE = sys.byteorder == "little"
 _WIDTH = 16  # state slots per row (states.UNKNOWN_SLOT = 15 is dropped, as in the TCP fold)
 _WHERE = ("tcp", "unit", "{unit}")
 
@@ -77,12 +75,8 @@ def cgroup_ids(batch: Batch) -> np.ndarray:
     """The cgroup id of every message of `batch` (uint64); 0 where it has none."""
     attr = batch.attribute(INET_DIAG_CGROUP_ID)
     has = attr.length >= 8
-    # where absent, offset -1 reads word 0 (the first message's length): masked out below
-    at = np.maximum(attr.offset, 0) >> 2  # payloads are 4-aligned (NLA_ALIGNTO)
-    u32 = batch._u32
-    lo = u32[at].astype(np.uint64)
-    hi = u32[at + 1].astype(np.uint64)
-    ids = lo | (hi << np.uint64(32)) if _LITTLE else (lo << np.uint64(32)) | hi  # host order
+    # where absent, offset 0 is read (the first message's header): masked out below
+    ids = batch.u64(np.where(has, attr.offset, 0))
     if not has.all():
         ids[~has] = 0
     return ids
@@ -111,11 +105,14 @@ class _UnitsFold(Fold):
 
     def __init__(self, feature: TcpUnits) -> None:
         self.f = feature
-        self.keys = np.zeros(1, np.uint64)  # sorted ids
-        self.key_row = np.zeros(1, np.intp)  # row of each key
-        self.counts = np.zeros(_WIDTH, np.int64)  # rows x _WIDTH
-        self.queues = np.zeros(2, np.int64)  # rows x (recv, send)
-        self.ages = np.zeros(1, np.int64)  # per row: max tcpi_last_ack_recv (ms) of its CLOSE-WAIT sockets
+        # The ids of the last poll's sockets (sorted, 0 first) start the table: a new id
+        # (a sort) is rare after the first poll.
+        self.keys = feature.seen  # sorted ids
+        rows = len(self.keys)
+        self.key_row = np.arange(rows, dtype=np.intp)  # row of each key
+        self.counts = np.zeros(rows * _WIDTH, np.int64)  # rows x _WIDTH
+        self.queues = np.zeros(rows * 2, np.int64)  # rows x (recv, send)
+        self.ages = np.zeros(rows, np.int64)  # per row: max tcpi_last_ack_recv (ms) of its CLOSE-WAIT sockets
         self.listen: list[tuple[np.ndarray, ...]] = []  # family, src (n,16), sport, id
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
@@ -177,6 +174,7 @@ class TcpUnits(Feature):
         self.max_listeners = max_listeners
         self.cgroups = cgroups if cgroups is not None else CgroupMap()
         self.close_wait_age = close_wait_age  # tcp_info.enabled: the dump carries INET_DIAG_INFO
+        self.seen = np.zeros(1, np.uint64)  # the ids the last complete dump met, sorted; 0 first
 
     @classmethod
     def from_config(cls, cfg) -> TcpUnits:
@@ -196,7 +194,13 @@ class TcpUnits(Feature):
     def result(self, keys: np.ndarray, key_row: np.ndarray, counts: np.ndarray, queues: np.ndarray,
                listen: list[tuple[np.ndarray, ...]], ages: np.ndarray | None = None) -> UnitsResult:
         ids = np.zeros(len(key_row), np.uint64)
-        ids[key_row] = keys  # id of each row
+        ids[key_row] = keys  # id of each row; row 0 is id 0
+        live = counts.sum(axis=1) > 0  # rows seeded from the last poll may have no socket now
+        live[0] = True
+        rows = np.flatnonzero(live)
+        ids, counts, queues = ids[rows], counts[rows], queues[rows]
+        ages = None if ages is None else ages[rows]
+        self.seen = np.sort(ids)
         names = self.cgroups.labels(ids[ids != 0].tolist())
         label_of = [NONE if i == 0 else names[i] for i in ids.tolist()]
         per: dict[str, np.ndarray] = {}  # label -> counts (NSTATES) + recv + send
