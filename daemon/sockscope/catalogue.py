@@ -104,7 +104,7 @@ class Samples:
 
     def merge(self, other: Samples) -> None:
         for name, rows in other.series.items():
-            self.extend(other.metrics[name], rows)
+            self.declare(other.metrics[name]).extend(rows)  # already checked and float
 
     def __iter__(self) -> Iterator[tuple[Metric, list[tuple[tuple[str, ...], float]]]]:
         for name, rows in self.series.items():

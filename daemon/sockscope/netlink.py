@@ -158,10 +158,10 @@ def scan_batch(data: bytes | memoryview, bounds: list[int], seq: int, msg_type: 
     # One full pass (type/flags), then seq only at those few positions: ~3x cheaper than
     # comparing both words everywhere, same candidates.
     cand = np.flatnonzero(w[1:-2] == typeflags)
-    cand = cand[w[cand + 2] == seq]
+    cand = cand[w[2:].take(cand) == seq]
     if not len(cand) or cand[0] != 0:
         return None
-    lens = w[cand]
+    lens = w.take(cand)
     if int(lens.min()) < _MSG_MIN:
         return None
     nxt = cand + ((lens.astype(np.int64) + 3) >> 2)

@@ -143,9 +143,12 @@ def words(batch: Batch, rows: np.ndarray, index: np.ndarray) -> np.ndarray:
     """A (len(rows), len(index)) uint32 block: for each message in `rows`, the words
     `index` (word_index) of its tcp_info, in one gather. The caller has checked that those
     messages' INET_DIAG_INFO is at least as long as word_index said."""
-    u32 = np.frombuffer(batch.data, np.uint32, len(batch.data) >> 2)
+    u32 = batch._u32
     base = batch.attribute(INET_DIAG_INFO).offset[rows] >> 2  # payloads are 4-aligned (NLA_ALIGNTO)
-    return u32[base[:, None] + index[None, :]]
+    out = np.empty((len(base), len(index)), np.uint32)
+    for j, k in enumerate(index.tolist()):  # a gather per word: ~20 % less than one 2-D gather
+        out[:, j] = u32[k:].take(base)
+    return out
 
 
 def u64s(pairs: np.ndarray) -> np.ndarray:
