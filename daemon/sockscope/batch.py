@@ -109,9 +109,6 @@ class Batch:
 
     # Gathers take from a view that starts at the field (u32[k:].take(words)) rather than
     # index u32[words + k]: no index array to build, ~20 % less per gather.
-    def _byte(self, at: int) -> np.ndarray:
-        return self._u8[at:].take(self.words << 2)
-
     def _word(self, at: int) -> np.ndarray:
         return self._u32[at >> 2:].take(self.words)
 
