@@ -19,10 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sockscope import selfmetrics
 from support.carbon import Carbon, prerequisites_missing
 from support.daemon import start_daemon
 from support.prereq import require
 from support.prom_server import RealPrometheus
+
+# sockscope's own series (selfmetrics): they describe the whole poll and carry no netns.
+SELF_SERIES = {m.name + ("_total" if m.kind == "counter" else "")
+               for m in (*selfmetrics.SCRAPE_METRICS, *selfmetrics.POLL_METRICS)}
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "dashboards" / "grafana"
@@ -124,16 +129,24 @@ def test_links_lead_to_doc_sections_that_exist(path):
 def test_prometheus_dashboard_variables_and_coverage():
     dash = load(PROM_DASH)
     var = variables(dash)
-    assert list(var) == ["datasource", "job", "instance", "port", "remote_port", "docs"]
+    assert list(var) == ["datasource", "job", "instance", "netns", "port", "remote_port", "docs"]
     assert datasource_var(dash)["query"] == "prometheus"
-    for name in ("instance", "port", "remote_port"):  # several selectable, "All" included
+    for name in ("instance", "netns", "port", "remote_port"):  # several selectable, "All" included
         assert var[name]["multi"] and var[name]["includeAll"], name
+    # Without a sweep no series has netns: "All" must match a missing label, as ".*" does.
+    assert var["netns"]["allValue"] == ".*"
     assert "sockscope_tcp_remote_port_sockets" in var["remote_port"]["query"]["query"]
+    assert 'netns=~"$netns"' in var["port"]["query"]["query"] + var["remote_port"]["query"]["query"]
     exprs = [t["expr"] for p in all_panels(dash) for t in p.get("targets", [])]
     for expr in exprs:
         # A multi-value variable is a regex: `=` would match only a single selection.
         assert 'instance=~"$instance"' in expr and 'instance="' not in expr, expr
         assert 'port="$' not in expr, expr
+        # In a sweep every series but sockscope's own health carries netns: each such
+        # selector follows the namespace variable (the own series have no netns to match).
+        for name, body in re.findall(r'([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}', expr):
+            own = name == "up" or name in SELF_SERIES
+            assert ('netns=~"$netns"' in body) != own, (name, expr)
         # Ranges follow the zoom and the scrape interval, never a fixed [5m].
         for rng in re.findall(r"\[([^\]]*)\]", expr):
             assert rng == "$__rate_interval", expr
@@ -219,14 +232,14 @@ def test_thresholds_are_the_alerts():
     for fragment, value in (("listen_queue_length_per_limit:ratio", fill),
                             ("local_port_receive_queue_bytes", backlog), ("listen_overflows", overflows),
                             ("time_wait_sockets_per_limit", tw), *waits.items(),
-                            ('local_port_busy_seconds_total{job="$job",instance=~"$instance",port=~"$port",'
+                            ('local_port_busy_seconds_total{job="$job",instance=~"$instance",netns=~"$netns",port=~"$port",'
                              'limited_by="receiver"}', receiver),
                             ('port=~"$remote_port",outcome="failed"}', failed),
                             ('port=~"$port",outcome="unread_data"}', unread)):
         (panel,) = panel_by_expr(prom, fragment)
         assert threshold_steps(panel) == [value], (panel["title"], threshold_steps(panel))
     # The receiver share's line reads against the bottom band: receiver first in the stack.
-    (panel,) = panel_by_expr(prom, 'local_port_busy_seconds_total{job="$job",instance=~"$instance",'
+    (panel,) = panel_by_expr(prom, 'local_port_busy_seconds_total{job="$job",instance=~"$instance",netns=~"$netns",'
                                    'port=~"$port",limited_by="receiver"}')
     assert [t["legendFormat"] for t in panel["targets"]] == ["receiver", "send_buffer", "network"]
     graphite = load(GRAPHITE_DASH)
@@ -364,6 +377,10 @@ def test_every_prometheus_dashboard_query_returns_data_for_every_instance(stack,
         for name, value in values.items():
             selector = selector.replace("$" + name, value)
         listed = label_values(prom, m.group(2), selector)
+        if v["name"] == "netns":  # one namespace, no sweep: no series has the label
+            assert listed == []
+            values["netns"] = v["allValue"]  # "All"
+            continue
         assert listed, v["name"]
         if v["name"] == "job":
             assert "sockscope" in listed
