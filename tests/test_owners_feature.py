@@ -97,6 +97,31 @@ def test_the_scan_runs_every_interval_polls_and_the_answer_is_reused_between(tmp
         assert status.samples.value("sockscope_owners_scans") == feature.scans
 
 
+def test_a_scan_longer_than_max_scan_time_is_read_over_several_polls(tmp_path):
+    """With the real scan and a clock that moves 1 s per reading, max_scan_time 0.5 s lets
+    each poll read one process: the round over 3 processes ends at the 4th poll (the 3rd
+    reads the last process and is out of time before it can tell), the answer stands
+    meanwhile (none yet: the first round), and the next round starts `interval` polls later."""
+    proc = make_proc(tmp_path, {10: {"comm": "idle", "cgroup": NGINX, "fds": {3: "/dev/null"}},
+                                11: {"comm": "idle", "cgroup": NGINX, "fds": {3: "/dev/null"}},
+                                12: {"comm": "nginx", "cgroup": NGINX, "fds": {3: "socket:[100]"}}})
+    ticks = iter(range(10**6))
+    feature = ProcessOwners(Rules(), proc_root=proc, caps=ALL_CAPS, interval=6, max_scan_time=0.5,
+                            monotonic=lambda: float(next(ticks)))
+    poller = Poller([feature], {socket.IPPROTO_TCP: TableReader([(10, 80, 100)])}, 1.0)
+    seen = []
+    for _ in range(14):
+        status = poller.poll()
+        assert status.last_error is None and status.sources["owners"].up
+        seen.append((len(status.samples.get(LISTEN_OWNER)), status.samples.value("sockscope_owners_scan_complete"),
+                     status.samples.value("sockscope_owners_scans"), status.samples.value(
+                         "sockscope_owners_unresolved_listeners")))
+    # polls 1-3 read the first round; 10-12 the second (6 polls after the first ended), with
+    # the first's answer standing; each ends at the next poll
+    assert seen == [(0, 0, 0, 1)] * 3 + [(1, 1, 1, 0)] * 9 + [(1, 1, 2, 0)] * 2
+    assert status.samples.value("sockscope_owners_scan_duration_seconds") > 0
+
+
 def test_workers_with_one_name_and_unit_are_one_series_and_the_biggest_close_wait_holder_wins(tmp_path):
     proc = make_proc(tmp_path, {
         10: {"comm": "nginx", "cgroup": NGINX, "fds": {3: "socket:[100]", 4: "socket:[201]"}},

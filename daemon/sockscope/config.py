@@ -145,6 +145,7 @@ class OwnersConfig:
     enabled: bool  # process owners of listeners and CLOSE-WAIT sockets (/proc/PID/fd scan; privileged)
     interval: int  # polls between two /proc scans at most (the last answer is reused in between)
     max_per_listener: int  # (process, unit) series per listening address at most
+    max_scan_time: float  # seconds of /proc reading per poll; a longer scan goes on at the next polls
 
 
 @dataclass(frozen=True, slots=True)
@@ -794,6 +795,7 @@ _SECTIONS: tuple[_Section, ...] = (
             _Field("enabled", _boolean, False),
             _Field("interval", _integer(1, 100_000), 12),
             _Field("max_per_listener", _integer(1, 64), 4),
+            _Field("max_scan_time", _duration(at_most=3600), "1s"),
         ),
     ),
     _Section(

@@ -8,12 +8,13 @@ CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE; without them the scan is partial and say
 
 from __future__ import annotations
 
+import math
 import os
 import pwd
 import time
 from array import array
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -147,7 +148,21 @@ def find_owners(
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> OwnerScan:
-    """Processes holding each wanted socket inode (`inodes` None: every socket inode).
+    """Processes holding each wanted socket inode (`inodes` None: every socket inode): a
+    ScanRound read in one go."""
+    done = ScanRound(inodes, proc_root, caps=caps, listdir=listdir, readlink=readlink, clock=clock,
+                     monotonic=monotonic).run()
+    assert done is not None
+    return done
+
+
+class ScanRound:
+    """One scan of /proc for the processes holding the wanted socket inodes (None: every
+    socket inode), readable in steps: run(budget) reads process after process until
+    `budget` seconds have passed and returns None, the next call carrying on where it
+    stopped; the call that reads the last process returns the OwnerScan. The processes are
+    those listed when the round starts: one that exits before its turn is skipped, one
+    started since is not read, as in a single pass.
 
     Every process is scanned (an inode can be held by several). A process's socket inodes
     are collected in a compact array and matched against the wanted ones with numpy, so
@@ -155,41 +170,74 @@ def find_owners(
     (read from /proc/self/status, not from proc_root); `listdir`/`readlink` are seams for
     tests.
     """
-    wanted: np.ndarray | None = None
-    if inodes is not None:
-        wanted = np.unique(np.fromiter(inodes, np.int64) if not isinstance(inodes, np.ndarray)
-                           else inodes.astype(np.int64))
-        wanted = wanted[wanted != 0]
-    scanned_at, started = clock(), monotonic()
-    if wanted is not None and not len(wanted):
-        return OwnerScan({}, True, None, scanned_at)
-    holders: dict[int, np.ndarray] = {}  # pid -> wanted inodes it holds
-    denied = 0
-    try:
-        entries = listdir(proc_root)
-    except PermissionError:
-        return OwnerScan({}, False, f"{PRIVILEGE_NOTE}: {proc_root} could not be read",
-                         scanned_at, monotonic() - started)
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        fd_dir = f"{proc_root}/{entry}/fd"
+
+    def __init__(
+        self,
+        inodes: Iterable[int] | np.ndarray | None,
+        proc_root: str = "/proc",
+        *,
+        caps: int | None = None,
+        listdir: Callable[[str], list[str]] = os.listdir,
+        readlink: Callable[[str], str] = os.readlink,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._proc_root, self._caps = proc_root, caps
+        self._listdir, self._readlink, self._monotonic = listdir, readlink, monotonic
+        self._wanted: np.ndarray | None = None
+        self._holders: dict[int, np.ndarray] = {}  # pid -> wanted inodes it holds
+        self._denied = 0
+        self._done: OwnerScan | None = None
+        self._pids: Iterator[str] = iter(())
+        self.scanned_at, started = clock(), monotonic()
+        self.seconds = 0.0  # spent in run() so far
+        if inodes is not None:
+            wanted = np.unique(np.fromiter(inodes, np.int64) if not isinstance(inodes, np.ndarray)
+                               else inodes.astype(np.int64))
+            self._wanted = wanted[wanted != 0]
+            if not len(self._wanted):
+                self._done = OwnerScan({}, True, None, self.scanned_at)
+                return
         try:
-            fds = listdir(fd_dir)
+            entries = listdir(proc_root)
         except PermissionError:
-            denied += 1
-            continue
+            self._done = OwnerScan({}, False, f"{PRIVILEGE_NOTE}: {proc_root} could not be read",
+                                   self.scanned_at, monotonic() - started)
+            return
+        self._pids = iter([e for e in entries if e.isdigit()])
+        self.seconds = monotonic() - started
+
+    def run(self, budget: float = math.inf) -> OwnerScan | None:
+        if self._done is not None:
+            return self._done
+        started = self._monotonic()
+        for entry in self._pids:
+            self._read(entry)
+            if self._monotonic() - started >= budget:
+                self.seconds += self._monotonic() - started
+                return None
+        self._done = self._finish()
+        self.seconds += self._monotonic() - started
+        self._done = replace(self._done, seconds=self.seconds)
+        return self._done
+
+    def _read(self, entry: str) -> None:
+        fd_dir = f"{self._proc_root}/{entry}/fd"
+        try:
+            fds = self._listdir(fd_dir)
+        except PermissionError:
+            self._denied += 1
+            return
         except _GONE:
-            continue
+            return
         found = array("q")
         prefix = fd_dir + "/"
         for fd in fds:
             try:
-                target = readlink(prefix + fd)
+                target = self._readlink(prefix + fd)
             except PermissionError:
-                denied += 1
-                found = array("q")  # count the process once, and keep nothing half-read
-                break
+                self._denied += 1
+                return  # count the process once, and keep nothing half-read
             except _GONE:
                 continue  # fd closed, or the whole process went away
             except OSError:
@@ -201,31 +249,32 @@ def find_owners(
                     found.append(inode)
         if found:
             mine = np.frombuffer(found, np.int64)
-            mine = np.unique(mine if wanted is None else mine[np.isin(mine, wanted)])
+            mine = np.unique(mine if self._wanted is None else mine[np.isin(mine, self._wanted)])
             if len(mine):
-                holders[int(entry)] = mine
+                self._holders[int(entry)] = mine
 
-    held: dict[Owner, np.ndarray] = {}
-    users: dict[int, str] = {}
-    for pid in sorted(holders):
-        owner = _read_owner(f"{proc_root}/{pid}", pid, users)
-        if owner is None:
-            continue  # exited after its fds were read: it no longer holds anything
-        held[owner] = holders[pid]
-
-    note = None
-    if denied:
-        noun = "process" if denied == 1 else "processes"
-        if has_owner_privileges(caps):
-            # Even root is refused by some (e.g. pid 1 of a container or sandbox).
-            note = f"with root privileges, {denied} {noun} could not be read"
-        else:
-            note = f"{PRIVILEGE_NOTE}: {denied} {noun} could not be read"
-    elif not has_owner_privileges(caps):
-        # No error, but without the capabilities other users' processes may be hidden
-        # (hidepid) rather than refused: the scan cannot claim to be complete.
-        note = f"{PRIVILEGE_NOTE}: other users' processes may be hidden"
-    return OwnerScan(held, note is None, note, scanned_at, monotonic() - started)
+    def _finish(self) -> OwnerScan:
+        held: dict[Owner, np.ndarray] = {}
+        users: dict[int, str] = {}
+        for pid in sorted(self._holders):
+            owner = _read_owner(f"{self._proc_root}/{pid}", pid, users)
+            if owner is None:
+                continue  # exited after its fds were read: it no longer holds anything
+            held[owner] = self._holders[pid]
+        note = None
+        denied = self._denied
+        if denied:
+            noun = "process" if denied == 1 else "processes"
+            if has_owner_privileges(self._caps):
+                # Even root is refused by some (e.g. pid 1 of a container or sandbox).
+                note = f"with root privileges, {denied} {noun} could not be read"
+            else:
+                note = f"{PRIVILEGE_NOTE}: {denied} {noun} could not be read"
+        elif not has_owner_privileges(self._caps):
+            # No error, but without the capabilities other users' processes may be hidden
+            # (hidepid) rather than refused: the scan cannot claim to be complete.
+            note = f"{PRIVILEGE_NOTE}: other users' processes may be hidden"
+        return OwnerScan(held, note is None, note, self.scanned_at)
 
 
 def port_owners(

@@ -2,7 +2,8 @@
 
 sock_diag gives a socket's inode, never its process: the only way there is a walk of every
 process's /proc/PID/fd (owners.find_owners, what `ss -p` does). That walk costs ~6-7 us per
-socket fd of the host, so it runs at most every `owners.interval` polls and only looks for
+socket fd of the host, so it runs at most every `owners.interval` polls, at most
+`owners.max_scan_time` of it per poll (a longer one goes on at the next polls), and only looks for
 the inodes this feature needs (the tracked listeners' and the CLOSE-WAIT sockets of the
 tracked local ports); between scans the last scan's inode -> (process, unit) pairs are
 joined with each poll's dump (a socket opened since has no known owner until the next scan).
@@ -16,6 +17,7 @@ the scan is partial, sockscope_owners_scan_complete says 0 and it is logged once
 from __future__ import annotations
 
 import logging
+import math
 import re
 import socket
 import time
@@ -29,7 +31,7 @@ from ..batch import format_address
 from ..catalogue import GraphitePath, Metric, Samples
 from ..cgroups import proc_cgroup_path, unit_label
 from ..health import Problems
-from ..owners import OwnerScan, find_owners
+from ..owners import OwnerScan, ScanRound, find_owners
 from ..states import TcpState
 from .base import DumpNeed, DumpStats, Feature, Fold, PollContext
 
@@ -249,10 +251,16 @@ class ProcessOwners(Feature):
     metrics = METRICS
 
     def __init__(self, rules: Rules, *, interval: int = 1, max_per_listener: int = 4,
-                 proc_root: str = "/proc", scan: Callable[..., OwnerScan] = find_owners,
-                 caps: int | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 max_scan_time: float = math.inf, proc_root: str = "/proc",
+                 scan: Callable[..., OwnerScan] = find_owners, caps: int | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.rules = rules
         self.interval = interval
+        # Seconds of /proc reading per poll at most: a longer scan (many fds on the host) is
+        # read in steps over the next polls (owners.ScanRound), the last answer standing
+        # meanwhile, so that it never holds the poll up for longer.
+        self.max_scan_time = max_scan_time
+        self._round: ScanRound | None = None
         self.max_per_listener = max_per_listener
         self.proc_root = proc_root
         self._scan = scan
@@ -267,7 +275,7 @@ class ProcessOwners(Feature):
     @classmethod
     def from_config(cls, cfg) -> ProcessOwners:
         return cls(Rules.from_config(cfg), interval=cfg.owners.interval,
-                   max_per_listener=cfg.owners.max_per_listener)
+                   max_per_listener=cfg.owners.max_per_listener, max_scan_time=cfg.owners.max_scan_time)
 
     def needs(self) -> DumpNeed:
         return DumpNeed(socket.IPPROTO_TCP, states=(1 << _LISTEN) | (1 << _CLOSE_WAIT))
@@ -280,22 +288,40 @@ class ProcessOwners(Feature):
         self._scan = shared
 
     def known(self, wanted: Wanted) -> Known:
-        """The scan's answer for this poll: a new scan every `interval` polls, else the last."""
+        """The scan's answer for this poll: a new scan every `interval` polls (read in
+        steps of at most max_scan_time per poll), else the last complete one."""
         self._since_scan += 1
-        if self._known is None or self._since_scan >= self.interval:
-            started = self._monotonic()
-            scan = self._scan(wanted.inodes(), self.proc_root, caps=self._caps)
-            known = known_from_scan(scan, lambda pid: read_unit(self.proc_root, pid))
-            self._known = replace(known, seconds=self._monotonic() - started)  # the cgroup reads too
-            self._since_scan = 0
-            self.scans += 1
-            if scan.complete:
-                self._partial.ok()
-            else:
-                # one line per kind of problem, not per count of refused processes
-                self._partial.failed("partial: " + re.sub(r"\b\d+ process(es)?\b", "some processes",
-                                                          scan.note or "incomplete"))
+        if self._round is None and (self._known is None or self._since_scan >= self.interval):
+            if self._scan is find_owners:
+                self._round = ScanRound(wanted.inodes(), self.proc_root, caps=self._caps,
+                                        monotonic=self._monotonic)
+            else:  # a sweep's shared scan (or a test's): one call
+                started = self._monotonic()
+                scan = self._scan(wanted.inodes(), self.proc_root, caps=self._caps)
+                self._finished(scan, self._monotonic() - started)
+        if self._round is not None:
+            done = self._round.run(self.max_scan_time)
+            if done is not None:
+                self._round = None
+                self._finished(done, done.seconds)
+        if self._known is None:  # the first scan is still being read
+            return Known(np.zeros(0, np.int64), np.zeros(0, np.int64), (), (), False,
+                         "the first /proc scan is still being read", 0.0)
         return self._known
+
+    def _finished(self, scan: OwnerScan, seconds: float) -> None:
+        """A complete round (`seconds` of /proc reading): its answer stands until the next."""
+        started = self._monotonic()
+        known = known_from_scan(scan, lambda pid: read_unit(self.proc_root, pid))
+        self._known = replace(known, seconds=seconds + self._monotonic() - started)  # the cgroup reads too
+        self._since_scan = 0
+        self.scans += 1
+        if scan.complete:
+            self._partial.ok()
+        else:
+            # one line per kind of problem, not per count of refused processes
+            self._partial.failed("partial: " + re.sub(r"\b\d+ process(es)?\b", "some processes",
+                                                      scan.note or "incomplete"))
 
     def samples(self, wanted: Wanted, out: Samples) -> None:
         known = self.known(wanted)
