@@ -15,6 +15,7 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -138,20 +139,10 @@ def _read_owner(pid_dir: str, pid: int, users: dict[int, str]) -> Owner | None:
     return Owner(pid, name, user)
 
 
-def find_owners(
-    inodes: Iterable[int] | np.ndarray | None,
-    proc_root: str = "/proc",
-    *,
-    caps: int | None = None,
-    listdir: Callable[[str], list[str]] = os.listdir,
-    readlink: Callable[[str], str] = os.readlink,
-    clock: Callable[[], float] = time.time,
-    monotonic: Callable[[], float] = time.monotonic,
-) -> OwnerScan:
+def find_owners(inodes: Iterable[int] | np.ndarray | None, proc_root: str = "/proc", **seams: Any) -> OwnerScan:
     """Processes holding each wanted socket inode (`inodes` None: every socket inode): a
-    ScanRound read in one go."""
-    done = ScanRound(inodes, proc_root, caps=caps, listdir=listdir, readlink=readlink, clock=clock,
-                     monotonic=monotonic).run()
+    ScanRound read in one go (`seams`: its keyword arguments)."""
+    done = ScanRound(inodes, proc_root, **seams).run()
     assert done is not None
     return done
 
