@@ -25,9 +25,9 @@ from sockscope.cgroups import proc_cgroup_path, unit_label
 from sockscope.features.owners import UNKNOWN_UNIT, ProcessOwners
 from sockscope.netlink import DumpStats
 from sockscope.owners import find_owners
-from sockscope.poller import Poller, merge_needs
-from sockscope.service import make_reader
+from sockscope.poller import Poller
 from support.daemon import start_daemon
+from support.inprocess import InProcessPoller
 from support.prereq import require
 
 LISTEN_OWNER = "sockscope_tcp_listen_owner_info"
@@ -260,24 +260,10 @@ def unit_of(pid: int) -> str:
     return UNKNOWN_UNIT if path is None else unit_label(path)
 
 
-class NsPoller:
+def ns_poller(ns, owners: dict | None = None) -> InProcessPoller:
     """In-process polls of one namespace with owners on; the features live across polls."""
-
-    def __init__(self, ns, owners: dict | None = None) -> None:
-        cfg = config.from_mapping({"poll": {"netns": ns.name}, "udp": {"enabled": False},
-                                   "owners": {"enabled": True, "interval": 1, **(owners or {})}})
-        self.feats = features.build(cfg)
-        self.readers = {p: make_reader(cfg, need) for p, need in merge_needs(self.feats).items()}
-        self.poller = Poller(self.feats, self.readers, 1.0)
-
-    def poll(self):
-        status = self.poller.poll()
-        assert status.last_error is None and status.sources["owners"].up
-        return status.samples
-
-    def close(self) -> None:
-        for r in self.readers.values():
-            r.close()
+    return InProcessPoller({"poll": {"netns": ns.name}, "udp": {"enabled": False},
+                            "owners": {"enabled": True, "interval": 1, **(owners or {})}}, source="owners")
 
 
 def snapshot_listener_owners(ns, port: int) -> list[dict]:
@@ -288,7 +274,7 @@ def snapshot_listener_owners(ns, port: int) -> list[dict]:
 
 
 def test_listener_owner_is_the_child_process_and_a_restart_keeps_its_series(netns):
-    p = NsPoller(netns)
+    p = ns_poller(netns)
     proc, ready = start_holder(netns, name="owner-lsn", port=18201)
     try:
         labels = {lab for lab, v in p.poll().get(LISTEN_OWNER) if lab[1] == "18201"}
@@ -310,7 +296,7 @@ def test_listener_owner_is_the_child_process_and_a_restart_keeps_its_series(netn
 
 
 def test_the_process_holding_most_close_wait_sockets_is_the_ports_owner(netns):
-    p = NsPoller(netns)
+    p = ns_poller(netns)
     proc, ready = start_holder(netns, name="cw-holder", port=18202, close_wait=5,
                                child_close_wait=2, child_name="cw-few")
     try:
@@ -351,7 +337,7 @@ def test_without_ptrace_the_scan_is_partial_says_so_once_and_never_crashes(netns
 
 
 def test_the_scan_costs_show_in_the_source_duration(netns):
-    p = NsPoller(netns, {"interval": 2})
+    p = ns_poller(netns, {"interval": 2})
     proc, _ = start_holder(netns, name="owner-cost", port=18204)
     try:
         durations, scans, scan_seconds = [], [], []
@@ -371,7 +357,7 @@ def test_the_scan_costs_show_in_the_source_duration(netns):
 
 
 def test_series_disappear_with_their_listener(netns):
-    p = NsPoller(netns, {"interval": 100})
+    p = ns_poller(netns, {"interval": 100})
     proc, _ = start_holder(netns, name="owner-gone", port=18205)
     try:
         assert [lab for lab, _ in p.poll().get(LISTEN_OWNER) if lab[1] == "18205"]

@@ -24,12 +24,10 @@ from collections import Counter
 
 import pytest
 
-from sockscope import config, features
 from sockscope.cgroupmap import find_mount
 from sockscope.cgroups import unit_label
-from sockscope.netlink import Reader
-from sockscope.poller import Poller, merge_needs
 from sockscope.states import TcpState
+from support.inprocess import InProcessPoller
 from support.prereq import require
 
 WEB_PORT, DB_PORT = 18411, 18412
@@ -129,24 +127,10 @@ def series(samples, name: str = "sockscope_tcp_unit_sockets") -> dict[str, Count
     return got
 
 
-class UnitPoller:
-    def __init__(self, ns, max_tracked: int, tcp_info: bool = False) -> None:
-        cfg = config.from_mapping({"poll": {"netns": ns.name, "kernel_stats": False, "peak_window": 0},
-                                   "udp": {"enabled": False}, "tcp_info": {"enabled": tcp_info},
-                                   "units": {"enabled": True, "max_tracked": max_tracked}})
-        feats = features.build(cfg)
-        self.readers = {p: Reader(cfg.poll.families, netns=ns.name, ext=need.ext, states=need.states)
-                        for p, need in merge_needs(feats).items()}
-        self.poller = Poller(feats, self.readers, 1.0)
-
-    def poll(self):
-        status = self.poller.poll()
-        assert status.last_error is None and status.sources["tcp"].up
-        return status.samples
-
-    def close(self) -> None:
-        for r in self.readers.values():
-            r.close()
+def unit_poller(ns, max_tracked: int, tcp_info: bool = False) -> InProcessPoller:
+    return InProcessPoller({"poll": {"netns": ns.name, "kernel_stats": False, "peak_window": 0},
+                            "udp": {"enabled": False}, "tcp_info": {"enabled": tcp_info},
+                            "units": {"enabled": True, "max_tracked": max_tracked}}, source="tcp")
 
 
 @pytest.fixture
@@ -193,7 +177,7 @@ def test_unit_series_equal_the_mix_and_ss_per_cgroup(world):
     ss = settled(ns, 5)
     web, db, clients = groups["web"], groups["db"], groups["clients"]
     assert web.label == web.rel[1:] and db.label == db.rel  # a .scope is its name; a plain cgroup its path
-    p = UnitPoller(ns, max_tracked=64)
+    p = unit_poller(ns, max_tracked=64)
     try:
         got = series(p.poll())
     finally:
@@ -214,8 +198,8 @@ def test_the_cap_keeps_the_biggest_units_and_a_removed_cgroup_disappears(world):
     ns, groups, procs = world
     settled(ns, 5)
     web, db, clients = groups["web"], groups["db"], groups["clients"]
-    capped = UnitPoller(ns, max_tracked=2)
-    p = UnitPoller(ns, max_tracked=64)
+    capped = unit_poller(ns, max_tracked=2)
+    p = unit_poller(ns, max_tracked=64)
     try:
         samples = capped.poll()
         got = series(samples)
@@ -277,7 +261,7 @@ def test_with_tcp_info_the_units_oldest_close_wait_agrees_with_ss_lastack(world)
     settled(ns, 5)
     web, db = groups["web"], groups["db"]
     time.sleep(0.3)  # ages well above ss's millisecond rounding
-    p = UnitPoller(ns, max_tracked=64, tcp_info=True)
+    p = unit_poller(ns, max_tracked=64, tcp_info=True)
     try:
         start = time.monotonic()
         out = subprocess.run(["nsenter", f"--net={ns.path}", "ss", "-tinH", "state", "close-wait", "cgroup",
