@@ -17,7 +17,6 @@ looked for. Writes bench/results/owners-latest.json and .md and prints the table
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,9 +25,7 @@ import time
 from . import ns as netns
 from .loader import Table
 from .run import machine
-from .tools import REPO
-
-RESULTS = REPO / "bench" / "results"
+from .tools import REPO, RESULTS, write_results
 
 
 def socket_fds(proc: str = "/proc") -> int:
@@ -96,11 +93,7 @@ def inner(args) -> int:
         }
     finally:
         table.close()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "owners-latest.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    md = markdown(result)
-    (RESULTS / "owners-latest.md").write_text(md)
-    print(md)
+    write_results(RESULTS, "owners", result, markdown(result))
     return 0
 
 

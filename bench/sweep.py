@@ -28,20 +28,17 @@ Writes bench/results/sweep-latest.json and sweep-latest.md (sweep-own-hash-lates
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from . import ns as netns
 from .loader import Table
 from .run import machine
-from .tools import REPO
+from .tools import REPO, result_args, write_results
 
-RESULTS = REPO / "bench" / "results"
 OWN_HASH = 1024  # --own-hash: buckets of each new namespace's TCP and UDP hash (Linux >= 6.1 / 6.2)
 
 
@@ -168,9 +165,7 @@ def parse_args(argv):
     p.add_argument("--own-hash", action="store_true",
                    help="create the empty namespaces with hashes of their own (tcp_child_ehash_entries, "
                         "udp_child_hash_entries)")
-    p.add_argument("--out", default=str(RESULTS), help="result directory")
-    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return result_args(p).parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -178,14 +173,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.inner:
         return netns.rerun_inside("bench.sweep", argv, REPO)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result = run(args)
-    stem = "sweep-own-hash" if args.own_hash else "sweep"
-    (out / f"{stem}-latest.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    (out / f"{stem}-latest.md").write_text(md)
-    print(md)
+    write_results(args.out, "sweep-own-hash" if args.own_hash else "sweep", result, markdown(result))
     return 0
 
 

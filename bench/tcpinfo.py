@@ -36,9 +36,8 @@ from pathlib import Path
 from . import ns as netns
 from .loader import Table
 from .run import machine
-from .tools import REPO, ConfigDaemon, vm_hwm
+from .tools import REPO, ConfigDaemon, result_args, vm_hwm, write_results
 
-RESULTS = REPO / "bench" / "results"
 BUDGET_BASE, BUDGET_PER_SOCKET = 64 * 2**20, 48  # the RSS budget with tcp_info on
 
 
@@ -205,9 +204,7 @@ def parse_args(argv):
     p.add_argument("--soak", type=int, default=0, help="polls of the churning soak (0: none)")
     p.add_argument("--soak-table", type=int, default=20000, help="sockets of the soak's static table")
     p.add_argument("--soak-rate", type=float, default=200.0, help="connections per second the soak opens")
-    p.add_argument("--out", default=str(RESULTS), help="result directory")
-    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return result_args(p).parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -226,10 +223,7 @@ def main(argv=None) -> int:
         (out / "tcpinfo-latest.json").write_text(json.dumps(result, indent=1))
     if args.soak:
         result["soak"] = soak(args.soak, args.soak_table, args.soak_rate)
-    (out / "tcpinfo-latest.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    (out / "tcpinfo-latest.md").write_text(md)
-    print(md)
+    write_results(out, "tcpinfo", result, markdown(result))
     return 0
 
 

@@ -17,6 +17,7 @@ Peak RSS is VmHWM of the process (the probes read their own); for ss, GNU time's
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -32,6 +33,24 @@ from pathlib import Path
 from tests.support.daemon import start_daemon
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+
+def result_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every namespace bench takes: --out (the result directory) and the hidden
+    --inner (set by ns.rerun_inside for the run inside the bench's namespace)."""
+    p.add_argument("--out", default=str(RESULTS), help="result directory")
+    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def write_results(out: str | Path, stem: str, result: dict, md: str) -> None:
+    """<out>/<stem>-latest.json and .md (out made if missing); prints the table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}-latest.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (out / f"{stem}-latest.md").write_text(md)
+    print(md)
 SS_STATES = {
     "ESTAB": "established", "SYN-SENT": "syn_sent", "SYN-RECV": "syn_recv",
     "FIN-WAIT-1": "fin_wait1", "FIN-WAIT-2": "fin_wait2", "TIME-WAIT": "time_wait",

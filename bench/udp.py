@@ -24,7 +24,6 @@ of docs/performance.md quotes a run of it.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -34,14 +33,12 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from . import ns as netns
 from .loader import Table
 from .run import machine
-from .tools import REPO, ConfigDaemon
+from .tools import REPO, ConfigDaemon, result_args, write_results
 
-RESULTS = REPO / "bench" / "results"
 SERVICE_PORTS = range(19000, 19032)  # 32 ports with unconnected sockets: the tracked ones
 REUSEPORT_GROUP = 4  # IPv4 SO_REUSEPORT sockets per service port (plus one IPv6 socket)
 SMALL_RCVBUF_PORT = 19000  # its sockets get a 4 KiB receive buffer: they drop datagrams
@@ -231,9 +228,7 @@ def parse_args(argv):
     p.add_argument("--window", type=int, default=10, help="polls per window")
     p.add_argument("--interval", type=float, default=1.0, help="poll.interval of both daemons, seconds")
     p.add_argument("--reps", type=int, default=15, help="in-process dumps")
-    p.add_argument("--out", default=str(RESULTS), help="result directory")
-    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return result_args(p).parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -242,12 +237,7 @@ def main(argv=None) -> int:
     if not args.inner:
         return netns.rerun_inside("bench.udp", argv, REPO)
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "udp-latest.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    (out / "udp-latest.md").write_text(md)
-    print(md)
+    write_results(args.out, "udp", result, markdown(result))
     return 0
 
 

@@ -19,19 +19,15 @@ batch in a table of the poll's ids). Writes bench/results/units-latest.{json,md}
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from . import ns as netns
 from .loader import Table
 from .run import machine
-from .tools import REPO, ConfigDaemon
-
-RESULTS = REPO / "bench" / "results"
+from .tools import REPO, ConfigDaemon, result_args, write_results
 
 
 def in_process(reps: int) -> dict:
@@ -176,9 +172,7 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=0, help="whole-daemon windows per daemon (0: none)")
     p.add_argument("--window", type=int, default=10, help="polls per window")
     p.add_argument("--interval", type=float, default=1.0, help="poll.interval of both daemons, seconds")
-    p.add_argument("--out", default=str(RESULTS), help="result directory")
-    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return result_args(p).parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -195,12 +189,7 @@ def main(argv=None) -> int:
             result["daemons"] = daemons(table, args.rounds, args.window, args.interval)
     finally:
         table.close()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "units-latest.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    (out / "units-latest.md").write_text(md)
-    print(md)
+    write_results(args.out, "units", result, markdown(result))
     return 0
 
 
