@@ -397,10 +397,7 @@ class Reader:
         # returned (a Batch or a view of its bytes kept) keeps the buffer, and the dump
         # goes on in a new one (_free_refs).
         if sys.getrefcount(buf) != _FREE_REFS:
-            view.release()
-            buf = self._buf = bytearray(size)
-            self.buffers += 1
-            view = memoryview(buf)
+            buf, view = self._new_buffer(view)
         pos = 0  # bytes of plain datagrams held in buf, decoded together when it fills
         bounds: list[int] = []  # where each held datagram ends
         messages = 0
@@ -449,10 +446,7 @@ class Reader:
                     if res.done:
                         return messages, interrupted
                 if sys.getrefcount(buf) != _FREE_REFS:  # a batch of it is kept: see above
-                    view.release()
-                    buf = self._buf = bytearray(size)
-                    self.buffers += 1
-                    view = memoryview(buf)
+                    buf, view = self._new_buffer(view)
                 pos = 0
                 bounds = []
         except NetlinkError:
@@ -470,6 +464,13 @@ class Reader:
                 errno_=e.errno,
                 retryable=e.errno == errno.ENOBUFS,
             ) from e
+
+    def _new_buffer(self, view: memoryview) -> tuple[bytearray, memoryview]:
+        """Leave the current buffer to whoever kept a batch of it; receive into a new one."""
+        view.release()
+        self._buf = bytearray(len(self._buf))
+        self.buffers += 1
+        return self._buf, memoryview(self._buf)
 
     @staticmethod
     def _decode_batch(
