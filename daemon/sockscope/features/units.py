@@ -6,8 +6,8 @@ the process that CREATED the socket (an accepted socket: the listener's, whoever
 fd later). TIME-WAIT and request sockets (SYN-RECV) carry none: they count under
 unit="none". `ss -tan --cgroup` prints the same cgroup as a path.
 
-Per poll: the dump's batches are folded by cgroup id (a sorted table of the ids met this
-poll, one searchsorted per batch, bincounts into per-id rows: no Python per socket), then
+Per poll: the dump's batches are folded by cgroup id (a sorted table of ids, started from
+the last poll's, one searchsorted per batch, bincounts into per-id rows: no Python per socket), then
 finish() maps the ids to labels (cgroupmap.CgroupMap: a walk of the cgroup2 tree on a
 miss, rate-bounded; cgroups.unit_label's rules) and folds ids of one label together (a
 service's sub-cgroups, a pod's containers). The `max_tracked` labels with the most
